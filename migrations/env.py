@@ -1,0 +1,48 @@
+"""Alembic environment for tokenmem.
+
+Run from the repository root (``alembic upgrade head``, URL from
+``TOKENMEM_DATABASE_URL``) or by the library on a connection it passes in
+``config.attributes["connection"]``.
+"""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import Connection
+
+from tokenmem.migrate import VERSION_TABLE
+from tokenmem.models import Base
+from tokenmem.store import default_url, make_engine
+
+
+def _run(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=Base.metadata,
+        version_table=VERSION_TABLE,
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+connection = context.config.attributes.get("connection")
+if connection is not None:
+    _run(connection)
+elif context.is_offline_mode():
+    context.configure(
+        url=context.config.get_main_option("sqlalchemy.url") or default_url(),
+        target_metadata=Base.metadata,
+        version_table=VERSION_TABLE,
+        literal_binds=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+else:
+    engine = make_engine(context.config.get_main_option("sqlalchemy.url") or default_url())
+    try:
+        with engine.begin() as conn:
+            _run(conn)
+    finally:
+        engine.dispose()

@@ -1,0 +1,208 @@
+"""LangChain's ConversationTokenBufferMemory, persisted.
+
+Same parameters and methods; every message is a row, counted once when it is
+saved, and the window is one SQL query::
+
+    >>> from tokenmem import ConversationTokenBufferMemory, OpenAI
+    >>> memory = ConversationTokenBufferMemory(llm=OpenAI(), max_token_limit=10)
+    >>> memory.save_context({"input": "hi"}, {"output": "whats up"})
+    >>> memory.save_context({"input": "not much you"}, {"output": "not much"})
+    >>> memory.load_memory_variables({})
+    {'history': 'Human: not much you\\nAI: not much'}
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
+
+from sqlalchemy import Engine
+
+from .errors import ConfigurationError, InvalidInputError
+from .messages import Message, StoredMessage
+from .store import DEFAULT_OWNER, Store, WindowMessage, check_text
+from .tokens import TokenCounter, encoding_for_model
+from .window import Rule
+
+__all__ = ["ConversationTokenBufferMemory", "ModelInfo", "get_buffer_string"]
+
+
+class ModelInfo(Protocol):
+    """What a memory needs to know of its model: its name, and optionally
+    the tiktoken encoding (for models tiktoken's table does not know)."""
+
+    @property
+    def model(self) -> str: ...
+
+
+_default_store: Store | None = None
+_default_lock = threading.Lock()
+
+
+def _store(store: Store | Engine | str | None) -> Store:
+    global _default_store
+    if isinstance(store, Store):
+        return store
+    if store is not None:
+        return Store(store, upgrade=False)
+    with _default_lock:
+        if _default_store is None:
+            _default_store = Store()
+        return _default_store
+
+
+def get_buffer_string(messages: list[Message], rule: Rule) -> str:
+    """Render messages as LangChain does: one ``"{prefix}: {content}"`` line each."""
+    return "\n".join(f"{rule.prefix(m.type)}: {m.content}" for m in messages)
+
+
+class ConversationTokenBufferMemory:
+    """The newest messages of a session that fit in ``max_token_limit`` tokens.
+
+    ``store`` is a :class:`Store`, an Engine or a URL (default: the embedded
+    SQLite file, or ``TOKENMEM_DATABASE_URL``). ``session_id`` names the
+    conversation; without one a new session is started. ``llm`` (anything with
+    a ``model``) picks the tiktoken encoding, unless ``encoding`` is given.
+    """
+
+    def __init__(
+        self,
+        *,
+        llm: ModelInfo | None = None,
+        max_token_limit: int = 2000,
+        return_messages: bool = False,
+        human_prefix: str = "Human",
+        ai_prefix: str = "AI",
+        memory_key: str = "history",
+        input_key: str | None = None,
+        output_key: str | None = None,
+        session_id: str | None = None,
+        owner: str = DEFAULT_OWNER,
+        store: Store | Engine | str | None = None,
+        encoding: str | None = None,
+    ) -> None:
+        if isinstance(max_token_limit, bool) or not isinstance(max_token_limit, int):
+            raise ConfigurationError("max_token_limit must be an int")
+        if max_token_limit <= 0:
+            raise ConfigurationError(f"max_token_limit must be positive, not {max_token_limit}")
+        for what, value in (("human_prefix", human_prefix), ("ai_prefix", ai_prefix)):
+            check_text(value, what)
+        if encoding is None:
+            encoding = getattr(llm, "encoding", None)
+        if encoding is None:
+            encoding = encoding_for_model(llm.model if llm is not None else "gpt-4o-mini")
+        self.llm = llm
+        self.counter = TokenCounter(encoding)
+        self.max_token_limit = max_token_limit
+        self.return_messages = return_messages
+        self.human_prefix = human_prefix
+        self.ai_prefix = ai_prefix
+        self.memory_key = memory_key
+        self.input_key = input_key
+        self.output_key = output_key
+        self.owner = owner
+        self.session_id = session_id if session_id is not None else uuid.uuid4().hex
+        self.store = _store(store)
+
+    def __repr__(self) -> str:
+        return (
+            f"ConversationTokenBufferMemory(session_id={self.session_id!r}, "
+            f"max_token_limit={self.max_token_limit}, encoding={self.counter.encoding_name!r})"
+        )
+
+    @property
+    def rule(self) -> Rule:
+        return Rule(
+            limit=self.max_token_limit,
+            mode="messages" if self.return_messages else "text",
+            human_prefix=self.human_prefix,
+            ai_prefix=self.ai_prefix,
+        )
+
+    @property
+    def memory_variables(self) -> list[str]:
+        return [self.memory_key]
+
+    # reading
+
+    def window(self, *, return_messages: bool | None = None) -> list[WindowMessage]:
+        """The window with its positions, oldest first."""
+        rule = self.rule
+        if return_messages is not None:
+            rule = Rule(
+                limit=rule.limit,
+                mode="messages" if return_messages else "text",
+                human_prefix=rule.human_prefix,
+                ai_prefix=rule.ai_prefix,
+            )
+        window = self.store.window(self.session_id, rule, self.counter, owner=self.owner)
+        if rule.mode == "text":
+            # Byte-pair merges across a joining newline can make the rendered
+            # string longer than the per-line sum; drop the oldest until it fits.
+            while (
+                window
+                and self.counter.count(get_buffer_string([w.message for w in window], rule))
+                > rule.limit
+            ):
+                window = window[1:]
+        return window
+
+    @property
+    def buffer_as_messages(self) -> list[Message]:
+        """The window as messages, counted with the chat formula."""
+        return [w.message for w in self.window(return_messages=True)]
+
+    @property
+    def buffer_as_str(self) -> str:
+        """The window as one string, counted as rendered."""
+        rule = self.rule
+        return get_buffer_string([w.message for w in self.window(return_messages=False)], rule)
+
+    @property
+    def buffer(self) -> str | list[Message]:
+        return self.buffer_as_messages if self.return_messages else self.buffer_as_str
+
+    def load_memory_variables(self, inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """``{memory_key: window}``: a string, or messages with ``return_messages``."""
+        return {self.memory_key: self.buffer}
+
+    def history(self) -> Iterator[StoredMessage]:
+        """The session's full stored history, oldest first (nothing is pruned)."""
+        return self.store.history(self.session_id, owner=self.owner)
+
+    # writing
+
+    def _one(self, values: Mapping[str, Any], key: str | None, what: str, skip: str = "") -> str:
+        if not isinstance(values, Mapping):
+            raise InvalidInputError(f"{what} must be a dict, not {type(values).__name__}")
+        if key is None:
+            keys = [k for k in values if k not in (self.memory_key, "stop", skip)]
+            if len(keys) != 1:
+                raise InvalidInputError(
+                    f"{what} has {len(keys)} keys {keys}; set {what[:-1]}_key= to choose one"
+                )
+            key = keys[0]
+        if key not in values:
+            raise InvalidInputError(f"{what} has no key {key!r}")
+        return check_text(values[key], f"{what}[{key!r}]")
+
+    def save_context(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
+        """Save one exchange (input and output) in one transaction."""
+        human = self._one(inputs, self.input_key, "inputs")
+        ai = self._one(outputs, self.output_key, "outputs")
+        self.store.append(
+            self.session_id,
+            [Message("human", human), Message("ai", ai)],
+            self.counter,
+            owner=self.owner,
+        )
+
+    def clear(self) -> None:
+        """Start an empty window; the old messages stay in the history."""
+        self.store.clear(self.session_id, owner=self.owner)
+
+    def erase(self) -> int:
+        """Delete this session's messages for good; return how many."""
+        return self.store.erase(self.session_id, owner=self.owner)

@@ -1,0 +1,44 @@
+"""Message values: what a memory returns, and what the audit history holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+__all__ = ["Message", "SessionInfo", "StoredMessage"]
+
+Role = Literal["human", "ai", "system"]
+
+
+@dataclass(frozen=True)
+class Message:
+    """A chat message; ``type`` is ``"human"``, ``"ai"`` or ``"system"`` as in LangChain."""
+
+    type: Role
+    content: str
+    name: str | None = None
+    metadata: dict[str, Any] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class StoredMessage(Message):
+    """A message as stored: its place in the session and its token counts."""
+
+    position: int = 0
+    turn: int = 0
+    created_at: datetime | None = None
+    encoding: str = ""
+    text_tokens: int = 0
+    chat_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A session's summary, as listed by :meth:`Store.sessions`."""
+
+    owner_id: str
+    session_id: str
+    messages: int
+    created_at: datetime
+    updated_at: datetime

@@ -1,0 +1,144 @@
+"""The schema: tokenmem's single source of truth for its tables.
+
+Migrations in ``migrations/versions`` create exactly these tables; a test
+compares them with alembic's autogenerate so the two never drift.
+
+Every hot query is scoped to one session, and every message key starts with
+``session_id``, so ``tokenmem_messages`` can be hash-partitioned or
+distributed (Citus) by ``session_id`` without a rewrite. A session's id is a
+UUID derived from ``(owner_id, name)`` (:func:`session_uuid`), so finding a
+session never needs a secondary index and two owners can never collide.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Any, cast
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    Uuid,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = ["MESSAGES", "ROLES", "SESSIONS", "Base", "Message", "Session", "session_uuid", "utcnow"]
+
+ROLES = ("human", "ai", "system")
+_SESSION_NAMESPACE = uuid.UUID("5b0f3a52-6d4e-4c1e-9a57-7f1d2e3c4b5a")
+
+
+def session_uuid(owner_id: str, name: str) -> uuid.UUID:
+    """Return the primary key of the session ``name`` of ``owner_id``."""
+    return uuid.uuid5(_SESSION_NAMESPACE, f"{len(owner_id)}:{owner_id}\x00{name}")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend (SQLite keeps no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("tokenmem stores timezone-aware datetimes only")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+
+
+_Json = JSON().with_variant(JSONB(), "postgresql")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class Session(Base):
+    """A conversation. Its counters are bumped, under a row lock, by every append."""
+
+    __tablename__ = "tokenmem_sessions"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    owner_id: Mapped[str] = mapped_column(String(255))
+    name: Mapped[str] = mapped_column(String(255))
+    # The tiktoken encoding the messages' counts were made with.
+    encoding: Mapped[str | None] = mapped_column(String(64))
+    next_position: Mapped[int] = mapped_column(BigInteger, default=0)
+    next_turn: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Sum of every message's floor cost (see window.py): where the next
+    # message's cum_floor starts.
+    floor_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    # clear() moves this past the last message; older rows stay for audit.
+    start_position: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", _Json)
+
+    __table_args__ = (Index(None, "owner_id", "name"),)
+
+
+class Message(Base):
+    """One message, counted once at write time."""
+
+    __tablename__ = "tokenmem_messages"
+
+    session_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey(Session.id, ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    turn: Mapped[int] = mapped_column(BigInteger)
+    role: Mapped[str] = mapped_column(String(16))
+    content: Mapped[str] = mapped_column(Text)
+    name: Mapped[str | None] = mapped_column(String(255))
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", _Json)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    encoding: Mapped[str] = mapped_column(String(64))
+    # Tokens of " " + content: a rendered line "{prefix}: {content}" costs
+    # tokens(prefix + ":") + text_tokens (checked by tests/test_tokens.py).
+    text_tokens: Mapped[int] = mapped_column(Integer)
+    # Tokens of the chat role, the content and the name (+1 with a name).
+    chat_tokens: Mapped[int] = mapped_column(Integer)
+    # Sum of the floor costs of this session's earlier messages.
+    cum_floor: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        CheckConstraint("role IN ('human', 'ai', 'system')", name="role"),
+        Index(None, "session_id", "cum_floor"),
+    )
+
+
+# The tables, for Core statements (the stores run Core, not ORM sessions).
+SESSIONS = cast(Table, Session.__table__)
+MESSAGES = cast(Table, Message.__table__)

@@ -1,0 +1,164 @@
+"""How a window is counted, the one SQL statement that loads it, and a
+plain-Python reference of the same rule.
+
+Two modes, as in LangChain:
+
+* ``"text"`` (completion prompts): message *k* costs the tokens of its line
+  ``"{prefix}: {content}"`` plus one token for the newline that joins it to the
+  next line; the window fits when ``sum(costs) - 1 <= limit``. Because tiktoken
+  splits text into pieces before merging, and the piece that holds the colon
+  always ends at it, ``tokens(line) == tokens(prefix + ":") + tokens(" " +
+  content)``: the second term is stored per message (``text_tokens``), the
+  first depends only on the memory's prefixes.
+* ``"messages"`` (chat models): OpenAI's formula, 3 tokens per message plus its
+  role, content and name (``chat_tokens``), plus 3 once for the reply priming:
+  ``sum(costs) + 3 <= limit``.
+
+Each message also has a *floor*, ``min(text_tokens + 2, chat_tokens + 3)``,
+no more than its cost in either mode. Running totals of the floor are kept at
+write time (``cum_floor``), so the query seeks, through the index on
+``(session_id, cum_floor)``, to the oldest message that could possibly fit and
+reads from there: its cost follows the window, not the history or the limit.
+The exact window is then cut with ``SUM(cost) OVER (ORDER BY position DESC)``.
+
+    >>> fit([3, 4, 5], budget=9)   # the newest run of costs summing to <= 9
+    1
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from sqlalchemy import ColumnElement, Select, and_, case, func, literal, select
+
+from .models import MESSAGES, SESSIONS
+from .tokens import TokenCounter
+
+__all__ = [
+    "CHAT_ROLES",
+    "Counts",
+    "Rule",
+    "count_message",
+    "fit",
+    "window_select",
+]
+
+Mode = Literal["text", "messages"]
+CHAT_ROLES = {"human": "user", "ai": "assistant", "system": "system"}
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+REPLY_PRIMING = 3
+
+
+@dataclass(frozen=True)
+class Counts:
+    """A message's stored token counts (see the module docstring)."""
+
+    text_tokens: int
+    chat_tokens: int
+
+    @property
+    def floor(self) -> int:
+        return min(self.text_tokens + 2, self.chat_tokens + TOKENS_PER_MESSAGE)
+
+
+def count_message(counter: TokenCounter, role: str, content: str, name: str | None) -> Counts:
+    chat = counter.count(CHAT_ROLES[role]) + counter.count(content)
+    if name:
+        chat += counter.count(name) + TOKENS_PER_NAME
+    return Counts(text_tokens=counter.count(" " + content), chat_tokens=chat)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one memory counts its window: mode, limit and line prefixes."""
+
+    limit: int
+    mode: Mode = "text"
+    human_prefix: str = "Human"
+    ai_prefix: str = "AI"
+    system_prefix: str = "System"
+
+    def prefix(self, role: str) -> str:
+        return {"human": self.human_prefix, "ai": self.ai_prefix}.get(role, self.system_prefix)
+
+    @property
+    def budget(self) -> int:
+        """The most the per-message costs of a fitting window may add up to."""
+        if self.mode == "text":
+            return self.limit + 1  # n lines are joined by n - 1 newlines
+        return self.limit - REPLY_PRIMING
+
+    def prefix_tokens(self, counter: TokenCounter) -> dict[str, int]:
+        return {role: counter.count(self.prefix(role) + ":") for role in CHAT_ROLES}
+
+    def cost(self, role: str, counts: Counts, prefix_tokens: Mapping[str, int]) -> int:
+        """A message's cost under this rule, in Python (the reference)."""
+        if self.mode == "text":
+            return prefix_tokens[role] + counts.text_tokens + 1
+        return TOKENS_PER_MESSAGE + counts.chat_tokens
+
+    def cost_sql(self, prefix_tokens: Mapping[str, int]) -> ColumnElement[int]:
+        """The same cost as a SQL expression over tokenmem_messages."""
+        m = MESSAGES.c
+        if self.mode == "text":
+            per_role = case(
+                (m.role == "human", literal(prefix_tokens["human"])),
+                (m.role == "ai", literal(prefix_tokens["ai"])),
+                else_=literal(prefix_tokens["system"]),
+            )
+            return per_role + m.text_tokens + 1
+        return m.chat_tokens + TOKENS_PER_MESSAGE
+
+
+def fit(costs: Sequence[int], budget: int) -> int:
+    """Return the index where the newest run of ``costs`` summing to at most
+    ``budget`` starts (``len(costs)`` when not even the newest fits)."""
+    total, start = 0, len(costs)
+    for i in range(len(costs) - 1, -1, -1):
+        total += costs[i]
+        if total > budget:
+            break
+        start = i
+    return start
+
+
+def window_select(
+    session_id: uuid.UUID, encoding: str, rule: Rule, prefix_tokens: Mapping[str, int]
+) -> Select[tuple[int, int, str, str, str | None]]:
+    """The window as one statement: rows (position, turn, role, content, name)
+    oldest first. It returns no rows when the session is missing, empty, or
+    counted with another encoding than ``encoding``."""
+    m = MESSAGES.c
+    s = SESSIONS.c
+    candidates = (
+        select(
+            m.position,
+            m.turn,
+            m.role,
+            m.content,
+            m.name,
+            func.sum(rule.cost_sql(prefix_tokens))
+            .over(order_by=m.position.desc(), rows=(None, 0))
+            .label("running"),
+        )
+        .select_from(SESSIONS)
+        .join(MESSAGES, and_(m.session_id == s.id))
+        .where(
+            s.id == session_id,
+            m.session_id == session_id,
+            s.encoding == encoding,
+            m.cum_floor >= s.floor_total - rule.budget,
+            m.position >= s.start_position,
+        )
+        .subquery("candidates")
+    )
+    c = candidates.c
+    return (
+        select(c.position, c.turn, c.role, c.content, c.name)
+        .where(c.running <= rule.budget)
+        .order_by(c.position)
+    )
