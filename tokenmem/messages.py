@@ -11,7 +11,7 @@ __all__ = ["Message", "SessionInfo", "StoredMessage"]
 Role = Literal["human", "ai", "system"]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Message:
     """A chat message; ``type`` is ``"human"``, ``"ai"`` or ``"system"`` as in LangChain."""
 
@@ -21,7 +21,7 @@ class Message:
     metadata: dict[str, Any] | None = field(default=None, compare=False)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StoredMessage(Message):
     """A message as stored: its place in the session and its token counts."""
 

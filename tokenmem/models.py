@@ -100,8 +100,11 @@ class Session(Base):
     # Sum of every message's floor cost (see window.py): where the next
     # message's cum_floor starts.
     floor_total: Mapped[int] = mapped_column(BigInteger, default=0)
-    # clear() moves this past the last message; older rows stay for audit.
+    # clear() moves the window's start past the last message (older rows stay
+    # for audit): as a position, and as the cum_floor of that position, which
+    # lets the window query use one index range (recount() keeps it in step).
     start_position: Mapped[int] = mapped_column(BigInteger, default=0)
+    start_floor: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", _Json)

@@ -20,9 +20,8 @@ import os
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     Connection,
@@ -196,6 +195,7 @@ def bump_session(
         next_turn=turns,
         floor_total=floor,
         start_position=0,
+        start_floor=0,
         created_at=now,
         updated_at=now,
     )
@@ -243,8 +243,9 @@ _HISTORY_COLUMNS = (
 )
 
 
-@dataclass(frozen=True)
-class WindowMessage:
+class WindowMessage(NamedTuple):
+    """A message of the window, with its place in the session."""
+
     position: int
     turn: int
     message: MessageValue
@@ -431,8 +432,10 @@ class Store:
     def _recount(self, conn: Connection, sid: uuid.UUID, counter: TokenCounter) -> None:
         """Count every message of the session again with ``counter``'s encoding."""
         s, m = SESSIONS.c, MESSAGES.c
-        conn.execute(select(s.id).where(s.id == sid).with_for_update()).one()
-        cum, after = 0, -1
+        start = conn.execute(
+            select(s.start_position).where(s.id == sid).with_for_update()
+        ).scalar_one()
+        cum, after, start_floor = 0, -1, None
         while True:
             batch = conn.execute(
                 select(m.position, m.role, m.content, m.name)
@@ -444,6 +447,8 @@ class Store:
                 break
             params = []
             for row in batch:
+                if row.position == start:
+                    start_floor = cum
                 c = count_message(counter, row.role, row.content, row.name)
                 params.append(
                     {
@@ -464,7 +469,11 @@ class Store:
         conn.execute(
             update(SESSIONS)
             .where(s.id == sid)
-            .values(encoding=counter.encoding_name, floor_total=cum)
+            .values(
+                encoding=counter.encoding_name,
+                floor_total=cum,
+                start_floor=cum if start_floor is None else start_floor,
+            )
         )
 
     def clear(self, session_id: str, *, owner: str = DEFAULT_OWNER) -> None:
@@ -474,7 +483,9 @@ class Store:
             conn.execute(
                 update(SESSIONS)
                 .where(s.id == session_uuid(owner, session_id))
-                .values(start_position=s.next_position, updated_at=utcnow())
+                .values(
+                    start_position=s.next_position, start_floor=s.floor_total, updated_at=utcnow()
+                )
             )
 
     def erase(self, session_id: str, *, owner: str = DEFAULT_OWNER) -> int:
@@ -500,17 +511,29 @@ class Store:
         """The newest messages that fit ``rule``, oldest first (one query)."""
         sid = session_uuid(owner, session_id)
         prefix_tokens = rule.prefix_tokens(counter)
-        stmt = window_select(sid, counter.encoding_name, rule, prefix_tokens)
+        params = rule.params(sid, counter.encoding_name, prefix_tokens)
         with self._begin() as conn:
-            rows = conn.execute(stmt).all()
+            rows: Sequence[Any] = conn.execute(window_select(rule.mode), params).all()
             if not rows:
                 rows = self._window_recounting(conn, sid, rule, counter, prefix_tokens)
         return [
-            WindowMessage(
-                r.position, r.turn, MessageValue(type=r.role, content=r.content, name=r.name)
-            )
-            for r in rows
+            WindowMessage(position, turn, MessageValue(role, content, name))
+            for position, turn, role, content, name in rows
         ]
+
+    def explain_window(
+        self, session_id: str, rule: Rule, counter: TokenCounter, *, owner: str = DEFAULT_OWNER
+    ) -> str:
+        """The database's query plan for this window's statement, as text."""
+        params = rule.params(
+            session_uuid(owner, session_id), counter.encoding_name, rule.prefix_tokens(counter)
+        )
+        stmt = window_select(rule.mode).params(params)
+        sql = str(stmt.compile(self.engine, compile_kwargs={"literal_binds": True}))
+        explain = "EXPLAIN QUERY PLAN " if self.dialect == "sqlite" else "EXPLAIN "
+        with self._begin() as conn:
+            rows = conn.exec_driver_sql(explain + sql).all()
+        return "\n".join(" | ".join(str(v) for v in row) for row in rows)
 
     def _window_recounting(
         self,

@@ -19,10 +19,11 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import importlib.util
 import os
 import threading
 from dataclasses import dataclass
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import tiktoken
@@ -82,15 +83,24 @@ _cache: dict[str, tiktoken.Encoding] = {}
 _lock = threading.Lock()
 
 
-def _load_bundled(name: str, spec: _Bundled) -> tiktoken.Encoding:
-    try:
-        packed = resources.files("bpe_openai.data").joinpath(f"{name}.tiktoken.gz").read_bytes()
-    except (ModuleNotFoundError, FileNotFoundError) as exc:
+def _bundled_file(name: str) -> Path:
+    # Located without importing bpe_openai: its import loads a tokenizer of its own.
+    spec = importlib.util.find_spec("bpe_openai")
+    if spec is None or not spec.submodule_search_locations:
         raise EncodingUnavailable(
             f"the {name} file ships in the 'bpe-openai' package, which is missing: "
             "pip install bpe-openai",
             encoding=name,
-        ) from exc
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / f"{name}.tiktoken.gz"
+
+
+def _load_bundled(name: str, spec: _Bundled) -> tiktoken.Encoding:
+    path = _bundled_file(name)
+    try:
+        packed = path.read_bytes()
+    except OSError as exc:
+        raise EncodingUnavailable(f"cannot read {path}: {exc}", encoding=name) from exc
     data = gzip.decompress(packed)
     digest = hashlib.sha256(data).hexdigest()
     if digest != spec.sha256:

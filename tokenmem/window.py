@@ -27,12 +27,13 @@ The exact window is then cut with ``SUM(cost) OVER (ORDER BY position DESC)``.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from sqlalchemy import ColumnElement, Select, and_, case, func, literal, select
+from sqlalchemy import BindParameter, ColumnElement, Select, bindparam, case, func, select
 
 from .models import MESSAGES, SESSIONS
 from .tokens import TokenCounter
@@ -101,17 +102,29 @@ class Rule:
             return prefix_tokens[role] + counts.text_tokens + 1
         return TOKENS_PER_MESSAGE + counts.chat_tokens
 
-    def cost_sql(self, prefix_tokens: Mapping[str, int]) -> ColumnElement[int]:
-        """The same cost as a SQL expression over tokenmem_messages."""
-        m = MESSAGES.c
-        if self.mode == "text":
-            per_role = case(
-                (m.role == "human", literal(prefix_tokens["human"])),
-                (m.role == "ai", literal(prefix_tokens["ai"])),
-                else_=literal(prefix_tokens["system"]),
-            )
-            return per_role + m.text_tokens + 1
-        return m.chat_tokens + TOKENS_PER_MESSAGE
+    def params(
+        self, session_id: uuid.UUID, encoding: str, prefix_tokens: Mapping[str, int]
+    ) -> dict[str, object]:
+        """The parameters of :func:`window_select` for this rule."""
+        return {
+            "w_session": session_id,
+            "w_encoding": encoding,
+            "w_budget": self.budget,
+            **{f"w_prefix_{role}": n for role, n in prefix_tokens.items()},
+        }
+
+
+def _cost_sql(mode: Mode) -> ColumnElement[int]:
+    """:meth:`Rule.cost` as a SQL expression over tokenmem_messages."""
+    m = MESSAGES.c
+    if mode == "text":
+        per_role = case(
+            (m.role == "human", bindparam("w_prefix_human")),
+            (m.role == "ai", bindparam("w_prefix_ai")),
+            else_=bindparam("w_prefix_system"),
+        )
+        return per_role + m.text_tokens + 1
+    return m.chat_tokens + TOKENS_PER_MESSAGE
 
 
 def fit(costs: Sequence[int], budget: int) -> int:
@@ -126,14 +139,21 @@ def fit(costs: Sequence[int], budget: int) -> int:
     return start
 
 
-def window_select(
-    session_id: uuid.UUID, encoding: str, rule: Rule, prefix_tokens: Mapping[str, int]
-) -> Select[tuple[int, int, str, str, str | None]]:
-    """The window as one statement: rows (position, turn, role, content, name)
-    oldest first. It returns no rows when the session is missing, empty, or
-    counted with another encoding than ``encoding``."""
+@functools.cache
+def window_select(mode: Mode) -> Select[tuple[int, int, str, str, str | None]]:
+    """The window as one statement, built once per mode: rows (position, turn,
+    role, content, name), oldest first. Its parameters come from
+    :meth:`Rule.params`. It returns no rows when the session is missing, empty,
+    or counted with another encoding than the one asked for."""
     m = MESSAGES.c
     s = SESSIONS.c
+    budget: BindParameter[int] = bindparam("w_budget")
+    # The oldest message that could fit, or the start set by clear(): one
+    # range on the (session_id, cum_floor) index.
+    start = case(
+        (s.start_floor > s.floor_total - budget, s.start_floor),
+        else_=s.floor_total - budget,
+    )
     candidates = (
         select(
             m.position,
@@ -141,24 +161,23 @@ def window_select(
             m.role,
             m.content,
             m.name,
-            func.sum(rule.cost_sql(prefix_tokens))
+            func.sum(_cost_sql(mode))
             .over(order_by=m.position.desc(), rows=(None, 0))
             .label("running"),
         )
         .select_from(SESSIONS)
-        .join(MESSAGES, and_(m.session_id == s.id))
+        .join(MESSAGES, m.session_id == s.id)
         .where(
-            s.id == session_id,
-            m.session_id == session_id,
-            s.encoding == encoding,
-            m.cum_floor >= s.floor_total - rule.budget,
-            m.position >= s.start_position,
+            s.id == bindparam("w_session"),
+            m.session_id == bindparam("w_session"),
+            s.encoding == bindparam("w_encoding"),
+            m.cum_floor >= start,
         )
         .subquery("candidates")
     )
     c = candidates.c
     return (
         select(c.position, c.turn, c.role, c.content, c.name)
-        .where(c.running <= rule.budget)
+        .where(c.running <= budget)
         .order_by(c.position)
     )

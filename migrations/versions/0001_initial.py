@@ -32,6 +32,7 @@ def upgrade() -> None:
         sa.Column("next_turn", sa.BigInteger(), nullable=False),
         sa.Column("floor_total", sa.BigInteger(), nullable=False),
         sa.Column("start_position", sa.BigInteger(), nullable=False),
+        sa.Column("start_floor", sa.BigInteger(), nullable=False),
         sa.Column("created_at", UTCDateTime(), nullable=False),
         sa.Column("updated_at", UTCDateTime(), nullable=False),
         sa.Column("metadata", _json, nullable=True),

@@ -1,0 +1,99 @@
+"""Fixtures: every store test runs on a SQLite file and on a real PostgreSQL.
+
+PostgreSQL comes from ``TOKENMEM_TEST_POSTGRES_URL`` (default: the local
+server at 127.0.0.1:5432, database ``test``). It is required: without it the
+PostgreSQL half of the suite errors, it is never skipped. Each test gets its
+own schema (PostgreSQL) or file (SQLite), migrated to the head.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+
+from tokenmem import Store, TokenCounter
+from tokenmem.store import make_engine
+
+PG_URL = os.environ.get(
+    "TOKENMEM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(autouse=True)
+def _no_default_database(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A test that forgets to pass a store must not write to the user's home.
+    monkeypatch.setenv(
+        "TOKENMEM_DATABASE_URL", f"sqlite:///{tmp_path_factory.mktemp('default')}/default.sqlite3"
+    )
+    import tokenmem.memory
+
+    monkeypatch.setattr(tokenmem.memory, "_default_store", None)
+
+
+def _pg_admin() -> Engine:
+    engine = create_engine(PG_URL)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+    except Exception as exc:
+        pytest.fail(f"PostgreSQL is required at {PG_URL} ({exc}); start it, do not skip", pytrace=False)
+    return engine
+
+
+@contextmanager
+def fresh_engine(backend: str, tmp_path: Path) -> Iterator[Engine]:
+    """A fresh, empty (unmigrated) database on ``backend``."""
+    if backend == "sqlite":
+        eng = make_engine(f"sqlite:///{tmp_path}/tokenmem.sqlite3")
+        try:
+            yield eng
+        finally:
+            eng.dispose()
+        return
+    admin = _pg_admin()
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    eng = create_engine(PG_URL, connect_args={"options": f"-csearch_path={schema}"})
+    try:
+        yield eng
+    finally:
+        eng.dispose()
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def db(backend: str, tmp_path: Path) -> Iterator[Engine]:
+    """A fresh, empty database on each backend."""
+    with fresh_engine(backend, tmp_path) as eng:
+        yield eng
+
+
+@pytest.fixture
+def store(db: Engine) -> Store:
+    """A migrated store on each backend."""
+    return Store(db, upgrade=True)
+
+
+@pytest.fixture(scope="session")
+def o200k() -> TokenCounter:
+    return TokenCounter("o200k_base")
+
+
+@pytest.fixture(scope="session")
+def cl100k() -> TokenCounter:
+    return TokenCounter("cl100k_base")

@@ -1,0 +1,128 @@
+"""The SQL window against a plain-Python reference, on both databases."""
+
+from __future__ import annotations
+
+import uuid
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tokenmem import ConversationTokenBufferMemory, Message, Rule, Store, TokenCounter
+from tokenmem.window import fit
+
+
+def test_fit() -> None:
+    assert fit([3, 4, 5], 9) == 1
+    assert fit([3, 4, 5], 12) == 0
+    assert fit([3, 4, 5], 4) == 3
+    assert fit([], 10) == 0
+
+
+def reference_text(messages: list[Message], rule: Rule, counter: TokenCounter) -> list[Message]:
+    """LangChain's rule, counted on the rendered lines themselves: each line
+    plus its joining newline, then the rendered string recounted."""
+    costs = [counter.count(f"{rule.prefix(m.type)}: {m.content}") + 1 for m in messages]
+    window = messages[fit(costs, rule.limit + 1) :]
+    while window and counter.count(
+        "\n".join(f"{rule.prefix(m.type)}: {m.content}" for m in window)
+    ) > rule.limit:
+        window = window[1:]
+    return window
+
+
+def reference_messages(messages: list[Message], limit: int, counter: TokenCounter) -> list[Message]:
+    """OpenAI's chat formula: 3 + role + content per message, 3 for the priming."""
+    roles = {"human": "user", "ai": "assistant", "system": "system"}
+    costs = [3 + counter.count(roles[m.type]) + counter.count(m.content) for m in messages]
+    return messages[fit(costs, limit - 3) :]
+
+
+texts = st.one_of(
+    st.text(max_size=40),
+    st.text(alphabet="你好世界吗？！，。人工智能 abc\n\r ", max_size=30),
+    st.sampled_from(["", " ", "\r\n ", "<|endoftext|>", "hi", "not much", "😀", "a\n"]),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=100, max_size=400),
+).filter(lambda t: "\x00" not in t)
+prefixes = st.sampled_from(["Human", "AI", "人类", "人工智能", "User 1", "", "a:", "x\n", "🤖"])
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    exchanges=st.lists(st.tuples(texts, texts), min_size=0, max_size=12),
+    limit=st.integers(min_value=1, max_value=400),
+    human_prefix=prefixes,
+    ai_prefix=prefixes,
+    encoding=st.sampled_from(["o200k_base", "cl100k_base"]),
+    clear_after=st.integers(min_value=0, max_value=12),
+)
+def test_window_matches_reference(
+    store: Store,
+    exchanges: list[tuple[str, str]],
+    limit: int,
+    human_prefix: str,
+    ai_prefix: str,
+    encoding: str,
+    clear_after: int,
+) -> None:
+    memory = ConversationTokenBufferMemory(
+        store=store,
+        session_id=uuid.uuid4().hex,
+        max_token_limit=limit,
+        human_prefix=human_prefix,
+        ai_prefix=ai_prefix,
+        encoding=encoding,
+    )
+    messages: list[Message] = []
+    for i, (human, ai) in enumerate(exchanges):
+        if i == clear_after:
+            memory.clear()
+            messages = []
+        memory.save_context({"input": human}, {"output": ai})
+        messages += [Message("human", human), Message("ai", ai)]
+    counter = memory.counter
+    rule = memory.rule
+
+    expected = reference_text(messages, rule, counter)
+    rendered = memory.buffer_as_str
+    assert [w.message for w in memory.window(return_messages=False)] == expected
+    assert counter.count(rendered) <= limit
+
+    assert memory.buffer_as_messages == reference_messages(messages, limit, counter)
+
+
+def test_window_after_switching_encoding(store: Store) -> None:
+    """A session counted with cl100k_base, read and then written with o200k_base."""
+    old = ConversationTokenBufferMemory(store=store, encoding="cl100k_base", max_token_limit=30)
+    messages = []
+    for i in range(30):
+        human, ai = f"你好 number {i}", f"reply {'很好' * (i % 4)}"
+        old.save_context({"input": human}, {"output": ai})
+        messages += [Message("human", human), Message("ai", ai)]
+    new = ConversationTokenBufferMemory(
+        store=store, session_id=old.session_id, encoding="o200k_base", max_token_limit=30
+    )
+    o200k = new.counter
+    assert [w.message for w in new.window()] == reference_text(messages, new.rule, o200k)
+    assert new.buffer_as_messages == reference_messages(messages, 30, o200k)
+    # Reading never rewrote the counts; the next write recounts the session.
+    assert {m.encoding for m in new.history()} == {"cl100k_base"}
+    new.save_context({"input": "switch"}, {"output": "done"})
+    messages += [Message("human", "switch"), Message("ai", "done")]
+    history = list(new.history())
+    assert {m.encoding for m in history} == {"o200k_base"}
+    assert [m.text_tokens for m in history] == [o200k.count(" " + m.content) for m in messages]
+    assert [w.message for w in new.window()] == reference_text(messages, new.rule, o200k)
+    # And the old model still gets its own, correct, window.
+    assert [w.message for w in old.window()] == reference_text(messages, old.rule, old.counter)
+
+
+def test_window_of_one_huge_message_is_empty(store: Store) -> None:
+    memory = ConversationTokenBufferMemory(store=store, max_token_limit=20)
+    memory.save_context({"input": "short"}, {"output": "word " * 50})
+    assert memory.buffer == ""
+    assert memory.buffer_as_messages == []
+    assert len(list(memory.history())) == 2
