@@ -27,7 +27,7 @@ show medians. The PostgreSQL plan of the window query for the largest session
 is printed, with whether it seeks through the ``cum_floor`` index.
 
 Run from the repository root (the default is both backends, all sizes; about
-five minutes on two cores)::
+a minute on two cores)::
 
     .venv/bin/python benchmarks/window_load.py
     .venv/bin/python benchmarks/window_load.py --quick --backend sqlite
@@ -446,10 +446,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
+    digest = source_digest()  # of the sources imported now, should they change meanwhile
     counter = TokenCounter(ENCODING)
     print(
         f"# Window load vs history length ({LIMIT:,}-token window, text mode, {ENCODING})\n\n"
-        f"tokenmem sources {source_digest()}, Python {sys.version.split()[0]}, "
+        f"tokenmem sources {digest}, Python {sys.version.split()[0]}, "
         f"{os.cpu_count()} CPUs; sizes " + ", ".join(f"{s:,}" for s in args.sizes)
     )
     reports = [run_backend(backend, args, counter) for backend in args.backends]
@@ -458,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"source_digest": source_digest(), "total_seconds": total, "backends": reports},
+                {"source_digest": digest, "total_seconds": total, "backends": reports},
                 indent=1,
             )
         )

@@ -27,7 +27,9 @@ BACKENDS = ["sqlite", "postgresql"]
 
 
 @pytest.fixture(autouse=True)
-def _no_default_database(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_default_database(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A test that forgets to pass a store must not write to the user's home.
     monkeypatch.setenv(
         "TOKENMEM_DATABASE_URL", f"sqlite:///{tmp_path_factory.mktemp('default')}/default.sqlite3"
@@ -43,7 +45,9 @@ def _pg_admin() -> Engine:
         with engine.connect() as conn:
             conn.execute(text("select 1"))
     except Exception as exc:
-        pytest.fail(f"PostgreSQL is required at {PG_URL} ({exc}); start it, do not skip", pytrace=False)
+        pytest.fail(
+            f"PostgreSQL is required at {PG_URL} ({exc}); start it, do not skip", pytrace=False
+        )
     return engine
 
 

@@ -140,12 +140,17 @@ def test_bad_limit(limit: object) -> None:
 def test_unknown_model_is_clear() -> None:
     with pytest.raises(ConfigurationError, match="unknown model 'my-local-llama'.*encoding="):
         ConversationTokenBufferMemory(llm=OpenAI(model="my-local-llama"))
-    memory = ConversationTokenBufferMemory(llm=OpenAI(model="my-local-llama", encoding="cl100k_base"))
+    memory = ConversationTokenBufferMemory(
+        llm=OpenAI(model="my-local-llama", encoding="cl100k_base")
+    )
     assert memory.counter.encoding_name == "cl100k_base"
 
 
 def test_model_picks_encoding() -> None:
-    assert ConversationTokenBufferMemory(llm=OpenAI(model="gpt-4")).counter.encoding_name == "cl100k_base"
+    assert (
+        ConversationTokenBufferMemory(llm=OpenAI(model="gpt-4")).counter.encoding_name
+        == "cl100k_base"
+    )
     assert ConversationTokenBufferMemory(llm=OpenAI()).counter.encoding_name == "o200k_base"
 
 
@@ -180,7 +185,14 @@ def test_missing_keys_and_non_dicts(store: Store) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "<|endoftext|>", "<|endofprompt|> and <|fim_prefix|>", "  spaced \r\n ", "😀👍🏽", "x" * 200_000],
+    [
+        "",
+        "<|endoftext|>",
+        "<|endofprompt|> and <|fim_prefix|>",
+        "  spaced \r\n ",
+        "😀👍🏽",
+        "x" * 200_000,
+    ],
 )
 def test_lossless_values(store: Store, text: str) -> None:
     memory = ConversationTokenBufferMemory(store=store, max_token_limit=100_000)

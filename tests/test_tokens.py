@@ -22,7 +22,13 @@ URLS = {
     "cl100k_base": "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
     "o200k_base": "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
 }
-SAMPLES = ["hi", "Human: not much you\nAI: not much", "人类: 你好，近来怎么样？", "<|endoftext|> x", " \r\n\t"]
+SAMPLES = [
+    "hi",
+    "Human: not much you\nAI: not much",
+    "人类: 你好，近来怎么样？",
+    "<|endoftext|> x",
+    " \r\n\t",
+]
 
 
 @pytest.mark.parametrize("name", sorted(URLS))
@@ -49,7 +55,11 @@ def test_same_encoding_as_tiktoken(name: str, tmp_path: Path) -> None:
     env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path)}
     out = subprocess.run(
         [sys.executable, "-c", code, name, json.dumps(SAMPLES)],
-        env=env, check=True, capture_output=True, text=True, timeout=120,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
     ).stdout
     theirs = json.loads(out)
     ours = get_encoding(name)

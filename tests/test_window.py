@@ -23,9 +23,11 @@ def reference_text(messages: list[Message], rule: Rule, counter: TokenCounter) -
     plus its joining newline, then the rendered string recounted."""
     costs = [counter.count(f"{rule.prefix(m.type)}: {m.content}") + 1 for m in messages]
     window = messages[fit(costs, rule.limit + 1) :]
-    while window and counter.count(
-        "\n".join(f"{rule.prefix(m.type)}: {m.content}" for m in window)
-    ) > rule.limit:
+    while (
+        window
+        and counter.count("\n".join(f"{rule.prefix(m.type)}: {m.content}" for m in window))
+        > rule.limit
+    ):
         window = window[1:]
     return window
 

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from sqlalchemy import BindParameter, ColumnElement, Select, bindparam, case, func, select
+from sqlalchemy import BindParameter, ColumnElement, Integer, Select, bindparam, case, func, select
 
 from .models import MESSAGES, SESSIONS
 from .tokens import TokenCounter
@@ -119,9 +119,9 @@ def _cost_sql(mode: Mode) -> ColumnElement[int]:
     m = MESSAGES.c
     if mode == "text":
         per_role = case(
-            (m.role == "human", bindparam("w_prefix_human")),
-            (m.role == "ai", bindparam("w_prefix_ai")),
-            else_=bindparam("w_prefix_system"),
+            (m.role == "human", bindparam("w_prefix_human", type_=Integer)),
+            (m.role == "ai", bindparam("w_prefix_ai", type_=Integer)),
+            else_=bindparam("w_prefix_system", type_=Integer),
         )
         return per_role + m.text_tokens + 1
     return m.chat_tokens + TOKENS_PER_MESSAGE
@@ -147,7 +147,7 @@ def window_select(mode: Mode) -> Select[tuple[int, int, str, str, str | None]]:
     or counted with another encoding than the one asked for."""
     m = MESSAGES.c
     s = SESSIONS.c
-    budget: BindParameter[int] = bindparam("w_budget")
+    budget: BindParameter[int] = bindparam("w_budget", type_=Integer)
     # The oldest message that could fit, or the start set by clear(): one
     # range on the (session_id, cum_floor) index.
     start = case(

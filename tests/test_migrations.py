@@ -1,0 +1,142 @@
+"""Alembic: up, down and up again; no drift from the models; own version table;
+the alembic CLI from the repository root; migrations inside the wheel."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+import zipfile
+from pathlib import Path
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, create_engine, inspect, text
+
+from tokenmem import Message, Store, TokenCounter, migrate
+from tokenmem.models import Base
+
+from .conftest import PG_URL
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLES = {"tokenmem_sessions", "tokenmem_messages"}
+
+
+def tables(engine: Engine) -> set[str]:
+    return set(inspect(engine).get_table_names())
+
+
+def test_upgrade_downgrade_upgrade(db: Engine, o200k: TokenCounter) -> None:
+    store = Store(db)
+    store.upgrade()
+    assert tables(db) >= TABLES
+    assert store.current_revision() == migrate.head()
+    store.append("s", [Message("human", "hi")], o200k)
+    store.downgrade("base")
+    assert tables(db) & TABLES == set()
+    assert store.current_revision() is None
+    store.upgrade()
+    store.append("s", [Message("human", "hi again")], o200k)
+    assert [m.content for m in store.history("s")] == ["hi again"]
+
+
+def test_models_and_migrations_agree(db: Engine) -> None:
+    Store(db).upgrade()
+    with db.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        diff = compare_metadata(ctx, Base.metadata)
+    diff = [d for d in diff if "tokenmem_alembic_version" not in str(d)]
+    assert diff == []
+
+
+def test_own_version_table_leaves_the_host_alone(db: Engine) -> None:
+    with db.begin() as conn:
+        conn.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)"))
+        conn.execute(text("INSERT INTO alembic_version VALUES ('host_rev_1')"))
+    Store(db).upgrade()
+    with db.connect() as conn:
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [
+            "host_rev_1"
+        ]
+        assert conn.execute(
+            text("SELECT version_num FROM tokenmem_alembic_version")
+        ).scalars().all() == [migrate.head()]
+
+
+def alembic(*args: str, url: str) -> str:
+    env = {**os.environ, "TOKENMEM_DATABASE_URL": url}
+    done = subprocess.run(
+        [sys.executable, "-m", "alembic", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout + done.stderr
+
+
+def test_alembic_cli_sqlite(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/cli.sqlite3"
+    alembic("upgrade", "head", url=url)
+    engine = create_engine(url)
+    assert tables(engine) >= TABLES
+    assert migrate.head() in alembic("current", url=url)
+    alembic("downgrade", "base", url=url)
+    assert tables(engine) & TABLES == set()
+    engine.dispose()
+
+
+def test_alembic_cli_postgresql() -> None:
+    schema = f"cli_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    url = f"{PG_URL}?options=-csearch_path%3D{schema}"
+    try:
+        alembic("upgrade", "head", url=url)
+        with admin.connect() as conn:
+            found = (
+                conn.execute(
+                    text("SELECT tablename FROM pg_tables WHERE schemaname = :s"), {"s": schema}
+                )
+                .scalars()
+                .all()
+            )
+        assert TABLES | {"tokenmem_alembic_version"} <= set(found)
+        alembic("downgrade", "base", url=url)
+        alembic("upgrade", "head", url=url)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("tokenmem-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {
+        "tokenmem/migrations/env.py",
+        "tokenmem/migrations/script.py.mako",
+        "tokenmem/migrations/versions/0001_initial.py",
+        "tokenmem/py.typed",
+    } <= names
