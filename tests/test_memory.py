@@ -138,7 +138,7 @@ def test_bad_limit(limit: object) -> None:
 
 
 def test_unknown_model_is_clear() -> None:
-    with pytest.raises(ConfigurationError, match="unknown model 'my-local-llama'.*encoding="):
+    with pytest.raises(ConfigurationError, match=r"unknown model 'my-local-llama'.*encoding="):
         ConversationTokenBufferMemory(llm=OpenAI(model="my-local-llama"))
     memory = ConversationTokenBufferMemory(
         llm=OpenAI(model="my-local-llama", encoding="cl100k_base")

@@ -18,7 +18,7 @@ from tokenmem import (
     TokenCounter,
 )
 
-WORDS = ["the", "of", "and", "to", "in", "is", "you", "that", "it", "he", "was", "for", "on", "are", "as", "with", "his", "they", "at", "be", "this"]
+WORDS = "the of and to in is you that it he was for on are as with his they at be this".split()
 
 
 def turns(n: int, seed: int = 0) -> list[list[Message]]:
