@@ -23,8 +23,10 @@ on statistics. Then, per session, with ``max_token_limit=2000`` in text mode:
 After a warm-up, each is timed ``--reps`` times with ``time.perf_counter_ns``,
 round-robin over the sessions and the three measurements (the starting point
 rotates every round) so that machine noise hits every size alike; the tables
-show medians. The PostgreSQL plan of the window query for the largest session
-is printed, with whether it seeks through the ``cum_floor`` index.
+show medians. The plan of the statement ``store.window`` sends for the largest
+session is printed (``EXPLAIN``; ``EXPLAIN QUERY PLAN`` on SQLite; add
+``--analyze`` for PostgreSQL's ``EXPLAIN ANALYZE``), with whether it seeks
+through the ``cum_floor`` index.
 
 Run from the repository root (the default is both backends, all sizes; about
 a minute on two cores)::
