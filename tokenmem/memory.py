@@ -22,7 +22,8 @@ from sqlalchemy import Engine
 
 from .errors import ConfigurationError, InvalidInputError
 from .messages import Message, StoredMessage
-from .store import DEFAULT_OWNER, Store, WindowMessage, check_text
+from .ops import WindowMessage, check_text
+from .store import Store
 from .tokens import TokenCounter, encoding_for_model
 from .window import Rule
 
@@ -79,7 +80,7 @@ class ConversationTokenBufferMemory:
         input_key: str | None = None,
         output_key: str | None = None,
         session_id: str | None = None,
-        owner: str = DEFAULT_OWNER,
+        owner: str | None = None,
         store: Store | Engine | str | None = None,
         encoding: str | None = None,
     ) -> None:

@@ -1,0 +1,474 @@
+"""Store operations, written once and run by both the sync and the async store.
+
+An operation is a generator: it yields ``(statement, parameters)`` steps and
+is sent back each step's ``Result``; it returns the operation's value. The
+sync :class:`~tokenmem.store.Store` drives it with :func:`drive` on a
+``Connection``, :class:`~tokenmem.aio.AsyncStore` with :func:`adrive` on an
+``AsyncConnection`` — one transaction per operation, the same SQL on both::
+
+    def count_op() -> Op[int]:
+        result = yield select(func.count()).select_from(MESSAGES), None
+        return int(result.scalar_one())
+
+Validation and token counting happen in :func:`prepare_append`, before any
+transaction is opened, so a lock is never held while tiktoken works.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+
+from sqlalchemy import (
+    Connection,
+    Executable,
+    Insert,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+from .errors import ConfigurationError, InvalidInputError, SessionNotFound
+from .messages import Message, SessionInfo, StoredMessage
+from .models import MESSAGES, ROLES, SESSIONS, session_uuid, utcnow
+from .tokens import TokenCounter
+from .window import Counts, Rule, count_message, fit, window_select
+
+if TYPE_CHECKING:  # sqlalchemy.ext.asyncio needs greenlet: the "async" extra
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+__all__ = ["Op", "SessionKey", "WindowMessage", "adrive", "check_text", "drive"]
+
+T = TypeVar("T")
+Step = tuple[Executable, Any]
+# Sent back: the step's CursorResult (typed Any: rows are unpacked positionally).
+Op = Generator[Step, Any, T]
+
+DEFAULT_OWNER = ""
+_RECOUNT_BATCH = 1000
+_MAX_KEY = 255
+
+
+def drive(conn: Connection, op: Op[T]) -> T:
+    """Run ``op`` on a sync connection."""
+    try:
+        stmt, params = next(op)
+        while True:
+            stmt, params = op.send(conn.execute(stmt, params))
+    except StopIteration as stop:
+        value: T = stop.value
+        return value
+
+
+async def adrive(conn: AsyncConnection, op: Op[T]) -> T:
+    """Run ``op`` on an async connection."""
+    try:
+        stmt, params = next(op)
+        while True:
+            stmt, params = op.send(await conn.execute(stmt, params))
+    except StopIteration as stop:
+        value: T = stop.value
+        return value
+
+
+# --- validation ---------------------------------------------------------------
+
+
+def check_text(value: object, what: str) -> str:
+    """Return ``value`` if it can be stored and read back exactly, else raise."""
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{what} must be a str, not {type(value).__name__}")
+    if "\x00" in value:
+        raise InvalidInputError(
+            f"{what} contains a NUL character (U+0000), which SQL text cannot hold"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"{what} is not valid Unicode: {exc.reason} at {exc.start}"
+        ) from None
+    return value
+
+
+def _check_key(value: object, what: str) -> str:
+    text = check_text(value, what)
+    if not text or len(text) > _MAX_KEY:
+        raise InvalidInputError(f"{what} must have 1 to {_MAX_KEY} characters")
+    return text
+
+
+def _check_metadata(value: object, what: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{what} must be a dict, not {type(value).__name__}")
+    try:
+        dumped = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{what} is not JSON: {exc}") from None
+    if "\\u0000" in dumped:
+        raise InvalidInputError(f"{what} contains a NUL character (U+0000)")
+    check_text(dumped, what)
+
+
+class SessionKey(NamedTuple):
+    """A session as the public API names it: owner and session id."""
+
+    owner: str
+    name: str
+
+    @classmethod
+    def of(cls, name: object, owner: object = DEFAULT_OWNER) -> SessionKey:
+        owner = "" if owner == "" else _check_key(owner, "owner")
+        return cls(str(owner), _check_key(name, "session_id"))
+
+    @property
+    def id(self) -> uuid.UUID:
+        return session_uuid(self.owner, self.name)
+
+
+# --- writes ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreparedAppend:
+    """Turns checked and counted, ready to be written in one transaction."""
+
+    key: SessionKey
+    encoding: str
+    messages: list[Message]
+    counts: list[Counts]
+    turn_of: list[int]
+    turns: int
+    counter: TokenCounter
+
+    @property
+    def floor(self) -> int:
+        return sum(c.floor for c in self.counts)
+
+
+def prepare_append(
+    key: SessionKey, turns: Sequence[Sequence[Message]], counter: TokenCounter
+) -> PreparedAppend:
+    if not turns or not all(turns):
+        raise InvalidInputError("nothing to append: a turn needs at least one message")
+    messages = [m for turn in turns for m in turn]
+    for i, msg in enumerate(messages):
+        if msg.type not in ROLES:
+            raise InvalidInputError(f"message {i}: type must be one of {ROLES}, not {msg.type!r}")
+        check_text(msg.content, f"message {i} content")
+        if msg.name is not None:
+            _check_key(msg.name, f"message {i} name")
+        _check_metadata(msg.metadata, f"message {i} metadata")
+    return PreparedAppend(
+        key=key,
+        encoding=counter.encoding_name,
+        messages=messages,
+        counts=[count_message(counter, m.type, m.content, m.name) for m in messages],
+        turn_of=[t for t, turn in enumerate(turns) for _ in turn],
+        turns=len(turns),
+        counter=counter,
+    )
+
+
+def _insert(dialect: str) -> Any:
+    if dialect == "postgresql":
+        return postgresql.insert
+    if dialect == "sqlite":
+        return sqlite.insert
+    raise ConfigurationError(f"tokenmem supports SQLite and PostgreSQL, not {dialect}")
+
+
+def bump_session(dialect: str, p: PreparedAppend, now: datetime) -> Insert:
+    """Create the session, or reserve positions and turns in it, taking its
+    row lock until the transaction ends.
+
+    Returns (next_position, next_turn, floor_total) after the bump, or no row
+    when the session is counted with another encoding."""
+    s = SESSIONS.c
+    n, floor = len(p.messages), p.floor
+    stmt = _insert(dialect)(SESSIONS).values(
+        id=p.key.id,
+        owner_id=p.key.owner,
+        name=p.key.name,
+        encoding=p.encoding,
+        next_position=n,
+        next_turn=p.turns,
+        floor_total=floor,
+        start_position=0,
+        start_floor=0,
+        created_at=now,
+        updated_at=now,
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[s.id],
+        set_={
+            "next_position": s.next_position + n,
+            "next_turn": s.next_turn + p.turns,
+            "floor_total": s.floor_total + floor,
+            "encoding": p.encoding,
+            "updated_at": now,
+        },
+        where=or_(s.encoding == p.encoding, s.encoding.is_(None)),
+    )
+    returning: Insert = stmt.returning(s.next_position, s.next_turn, s.floor_total)
+    return returning
+
+
+def append_op(dialect: str, p: PreparedAppend) -> Op[list[StoredMessage]]:
+    """Append prepared turns: all of them or, on any error, none."""
+    now = utcnow()
+    bump = bump_session(dialect, p, now)
+    row = (yield bump, None).first()
+    if row is None:  # counted with another encoding: recount, then bump
+        yield from recount_op(p.key.id, p.counter)
+        row = (yield bump, None).one()
+    next_position, next_turn, floor_total = row
+    position, turn = next_position - len(p.messages), next_turn - p.turns
+    cum = floor_total - p.floor
+    stored, rows = [], []
+    for i, (msg, c) in enumerate(zip(p.messages, p.counts, strict=True)):
+        stored.append(
+            StoredMessage(
+                type=msg.type,
+                content=msg.content,
+                name=msg.name,
+                metadata=msg.metadata,
+                position=position + i,
+                turn=turn + p.turn_of[i],
+                created_at=now,
+                encoding=p.encoding,
+                text_tokens=c.text_tokens,
+                chat_tokens=c.chat_tokens,
+            )
+        )
+        rows.append(
+            {
+                "session_id": p.key.id,
+                "position": position + i,
+                "turn": turn + p.turn_of[i],
+                "role": msg.type,
+                "content": msg.content,
+                "name": msg.name,
+                "metadata": msg.metadata,
+                "created_at": now,
+                "encoding": p.encoding,
+                "text_tokens": c.text_tokens,
+                "chat_tokens": c.chat_tokens,
+                "cum_floor": cum,
+            }
+        )
+        cum += c.floor
+    yield insert(MESSAGES), rows
+    return stored
+
+
+def recount_op(sid: uuid.UUID, counter: TokenCounter) -> Op[None]:
+    """Count every message of the session again with ``counter``'s encoding
+    (the session row is locked by the caller's bump or here)."""
+    s, m = SESSIONS.c, MESSAGES.c
+    start = (
+        yield (
+            select(s.start_position).where(s.id == sid).with_for_update(),
+            None,
+        )
+    ).scalar_one()
+    cum, after, start_floor = 0, -1, None
+    while True:
+        batch = (
+            yield (
+                select(m.position, m.role, m.content, m.name)
+                .where(m.session_id == sid, m.position > after)
+                .order_by(m.position)
+                .limit(_RECOUNT_BATCH),
+                None,
+            )
+        ).all()
+        if not batch:
+            break
+        params = []
+        for position, role, content, name in batch:
+            if position == start:
+                start_floor = cum
+            c = count_message(counter, role, content, name)
+            params.append(
+                {
+                    "pos": position,
+                    "text_tokens": c.text_tokens,
+                    "chat_tokens": c.chat_tokens,
+                    "cum_floor": cum,
+                }
+            )
+            cum += c.floor
+        yield (
+            update(MESSAGES)
+            .where(m.session_id == sid, m.position == bindparam("pos"))
+            .values(encoding=counter.encoding_name),
+            params,
+        )
+        after = batch[-1].position
+    yield (
+        update(SESSIONS)
+        .where(s.id == sid)
+        .values(
+            encoding=counter.encoding_name,
+            floor_total=cum,
+            start_floor=cum if start_floor is None else start_floor,
+        ),
+        None,
+    )
+
+
+def clear_op(key: SessionKey) -> Op[None]:
+    s = SESSIONS.c
+    yield (
+        update(SESSIONS)
+        .where(s.id == key.id)
+        .values(start_position=s.next_position, start_floor=s.floor_total, updated_at=utcnow()),
+        None,
+    )
+
+
+def erase_op(key: SessionKey) -> Op[int]:
+    deleted = (yield delete(MESSAGES).where(MESSAGES.c.session_id == key.id), None).rowcount
+    if not (yield delete(SESSIONS).where(SESSIONS.c.id == key.id), None).rowcount:
+        raise SessionNotFound(key.name)
+    return int(deleted)
+
+
+# --- reads ----------------------------------------------------------------------
+
+
+class WindowMessage(NamedTuple):
+    """A message of the window, with its place in the session."""
+
+    position: int
+    turn: int
+    message: Message
+
+
+def window_op(key: SessionKey, rule: Rule, counter: TokenCounter) -> Op[list[WindowMessage]]:
+    """The newest messages that fit ``rule``, oldest first: one query."""
+    prefix_tokens = rule.prefix_tokens(counter)
+    params = rule.params(key.id, counter.encoding_name, prefix_tokens)
+    rows: Sequence[Any] = (yield window_select(rule.mode), params).all()
+    if not rows:
+        rows = yield from _window_recounting(key.id, rule, counter, prefix_tokens)
+    return [
+        WindowMessage(position, turn, Message(role, content, name))
+        for position, turn, role, content, name in rows
+    ]
+
+
+def _window_recounting(
+    sid: uuid.UUID, rule: Rule, counter: TokenCounter, prefix_tokens: dict[str, int]
+) -> Op[Sequence[Any]]:
+    """The window of a session counted with another encoding (the model
+    changed): count its newest messages in Python — at most ``rule.budget``,
+    as each costs at least one token. Rare: the next append recounts."""
+    s, m = SESSIONS.c, MESSAGES.c
+    session = (yield select(s.encoding, s.start_position).where(s.id == sid), None).first()
+    if session is None or session.encoding in (None, counter.encoding_name):
+        return []
+    tail = (
+        yield (
+            select(m.position, m.turn, m.role, m.content, m.name)
+            .where(m.session_id == sid, m.position >= session.start_position)
+            .order_by(m.position.desc())
+            .limit(max(rule.budget, 0)),
+            None,
+        )
+    ).all()[::-1]
+    costs = [
+        rule.cost(r.role, count_message(counter, r.role, r.content, r.name), prefix_tokens)
+        for r in tail
+    ]
+    window: Sequence[Any] = tail[fit(costs, rule.budget) :]
+    return window
+
+
+_HISTORY = (
+    MESSAGES.c.position,
+    MESSAGES.c.turn,
+    MESSAGES.c.role,
+    MESSAGES.c.content,
+    MESSAGES.c.name,
+    MESSAGES.c.metadata,
+    MESSAGES.c.created_at,
+    MESSAGES.c.encoding,
+    MESSAGES.c.text_tokens,
+    MESSAGES.c.chat_tokens,
+)
+
+
+def history_page_op(key: SessionKey, after: int, limit: int) -> Op[list[StoredMessage]]:
+    """Up to ``limit`` messages above position ``after``; SessionNotFound if none
+    and the session does not exist."""
+    m = MESSAGES.c
+    rows = (
+        yield (
+            select(*_HISTORY)
+            .where(m.session_id == key.id, m.position > after)
+            .order_by(m.position)
+            .limit(limit),
+            None,
+        )
+    ).all()
+    if not rows:
+        found = (yield select(SESSIONS.c.id).where(SESSIONS.c.id == key.id), None).first()
+        if found is None:
+            raise SessionNotFound(key.name)
+    return [
+        StoredMessage(
+            type=role,
+            content=content,
+            name=name,
+            metadata=metadata,
+            position=position,
+            turn=turn,
+            created_at=created_at,
+            encoding=encoding,
+            text_tokens=text_tokens,
+            chat_tokens=chat_tokens,
+        )
+        for (
+            position,
+            turn,
+            role,
+            content,
+            name,
+            metadata,
+            created_at,
+            encoding,
+            text_tokens,
+            chat_tokens,
+        ) in rows
+    ]
+
+
+def sessions_op(owner: str) -> Op[list[SessionInfo]]:
+    s = SESSIONS.c
+    rows = (
+        yield (
+            select(s.owner_id, s.name, s.next_position, s.created_at, s.updated_at)
+            .where(s.owner_id == owner)
+            .order_by(s.name),
+            None,
+        )
+    ).all()
+    return [SessionInfo(*r) for r in rows]
+
+
+def count_op() -> Op[int]:
+    result = yield select(func.count()).select_from(MESSAGES), None
+    return int(result.scalar_one())
