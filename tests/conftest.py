@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from sqlalchemy import Engine, create_engine, text
 
 from tokenmem import Store, TokenCounter
 from tokenmem.store import make_engine
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 PG_URL = os.environ.get(
     "TOKENMEM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -65,7 +69,8 @@ def fresh_engine(backend: str, tmp_path: Path) -> Iterator[Engine]:
     schema = f"t_{uuid.uuid4().hex[:12]}"
     with admin.begin() as conn:
         conn.execute(text(f"CREATE SCHEMA {schema}"))
-    eng = create_engine(PG_URL, connect_args={"options": f"-csearch_path={schema}"})
+    # The schema travels in the URL, so an async twin of the engine finds it too.
+    eng = create_engine(f"{PG_URL}?options=-csearch_path%3D{schema}")
     try:
         yield eng
     finally:
@@ -101,3 +106,17 @@ def o200k() -> TokenCounter:
 @pytest.fixture(scope="session")
 def cl100k() -> TokenCounter:
     return TokenCounter("cl100k_base")
+
+
+def async_twin(engine: Engine) -> AsyncEngine:
+    """An async engine on the same database (and PostgreSQL schema) as ``engine``."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from tokenmem.store import tune
+
+    url = engine.url
+    if url.get_backend_name() == "sqlite":
+        twin = create_async_engine(url.set(drivername="sqlite+aiosqlite"))
+        tune(twin.sync_engine)
+        return twin
+    return create_async_engine(url)

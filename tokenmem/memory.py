@@ -13,10 +13,11 @@ saved, and the window is one SQL query::
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Engine
 
@@ -26,6 +27,9 @@ from .ops import WindowMessage, check_text
 from .store import Store
 from .tokens import TokenCounter, encoding_for_model
 from .window import Rule
+
+if TYPE_CHECKING:
+    from .aio import AsyncStore
 
 __all__ = ["ConversationTokenBufferMemory", "ModelInfo", "get_buffer_string"]
 
@@ -42,12 +46,12 @@ _default_store: Store | None = None
 _default_lock = threading.Lock()
 
 
-def _store(store: Store | Engine | str | None) -> Store:
+def _store(store: Store | AsyncStore | Engine | str | None) -> Store | AsyncStore:
     global _default_store
-    if isinstance(store, Store):
-        return store
-    if store is not None:
+    if isinstance(store, (str, Engine)):
         return Store(store, upgrade=False)
+    if store is not None:
+        return store
     with _default_lock:
         if _default_store is None:
             _default_store = Store()
@@ -81,7 +85,7 @@ class ConversationTokenBufferMemory:
         output_key: str | None = None,
         session_id: str | None = None,
         owner: str | None = None,
-        store: Store | Engine | str | None = None,
+        store: Store | AsyncStore | Engine | str | None = None,
         encoding: str | None = None,
     ) -> None:
         if isinstance(max_token_limit, bool) or not isinstance(max_token_limit, int):
@@ -115,9 +119,14 @@ class ConversationTokenBufferMemory:
 
     @property
     def rule(self) -> Rule:
+        return self._rule(None)
+
+    def _rule(self, return_messages: bool | None) -> Rule:
+        if return_messages is None:
+            return_messages = self.return_messages
         return Rule(
             limit=self.max_token_limit,
-            mode="messages" if self.return_messages else "text",
+            mode="messages" if return_messages else "text",
             human_prefix=self.human_prefix,
             ai_prefix=self.ai_prefix,
         )
@@ -126,19 +135,17 @@ class ConversationTokenBufferMemory:
     def memory_variables(self) -> list[str]:
         return [self.memory_key]
 
+    def _sync(self) -> Store:
+        if not isinstance(self.store, Store):
+            raise ConfigurationError(
+                "this memory has an AsyncStore: use its a-methods (aload_memory_variables, "
+                "asave_context, ...)"
+            )
+        return self.store
+
     # reading
 
-    def window(self, *, return_messages: bool | None = None) -> list[WindowMessage]:
-        """The window with its positions, oldest first."""
-        rule = self.rule
-        if return_messages is not None:
-            rule = Rule(
-                limit=rule.limit,
-                mode="messages" if return_messages else "text",
-                human_prefix=rule.human_prefix,
-                ai_prefix=rule.ai_prefix,
-            )
-        window = self.store.window(self.session_id, rule, self.counter, owner=self.owner)
+    def _fit_rendered(self, window: list[WindowMessage], rule: Rule) -> list[WindowMessage]:
         if rule.mode == "text":
             # Byte-pair merges across a joining newline can make the rendered
             # string longer than the per-line sum; drop the oldest until it fits.
@@ -150,6 +157,24 @@ class ConversationTokenBufferMemory:
                 window = window[1:]
         return window
 
+    def window(self, *, return_messages: bool | None = None) -> list[WindowMessage]:
+        """The window with its positions, oldest first."""
+        rule = self._rule(return_messages)
+        window = self._sync().window(self.session_id, rule, self.counter, owner=self.owner)
+        return self._fit_rendered(window, rule)
+
+    async def awindow(self, *, return_messages: bool | None = None) -> list[WindowMessage]:
+        """:meth:`window`, awaited (an AsyncStore, or a Store in a thread)."""
+        rule = self._rule(return_messages)
+        if isinstance(self.store, Store):
+            return await asyncio.to_thread(self.window, return_messages=return_messages)
+        window = await self.store.window(self.session_id, rule, self.counter, owner=self.owner)
+        return self._fit_rendered(window, rule)
+
+    def _value(self, window: list[WindowMessage]) -> str | list[Message]:
+        messages = [w.message for w in window]
+        return messages if self.return_messages else get_buffer_string(messages, self.rule)
+
     @property
     def buffer_as_messages(self) -> list[Message]:
         """The window as messages, counted with the chat formula."""
@@ -158,28 +183,33 @@ class ConversationTokenBufferMemory:
     @property
     def buffer_as_str(self) -> str:
         """The window as one string, counted as rendered."""
-        rule = self.rule
-        return get_buffer_string([w.message for w in self.window(return_messages=False)], rule)
+        messages = [w.message for w in self.window(return_messages=False)]
+        return get_buffer_string(messages, self.rule)
 
     @property
     def buffer(self) -> str | list[Message]:
-        return self.buffer_as_messages if self.return_messages else self.buffer_as_str
+        return self._value(self.window())
 
     def load_memory_variables(self, inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """``{memory_key: window}``: a string, or messages with ``return_messages``."""
         return {self.memory_key: self.buffer}
 
+    async def aload_memory_variables(
+        self, inputs: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        return {self.memory_key: self._value(await self.awindow())}
+
     def history(self) -> Iterator[StoredMessage]:
         """The session's full stored history, oldest first (nothing is pruned)."""
-        return self.store.history(self.session_id, owner=self.owner)
+        return self._sync().history(self.session_id, owner=self.owner)
 
     # writing
 
-    def _one(self, values: Mapping[str, Any], key: str | None, what: str, skip: str = "") -> str:
+    def _one(self, values: Mapping[str, Any], key: str | None, what: str) -> str:
         if not isinstance(values, Mapping):
             raise InvalidInputError(f"{what} must be a dict, not {type(values).__name__}")
         if key is None:
-            keys = [k for k in values if k not in (self.memory_key, "stop", skip)]
+            keys = [k for k in values if k not in (self.memory_key, "stop")]
             if len(keys) != 1:
                 raise InvalidInputError(
                     f"{what} has {len(keys)} keys {keys}; set {what[:-1]}_key= to choose one"
@@ -189,21 +219,33 @@ class ConversationTokenBufferMemory:
             raise InvalidInputError(f"{what} has no key {key!r}")
         return check_text(values[key], f"{what}[{key!r}]")
 
-    def save_context(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
-        """Save one exchange (input and output) in one transaction."""
+    def _exchange(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> list[Message]:
         human = self._one(inputs, self.input_key, "inputs")
         ai = self._one(outputs, self.output_key, "outputs")
-        self.store.append(
-            self.session_id,
-            [Message("human", human), Message("ai", ai)],
-            self.counter,
-            owner=self.owner,
-        )
+        return [Message("human", human), Message("ai", ai)]
+
+    def save_context(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
+        """Save one exchange (input and output) in one transaction."""
+        exchange = self._exchange(inputs, outputs)
+        self._sync().append(self.session_id, exchange, self.counter, owner=self.owner)
+
+    async def asave_context(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
+        exchange = self._exchange(inputs, outputs)
+        if isinstance(self.store, Store):
+            await asyncio.to_thread(self.save_context, inputs, outputs)
+        else:
+            await self.store.append(self.session_id, exchange, self.counter, owner=self.owner)
 
     def clear(self) -> None:
         """Start an empty window; the old messages stay in the history."""
-        self.store.clear(self.session_id, owner=self.owner)
+        self._sync().clear(self.session_id, owner=self.owner)
+
+    async def aclear(self) -> None:
+        if isinstance(self.store, Store):
+            await asyncio.to_thread(self.clear)
+        else:
+            await self.store.clear(self.session_id, owner=self.owner)
 
     def erase(self) -> int:
         """Delete this session's messages for good; return how many."""
-        return self.store.erase(self.session_id, owner=self.owner)
+        return self._sync().erase(self.session_id, owner=self.owner)

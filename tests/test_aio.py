@@ -1,0 +1,124 @@
+"""The async store and memory: same behaviour as the sync ones, same SQL."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+
+from tokenmem import (
+    ConfigurationError,
+    ConversationTokenBufferMemory,
+    Message,
+    Rule,
+    SessionNotFound,
+    Store,
+    TokenCounter,
+)
+from tokenmem.aio import AsyncStore
+
+from .conftest import async_twin
+
+EXCHANGES = [("hi", "whats up"), ("not much you", "not much"), ("你好", "最近怎么样")] * 4
+
+
+def scrub(messages: list[Any]) -> list[dict[str, Any]]:
+    return [{**dataclasses.asdict(m), "created_at": None} for m in messages]
+
+
+def sync_scenario(store: Store, counter: TokenCounter) -> dict[str, Any]:
+    memory = ConversationTokenBufferMemory(
+        store=store, session_id="s", max_token_limit=25, encoding=counter.encoding_name
+    )
+    for human, ai in EXCHANGES[:6]:
+        memory.save_context({"input": human}, {"output": ai})
+    memory.clear()
+    for human, ai in EXCHANGES[6:]:
+        memory.save_context({"input": human}, {"output": ai})
+    store.append("s", [Message("system", "be brief", name="cfg")], counter, owner="alice")
+    return {
+        "text": memory.load_memory_variables({}),
+        "messages": memory.buffer_as_messages,
+        "window": store.window("s", Rule(limit=40, mode="messages"), counter),
+        "history": scrub(list(store.history("s", page_size=5))),
+        "alice": scrub(list(store.owner("alice").history("s"))),
+        "sessions": [s.session_id for s in store.sessions()],
+        "count": store.count(),
+        "erased": store.erase("s", owner="alice"),
+    }
+
+
+async def async_scenario(store: AsyncStore, counter: TokenCounter) -> dict[str, Any]:
+    memory = ConversationTokenBufferMemory(
+        store=store, session_id="s", max_token_limit=25, encoding=counter.encoding_name
+    )
+    for human, ai in EXCHANGES[:6]:
+        await memory.asave_context({"input": human}, {"output": ai})
+    await memory.aclear()
+    for human, ai in EXCHANGES[6:]:
+        await memory.asave_context({"input": human}, {"output": ai})
+    await store.append("s", [Message("system", "be brief", name="cfg")], counter, owner="alice")
+    memory_messages = ConversationTokenBufferMemory(
+        store=store,
+        session_id="s",
+        max_token_limit=25,
+        return_messages=True,
+        encoding=counter.encoding_name,
+    )
+    return {
+        "text": await memory.aload_memory_variables({}),
+        "messages": (await memory_messages.aload_memory_variables({}))["history"],
+        "window": await store.window("s", Rule(limit=40, mode="messages"), counter),
+        "history": scrub([m async for m in store.history("s", page_size=5)]),
+        "alice": scrub([m async for m in store.owner("alice").history("s")]),
+        "sessions": [s.session_id for s in await store.sessions()],
+        "count": await store.count(),
+        "erased": await store.erase("s", owner="alice"),
+    }
+
+
+def test_parity(db: Engine, o200k: TokenCounter, tmp_path: object) -> None:
+    """The same scenario through both shells gives the same results."""
+    sync_store = Store(db, upgrade=True)
+    expected = sync_scenario(sync_store, o200k)
+    sync_store.downgrade("base")
+
+    async def run() -> dict[str, Any]:
+        store = AsyncStore(async_twin(db))
+        await store.upgrade()
+        try:
+            return await async_scenario(store, o200k)
+        finally:
+            await store.dispose()
+
+    assert asyncio.run(run()) == expected
+    assert expected["history"] and expected["text"]["history"]
+
+
+def test_async_errors_and_sync_guard(db: Engine, o200k: TokenCounter) -> None:
+    async def run() -> None:
+        store = AsyncStore(async_twin(db))
+        await store.upgrade()
+        try:
+            with pytest.raises(SessionNotFound):
+                await store.history_page("missing")
+            memory = ConversationTokenBufferMemory(store=store)
+            with pytest.raises(ConfigurationError, match="AsyncStore"):
+                memory.load_memory_variables({})
+        finally:
+            await store.dispose()
+
+    asyncio.run(run())
+
+
+def test_async_methods_on_a_sync_store(store: Store) -> None:
+    memory = ConversationTokenBufferMemory(store=store)
+
+    async def run() -> dict[str, Any]:
+        await memory.asave_context({"input": "hi"}, {"output": "there"})
+        return await memory.aload_memory_variables({})
+
+    assert asyncio.run(run()) == {"history": "Human: hi\nAI: there"}

@@ -1,0 +1,220 @@
+"""The async store: the same operations as :class:`~tokenmem.store.Store`, on
+SQLAlchemy's asyncio engines (aiosqlite; psycopg 3 for PostgreSQL).
+
+Needs the ``async`` extra (``pip install 'tokenmem[async]'``)::
+
+    store = AsyncStore("postgresql+psycopg://127.0.0.1/app")
+    await store.upgrade()
+    memory = ConversationTokenBufferMemory(store=store, session_id="chat-1")
+    await memory.asave_context({"input": "hi"}, {"output": "hello"})
+    await memory.aload_memory_variables({})
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, TypeVar
+
+from sqlalchemy import Connection
+from sqlalchemy.exc import SQLAlchemyError
+
+from . import migrate
+from .errors import StoreError
+from .messages import Message, SessionInfo, StoredMessage
+from .ops import (
+    DEFAULT_OWNER,
+    Op,
+    PreparedAppend,
+    SessionKey,
+    WindowMessage,
+    adrive,
+    append_op,
+    clear_op,
+    count_op,
+    erase_op,
+    history_page_op,
+    prepare_append,
+    sessions_op,
+    window_op,
+)
+from .store import (
+    RETRIES,
+    backoff,
+    default_url,
+    missing_driver,
+    parse_url,
+    retryable,
+    schema_error,
+    tune,
+)
+from .tokens import TokenCounter
+from .window import Rule
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+__all__ = ["AsyncStore"]
+
+T = TypeVar("T")
+
+
+def make_async_engine(url: str) -> AsyncEngine:
+    parsed = parse_url(url, asynchronous=True)
+    try:
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        engine = create_async_engine(parsed, pool_pre_ping=True)
+    except (ImportError, ModuleNotFoundError) as exc:
+        raise missing_driver(parsed, ModuleNotFoundError(str(exc), name="async")) from exc
+    tune(engine.sync_engine)
+    return engine
+
+
+class AsyncStore:
+    """tokenmem's tables in one database, for asyncio services.
+
+    ``url`` is a database URL or an existing ``AsyncEngine``. Behaves like
+    :class:`~tokenmem.store.Store` (same methods, awaited); the SQL is the
+    same, built once in :mod:`tokenmem.ops`.
+    """
+
+    def __init__(self, url: str | AsyncEngine | None = None) -> None:
+        from sqlalchemy.ext.asyncio import AsyncEngine
+
+        self.engine = (
+            url if isinstance(url, AsyncEngine) else make_async_engine(url or default_url())
+        )
+        self.default_owner = DEFAULT_OWNER
+        self._ready = False
+
+    def __repr__(self) -> str:
+        return f"AsyncStore({self.engine.url.render_as_string(hide_password=True)!r})"
+
+    def owner(self, owner: str) -> AsyncStore:
+        """This store (same engine) with every call scoped to ``owner``."""
+        scoped = copy.copy(self)
+        scoped.default_owner = SessionKey.of("-", owner).owner
+        return scoped
+
+    def _key(self, session_id: str, owner: str | None) -> SessionKey:
+        return SessionKey.of(session_id, self.default_owner if owner is None else owner)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    async def upgrade(self, revision: str = "head") -> None:
+        await self._migration(lambda conn: migrate.upgrade(conn, revision))
+
+    async def downgrade(self, revision: str) -> None:
+        await self._migration(lambda conn: migrate.downgrade(conn, revision))
+
+    async def _migration(self, run: Callable[[Connection], None]) -> None:
+        try:
+            async with self.engine.begin() as conn:
+                await conn.run_sync(run)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"migration failed: {exc}") from exc
+        self._ready = False
+
+    async def current_revision(self) -> str | None:
+        try:
+            async with self.engine.connect() as conn:
+                return await conn.run_sync(migrate.current)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot read the schema version: {exc}") from exc
+
+    async def check(self) -> None:
+        error = schema_error(await self.current_revision())
+        if error:
+            raise error
+        self._ready = True
+
+    async def _run(self, make: Callable[[], Op[T]]) -> T:
+        if not self._ready:
+            await self.check()
+        for attempt in range(RETRIES):
+            try:
+                async with self.engine.begin() as conn:
+                    return await adrive(conn, make())
+            except SQLAlchemyError as exc:
+                if attempt + 1 < RETRIES and retryable(exc):
+                    await asyncio.sleep(backoff(attempt))
+                    continue
+                raise StoreError(f"database error: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+    async def append(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        counter: TokenCounter,
+        *,
+        owner: str | None = None,
+    ) -> list[StoredMessage]:
+        return await self._append(prepare_append(self._key(session_id, owner), [messages], counter))
+
+    async def _append(self, prepared: PreparedAppend) -> list[StoredMessage]:
+        return await self._run(lambda: append_op(self.dialect, prepared))
+
+    async def append_turns(
+        self,
+        session_id: str,
+        turns: Iterable[Sequence[Message]],
+        counter: TokenCounter,
+        *,
+        owner: str | None = None,
+        batch_size: int = 500,
+    ) -> int:
+        key, written, batch = self._key(session_id, owner), 0, []
+        for turn in [*turns, None]:
+            if turn is not None:
+                batch.append(turn)
+            if batch and (turn is None or len(batch) == batch_size):
+                written += len(await self._append(prepare_append(key, batch, counter)))
+                batch = []
+        return written
+
+    async def clear(self, session_id: str, *, owner: str | None = None) -> None:
+        key = self._key(session_id, owner)
+        await self._run(lambda: clear_op(key))
+
+    async def erase(self, session_id: str, *, owner: str | None = None) -> int:
+        key = self._key(session_id, owner)
+        return await self._run(lambda: erase_op(key))
+
+    async def window(
+        self, session_id: str, rule: Rule, counter: TokenCounter, *, owner: str | None = None
+    ) -> list[WindowMessage]:
+        key = self._key(session_id, owner)
+        return await self._run(lambda: window_op(key, rule, counter))
+
+    async def history_page(
+        self, session_id: str, *, owner: str | None = None, after: int = -1, limit: int = 500
+    ) -> list[StoredMessage]:
+        key = self._key(session_id, owner)
+        return await self._run(lambda: history_page_op(key, after, limit))
+
+    async def history(
+        self, session_id: str, *, owner: str | None = None, page_size: int = 500
+    ) -> AsyncIterator[StoredMessage]:
+        after = -1
+        while True:
+            page = await self.history_page(session_id, owner=owner, after=after, limit=page_size)
+            for message in page:
+                yield message
+            if len(page) < page_size:
+                return
+            after = page[-1].position
+
+    async def sessions(self, *, owner: str | None = None) -> list[SessionInfo]:
+        key = self._key("-", owner)
+        return await self._run(lambda: sessions_op(key.owner))
+
+    async def count(self) -> int:
+        return await self._run(count_op)
