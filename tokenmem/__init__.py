@@ -6,6 +6,8 @@ memory.save_context({"input": "hi"}, {"output": "whats up"})
 memory.load_memory_variables({})   # {'history': 'Human: hi\\nAI: whats up'}
 """
 
+from .audit import TurnRecord
+from .chain import ConversationChain
 from .errors import (
     ConfigurationError,
     EncodingUnavailable,
@@ -16,21 +18,25 @@ from .errors import (
     StoreError,
     TokenmemError,
 )
-from .llm import OpenAI
-from .memory import ConversationTokenBufferMemory, get_buffer_string
+from .llm import OpenAI, Reply
+from .memory import ConversationTokenBufferMemory
 from .messages import Message, SessionInfo, StoredMessage
+from .prompt import PromptTemplate
 from .store import Store
 from .tokens import TokenCounter
-from .window import Rule
+from .window import Rule, get_buffer_string
 
 __all__ = [
     "ConfigurationError",
+    "ConversationChain",
     "ConversationTokenBufferMemory",
     "EncodingUnavailable",
     "InvalidInputError",
     "Message",
     "ModelError",
     "OpenAI",
+    "PromptTemplate",
+    "Reply",
     "Rule",
     "SchemaError",
     "SessionInfo",
@@ -40,5 +46,6 @@ __all__ = [
     "StoredMessage",
     "TokenCounter",
     "TokenmemError",
+    "TurnRecord",
     "get_buffer_string",
 ]

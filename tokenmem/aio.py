@@ -21,6 +21,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import migrate
+from .audit import TurnRecord, rebuild, record_turn_op, turn_op, turns_op
 from .errors import StoreError
 from .messages import Message, SessionInfo, StoredMessage
 from .ops import (
@@ -211,6 +212,30 @@ class AsyncStore:
             if len(page) < page_size:
                 return
             after = page[-1].position
+
+    async def record_turn(
+        self,
+        session_id: str,
+        record: TurnRecord,
+        exchange: Sequence[Message] | None = None,
+        counter: TokenCounter | None = None,
+        *,
+        owner: str | None = None,
+    ) -> TurnRecord:
+        key = self._key(session_id, owner)
+        prepared = prepare_append(key, [exchange], counter) if exchange and counter else None
+        return await self._run(lambda: record_turn_op(self.dialect, key, record, prepared))
+
+    async def turns(self, session_id: str, *, owner: str | None = None) -> list[TurnRecord]:
+        key = self._key(session_id, owner)
+        return await self._run(lambda: turns_op(key))
+
+    async def rebuild_prompt(
+        self, session_id: str, seq: int, *, owner: str | None = None
+    ) -> list[dict[str, str]] | str:
+        key = self._key(session_id, owner)
+        record, window = await self._run(lambda: turn_op(key, seq))
+        return rebuild(record, window)
 
     async def sessions(self, *, owner: str | None = None) -> list[SessionInfo]:
         key = self._key("-", owner)

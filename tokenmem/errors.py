@@ -61,4 +61,12 @@ class StoreError(TokenmemError):
 
 
 class ModelError(TokenmemError):
-    """The model call failed; ``__cause__`` holds the SDK's exception."""
+    """The model call failed; ``__cause__`` holds the SDK's exception, if any.
+
+    ``error_type`` names the failure: the SDK's exception class
+    (``RateLimitError``, ``APITimeoutError``, ...), ``EmptyReply``,
+    ``Refusal`` or ``NoAPIKey``."""
+
+    def __init__(self, message: str, *, error_type: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type

@@ -1,31 +1,97 @@
-"""The OpenAI model client: a thin wrapper over the official ``openai`` SDK.
+"""The model client: a thin wrapper over the official ``openai`` SDK.
 
-Constructing it needs neither network nor API key; the SDK client is made at
-the first call, which is where a missing ``OPENAI_API_KEY`` is reported::
+Constructing it needs neither network nor API key; the SDK clients are made
+at the first call, which is where a missing ``OPENAI_API_KEY`` is reported.
+``OPENAI_BASE_URL`` (or ``base_url=``) points it at any OpenAI-compatible
+server (vLLM, Ollama, a gateway)::
 
-    llm = OpenAI(model="gpt-4o-mini")              # OPENAI_BASE_URL honoured
-    llm.chat([{"role": "user", "content": "hi"}])  # -> the reply text
+    llm = OpenAI(model="gpt-4o-mini")
+    llm.generate([{"role": "user", "content": "hi"}]).text   # chat completions
+    OpenAI(model="gpt-3.5-turbo-instruct", api="completions").generate("Say hi:")
+
+A prompt that is a list of messages goes to chat completions, a string to the
+legacy completions endpoint. Every failure is raised as :class:`ModelError`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import openai
 
 from .errors import ModelError
 
-__all__ = ["OpenAI"]
+__all__ = ["ChatModel", "OpenAI", "Prompt", "Reply", "context_window"]
+
+Prompt = list[dict[str, str]] | str
+
+# Context sizes in tokens, matched by the longest prefix of the model name.
+_CONTEXT = {
+    "gpt-5": 400_000,
+    "gpt-4.1": 1_047_576,
+    "gpt-4o": 128_000,
+    "chatgpt-4o": 128_000,
+    "gpt-4-turbo": 128_000,
+    "gpt-4-32k": 32_768,
+    "gpt-4": 8_192,
+    "gpt-3.5-turbo-instruct": 4_096,
+    "gpt-3.5-turbo": 16_385,
+    "o1": 200_000,
+    "o3": 200_000,
+    "o4-mini": 200_000,
+}
+
+
+def context_window(model: str) -> int | None:
+    """The context size of ``model`` in tokens, if tokenmem knows it."""
+    for prefix in sorted(_CONTEXT, key=len, reverse=True):
+        if model.startswith(prefix):
+            return _CONTEXT[prefix]
+    return None
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A model's answer, with the usage the API reported (``None`` if not)."""
+
+    text: str
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class ChatModel(Protocol):
+    """What a chain needs of a model. :class:`OpenAI` is one; the demo's
+    offline responder is another."""
+
+    model: str
+    api: Literal["chat", "completions"]
+
+    @property
+    def context_window(self) -> int | None: ...
+
+    def generate(self, prompt: Prompt) -> Reply: ...
+
+    async def agenerate(self, prompt: Prompt) -> Reply: ...
+
+    def stream(self, prompt: Prompt) -> Iterator[str | Reply]: ...
+
+    def astream(self, prompt: Prompt) -> AsyncIterator[str | Reply]: ...
+
+
+def _fail(model: str, exc: Exception) -> ModelError:
+    return ModelError(f"{model}: {type(exc).__name__}: {exc}", error_type=type(exc).__name__)
 
 
 @dataclass
 class OpenAI:
-    """An OpenAI (or OpenAI-compatible) chat model.
+    """An OpenAI (or OpenAI-compatible) model.
 
-    ``encoding`` names the tiktoken encoding for models tiktoken's table does
-    not know (local servers); otherwise it is looked up from ``model``.
+    ``api`` is ``"chat"`` (chat completions, the default) or ``"completions"``.
+    ``encoding`` names the tiktoken encoding and ``context_size`` the context
+    window for models tokenmem's tables do not know (local servers).
     """
 
     model: str = "gpt-4o-mini"
@@ -34,40 +100,158 @@ class OpenAI:
     timeout: float = 60.0
     max_retries: int = 2
     temperature: float | None = None
+    max_tokens: int | None = None
+    api: Literal["chat", "completions"] = "chat"
     encoding: str | None = None
-    _client: openai.OpenAI | None = field(default=None, init=False, repr=False)
+    context_size: int | None = None
+    _clients: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def context_window(self) -> int | None:
+        return self.context_size or context_window(self.model)
+
+    def _options(self) -> dict[str, Any]:
+        key = self.api_key or os.environ.get("OPENAI_API_KEY")
+        if not key:
+            raise ModelError(
+                "no API key: set OPENAI_API_KEY or pass OpenAI(api_key=...)",
+                error_type="NoAPIKey",
+            )
+        return {
+            "api_key": key,
+            "base_url": self.base_url or os.environ.get("OPENAI_BASE_URL") or None,
+            "timeout": self.timeout,
+            "max_retries": self.max_retries,
+        }
 
     @property
     def client(self) -> openai.OpenAI:
-        if self._client is None:
-            key = self.api_key or os.environ.get("OPENAI_API_KEY")
-            if not key:
-                raise ModelError("no API key: set OPENAI_API_KEY or pass OpenAI(api_key=...)")
-            try:
-                self._client = openai.OpenAI(
-                    api_key=key,
-                    base_url=self.base_url or os.environ.get("OPENAI_BASE_URL") or None,
-                    timeout=self.timeout,
-                    max_retries=self.max_retries,
-                )
-            except openai.OpenAIError as exc:
-                raise ModelError(f"cannot create the OpenAI client: {exc}") from exc
-        return self._client
+        if "sync" not in self._clients:
+            self._clients["sync"] = openai.OpenAI(**self._options())
+        client: openai.OpenAI = self._clients["sync"]
+        return client
 
-    def chat(self, messages: list[dict[str, Any]]) -> str:
-        """Send ``messages`` to chat completions and return the reply text."""
-        extra: dict[str, Any] = {}
+    @property
+    def aclient(self) -> openai.AsyncOpenAI:
+        if "async" not in self._clients:
+            self._clients["async"] = openai.AsyncOpenAI(**self._options())
+        client: openai.AsyncOpenAI = self._clients["async"]
+        return client
+
+    def _request(self, prompt: Prompt, *, stream: bool = False) -> dict[str, Any]:
+        args: dict[str, Any] = {"model": self.model}
+        if isinstance(prompt, str):
+            args["prompt"] = prompt
+        else:
+            args["messages"] = prompt
         if self.temperature is not None:
-            extra["temperature"] = self.temperature
+            args["temperature"] = self.temperature
+        if self.max_tokens is not None:
+            args["max_tokens"] = self.max_tokens
+        if stream:
+            args["stream"] = True
+            args["stream_options"] = {"include_usage": True}
+        return args
+
+    def _reply(self, response: Any) -> Reply:
+        choice = response.choices[0] if response.choices else None
+        if choice is None:
+            raise ModelError(f"{self.model}: no choices in the reply", error_type="EmptyReply")
+        if hasattr(choice, "message"):
+            refusal = getattr(choice.message, "refusal", None)
+            if refusal:
+                raise ModelError(f"{self.model} refused: {refusal}", error_type="Refusal")
+            text = choice.message.content
+        else:
+            text = choice.text
+        if not text:
+            raise ModelError(f"{self.model}: empty reply", error_type="EmptyReply")
+        usage = response.usage
+        return Reply(
+            text,
+            usage.prompt_tokens if usage else None,
+            usage.completion_tokens if usage else None,
+        )
+
+    def generate(self, prompt: Prompt) -> Reply:
+        """Send ``prompt`` and return the reply. Raises :class:`ModelError`."""
         try:
-            response = self.client.chat.completions.create(
-                model=self.model,
-                messages=messages,  # type: ignore[arg-type]
-                **extra,
+            endpoint = (
+                self.client.completions if isinstance(prompt, str) else self.client.chat.completions
             )
+            response = endpoint.create(**self._request(prompt))
         except openai.OpenAIError as exc:
-            raise ModelError(f"{self.model}: {type(exc).__name__}: {exc}") from exc
-        content = response.choices[0].message.content if response.choices else None
-        if not content:
-            raise ModelError(f"{self.model}: empty reply")
-        return content
+            raise _fail(self.model, exc) from exc
+        return self._reply(response)
+
+    async def agenerate(self, prompt: Prompt) -> Reply:
+        """:meth:`generate` on the async client."""
+        try:
+            client = self.aclient
+            endpoint = client.completions if isinstance(prompt, str) else client.chat.completions
+            response = await endpoint.create(**self._request(prompt))
+        except openai.OpenAIError as exc:
+            raise _fail(self.model, exc) from exc
+        return self._reply(response)
+
+    def _chunk(self, event: Any, parts: list[str], usage: list[Any]) -> str:
+        if event.usage:
+            usage.append(event.usage)
+        if not event.choices:
+            return ""
+        choice = event.choices[0]
+        delta = choice.delta.content if hasattr(choice, "delta") else choice.text
+        if getattr(getattr(choice, "delta", None), "refusal", None):
+            raise ModelError(f"{self.model} refused: {choice.delta.refusal}", error_type="Refusal")
+        if delta:
+            parts.append(delta)
+        return delta or ""
+
+    def _final(self, parts: list[str], usage: list[Any]) -> Reply:
+        text = "".join(parts)
+        if not text:
+            raise ModelError(f"{self.model}: empty reply", error_type="EmptyReply")
+        u = usage[-1] if usage else None
+        return Reply(text, u.prompt_tokens if u else None, u.completion_tokens if u else None)
+
+    def stream(self, prompt: Prompt) -> Iterator[str | Reply]:
+        """Yield the reply's text chunks, then the whole :class:`Reply`."""
+        parts: list[str] = []
+        usage: list[Any] = []
+        try:
+            endpoint = (
+                self.client.completions if isinstance(prompt, str) else self.client.chat.completions
+            )
+            with endpoint.create(**self._request(prompt, stream=True)) as events:
+                for event in events:
+                    chunk = self._chunk(event, parts, usage)
+                    if chunk:
+                        yield chunk
+        except openai.OpenAIError as exc:
+            raise _fail(self.model, exc) from exc
+        except Exception as exc:  # a connection cut mid-stream surfaces as httpx's error
+            if isinstance(exc, ModelError):
+                raise
+            raise _fail(self.model, exc) from exc
+        yield self._final(parts, usage)
+
+    async def astream(self, prompt: Prompt) -> AsyncIterator[str | Reply]:
+        """:meth:`stream` on the async client."""
+        parts: list[str] = []
+        usage: list[Any] = []
+        try:
+            client = self.aclient
+            endpoint = client.completions if isinstance(prompt, str) else client.chat.completions
+            events = await endpoint.create(**self._request(prompt, stream=True))
+            async with events:
+                async for event in events:
+                    chunk = self._chunk(event, parts, usage)
+                    if chunk:
+                        yield chunk
+        except openai.OpenAIError as exc:
+            raise _fail(self.model, exc) from exc
+        except Exception as exc:
+            if isinstance(exc, ModelError):
+                raise
+            raise _fail(self.model, exc) from exc
+        yield self._final(parts, usage)

@@ -26,7 +26,7 @@ from .messages import Message, StoredMessage
 from .ops import WindowMessage, check_text
 from .store import Store
 from .tokens import TokenCounter, encoding_for_model
-from .window import Rule
+from .window import Rule, get_buffer_string
 
 if TYPE_CHECKING:
     from .aio import AsyncStore
@@ -56,11 +56,6 @@ def _store(store: Store | AsyncStore | Engine | str | None) -> Store | AsyncStor
         if _default_store is None:
             _default_store = Store()
         return _default_store
-
-
-def get_buffer_string(messages: list[Message], rule: Rule) -> str:
-    """Render messages as LangChain does: one ``"{prefix}: {content}"`` line each."""
-    return "\n".join(f"{rule.prefix(m.type)}: {m.content}" for m in messages)
 
 
 class ConversationTokenBufferMemory:
@@ -121,11 +116,11 @@ class ConversationTokenBufferMemory:
     def rule(self) -> Rule:
         return self._rule(None)
 
-    def _rule(self, return_messages: bool | None) -> Rule:
+    def _rule(self, return_messages: bool | None, limit: int | None = None) -> Rule:
         if return_messages is None:
             return_messages = self.return_messages
         return Rule(
-            limit=self.max_token_limit,
+            limit=self.max_token_limit if limit is None else limit,
             mode="messages" if return_messages else "text",
             human_prefix=self.human_prefix,
             ai_prefix=self.ai_prefix,
@@ -157,17 +152,24 @@ class ConversationTokenBufferMemory:
                 window = window[1:]
         return window
 
-    def window(self, *, return_messages: bool | None = None) -> list[WindowMessage]:
-        """The window with its positions, oldest first."""
-        rule = self._rule(return_messages)
+    def window(
+        self, *, return_messages: bool | None = None, limit: int | None = None
+    ) -> list[WindowMessage]:
+        """The window with its positions, oldest first; ``limit`` overrides
+        ``max_token_limit`` for this load (the chain's model-derived budget)."""
+        rule = self._rule(return_messages, limit)
         window = self._sync().window(self.session_id, rule, self.counter, owner=self.owner)
         return self._fit_rendered(window, rule)
 
-    async def awindow(self, *, return_messages: bool | None = None) -> list[WindowMessage]:
+    async def awindow(
+        self, *, return_messages: bool | None = None, limit: int | None = None
+    ) -> list[WindowMessage]:
         """:meth:`window`, awaited (an AsyncStore, or a Store in a thread)."""
-        rule = self._rule(return_messages)
+        rule = self._rule(return_messages, limit)
         if isinstance(self.store, Store):
-            return await asyncio.to_thread(self.window, return_messages=return_messages)
+            return await asyncio.to_thread(
+                self.window, return_messages=return_messages, limit=limit
+            )
         window = await self.store.window(self.session_id, rule, self.counter, owner=self.owner)
         return self._fit_rendered(window, rule)
 

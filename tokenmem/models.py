@@ -22,6 +22,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -35,7 +36,17 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["MESSAGES", "ROLES", "SESSIONS", "Base", "Message", "Session", "session_uuid", "utcnow"]
+__all__ = [
+    "MESSAGES",
+    "ROLES",
+    "SESSIONS",
+    "TURNS",
+    "Base",
+    "Message",
+    "Session",
+    "session_uuid",
+    "utcnow",
+]
 
 ROLES = ("human", "ai", "system")
 _SESSION_NAMESPACE = uuid.UUID("5b0f3a52-6d4e-4c1e-9a57-7f1d2e3c4b5a")
@@ -105,6 +116,8 @@ class Session(Base):
     # lets the window query use one index range (recount() keeps it in step).
     start_position: Mapped[int] = mapped_column(BigInteger, default=0)
     start_floor: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Model calls recorded in tokenmem_turns (migration 0002).
+    next_call: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", _Json)
@@ -145,3 +158,44 @@ class Message(Base):
 # The tables, for Core statements (the stores run Core, not ORM sessions).
 SESSIONS = cast(Table, Session.__table__)
 MESSAGES = cast(Table, Message.__table__)
+
+
+class Turn(Base):
+    """One model call of a chain, for audit: enough to rebuild its exact prompt.
+
+    The window it sent is the session's messages ``window_first`` to
+    ``window_last`` (positions); with ``system``, ``template``, the prefixes and
+    ``input`` the prompt is rebuilt exactly (:meth:`Store.rebuild_prompt`).
+    """
+
+    __tablename__ = "tokenmem_turns"
+
+    session_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey(Session.id, ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    model: Mapped[str] = mapped_column(String(255))
+    api: Mapped[str] = mapped_column(String(16))  # "chat" or "completions"
+    system: Mapped[str | None] = mapped_column(Text)
+    template: Mapped[str | None] = mapped_column(Text)
+    human_prefix: Mapped[str] = mapped_column(String(255))
+    ai_prefix: Mapped[str] = mapped_column(String(255))
+    input: Mapped[str] = mapped_column(Text)
+    window_first: Mapped[int | None] = mapped_column(BigInteger)
+    window_last: Mapped[int | None] = mapped_column(BigInteger)
+    token_budget: Mapped[int] = mapped_column(Integer)
+    prompt_tokens: Mapped[int] = mapped_column(Integer)  # counted locally
+    api_prompt_tokens: Mapped[int | None] = mapped_column(Integer)  # usage reported
+    api_completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    outcome: Mapped[str] = mapped_column(String(16))  # "ok" or "error"
+    error_type: Mapped[str | None] = mapped_column(String(255))
+    error: Mapped[str | None] = mapped_column(Text)
+    # The exchange saved by this call (tokenmem_messages.turn), when it succeeded.
+    turn: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (CheckConstraint("outcome IN ('ok', 'error')", name="outcome"),)
+
+
+TURNS = cast(Table, Turn.__table__)

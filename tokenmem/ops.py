@@ -39,7 +39,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from .errors import ConfigurationError, InvalidInputError, SessionNotFound
 from .messages import Message, SessionInfo, StoredMessage
-from .models import MESSAGES, ROLES, SESSIONS, session_uuid, utcnow
+from .models import MESSAGES, ROLES, SESSIONS, TURNS, session_uuid, utcnow
 from .tokens import TokenCounter
 from .window import Counts, Rule, count_message, fit, window_select
 
@@ -340,6 +340,7 @@ def clear_op(key: SessionKey) -> Op[None]:
 
 
 def erase_op(key: SessionKey) -> Op[int]:
+    yield delete(TURNS).where(TURNS.c.session_id == key.id), None
     deleted = (yield delete(MESSAGES).where(MESSAGES.c.session_id == key.id), None).rowcount
     if not (yield delete(SESSIONS).where(SESSIONS.c.id == key.id), None).rowcount:
         raise SessionNotFound(key.name)

@@ -32,6 +32,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from . import migrate
+from .audit import TurnRecord, rebuild, record_turn_op, turn_op, turns_op
 from .errors import ConfigurationError, SchemaError, StoreError
 from .messages import Message, SessionInfo, StoredMessage
 from .ops import (
@@ -323,6 +324,36 @@ class Store:
             if len(page) < page_size:
                 return
             after = page[-1].position
+
+    # the turn audit log
+
+    def record_turn(
+        self,
+        session_id: str,
+        record: TurnRecord,
+        exchange: Sequence[Message] | None = None,
+        counter: TokenCounter | None = None,
+        *,
+        owner: str | None = None,
+    ) -> TurnRecord:
+        """Record a model call and save its ``exchange`` (if any, counted with
+        ``counter``) in one transaction. Returns the record with its ``seq``."""
+        key = self._key(session_id, owner)
+        prepared = prepare_append(key, [exchange], counter) if exchange and counter else None
+        return self._run(lambda: record_turn_op(self.dialect, key, record, prepared))
+
+    def turns(self, session_id: str, *, owner: str | None = None) -> list[TurnRecord]:
+        """The session's recorded model calls, oldest first."""
+        key = self._key(session_id, owner)
+        return self._run(lambda: turns_op(key))
+
+    def rebuild_prompt(
+        self, session_id: str, seq: int, *, owner: str | None = None
+    ) -> list[dict[str, str]] | str:
+        """The exact prompt call ``seq`` sent, rebuilt from the stored history."""
+        key = self._key(session_id, owner)
+        record, window = self._run(lambda: turn_op(key, seq))
+        return rebuild(record, window)
 
     def sessions(self, *, owner: str | None = None) -> list[SessionInfo]:
         """The owner's sessions, by name."""

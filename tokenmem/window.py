@@ -35,6 +35,7 @@ from typing import Literal
 
 from sqlalchemy import BindParameter, ColumnElement, Integer, Select, bindparam, case, func, select
 
+from .messages import Message
 from .models import MESSAGES, SESSIONS
 from .tokens import TokenCounter
 
@@ -42,8 +43,10 @@ __all__ = [
     "CHAT_ROLES",
     "Counts",
     "Rule",
+    "chat_prompt_tokens",
     "count_message",
     "fit",
+    "get_buffer_string",
     "window_select",
 ]
 
@@ -125,6 +128,22 @@ def _cost_sql(mode: Mode) -> ColumnElement[int]:
         )
         return per_role + m.text_tokens + 1
     return m.chat_tokens + TOKENS_PER_MESSAGE
+
+
+def get_buffer_string(messages: Sequence[Message], rule: Rule) -> str:
+    """Render messages as LangChain does: one ``"{prefix}: {content}"`` line each."""
+    return "\n".join(f"{rule.prefix(m.type)}: {m.content}" for m in messages)
+
+
+def chat_prompt_tokens(messages: Sequence[Mapping[str, str]], counter: TokenCounter) -> int:
+    """OpenAI's count of a chat request: per message 3 + role + content
+    (+ name + 1), plus 3 for the reply priming."""
+    total = REPLY_PRIMING
+    for m in messages:
+        total += TOKENS_PER_MESSAGE + counter.count(m["role"]) + counter.count(m["content"])
+        if m.get("name"):
+            total += counter.count(m["name"]) + TOKENS_PER_NAME
+    return total
 
 
 def fit(costs: Sequence[int], budget: int) -> int:

@@ -1,0 +1,313 @@
+"""ConversationChain: the token window, a prompt, a model call, the exchange saved.
+
+    llm = OpenAI(model="gpt-4o-mini")
+    chain = ConversationChain(
+        llm=llm,
+        memory=ConversationTokenBufferMemory(llm=llm, max_token_limit=60),
+        verbose=True,
+    )
+    chain.predict(input="Hi there!")      # -> the model's reply
+
+Each call loads the window (its budget: ``max_token_limit``, lowered to what
+the model's context leaves after the instructions, the input and
+``reserve_tokens`` for the reply), renders the prompt, calls the model and —
+only if that succeeded — saves the exchange. Every call, failed or not, is
+recorded in the turn audit log (:mod:`tokenmem.audit`) with the window's
+positions, so its exact prompt can be rebuilt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .audit import TurnRecord, build_prompt
+from .errors import ConfigurationError, ModelError
+from .llm import ChatModel, Prompt, Reply
+from .memory import ConversationTokenBufferMemory
+from .messages import Message
+from .ops import WindowMessage, check_text
+from .prompt import PromptTemplate, render_chat_text
+from .store import Store
+from .window import chat_prompt_tokens
+
+__all__ = ["ConversationChain"]
+
+logger = logging.getLogger("tokenmem.chain")
+
+_VERBOSE = {
+    "en": (
+        "> Entering new ConversationChain chain...",
+        "Prompt after formatting:",
+        "> Finished chain.",
+    ),
+    "zh": ("> 进入新的 ConversationChain 链...", "格式化后的提示：", "> 完成链。"),
+}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One call, before it is made."""
+
+    input: str
+    window: list[WindowMessage]
+    prompt: Prompt
+    budget: int
+    prompt_tokens: int
+
+
+class ConversationChain:
+    """A conversation over a :class:`ConversationTokenBufferMemory`.
+
+    ``prompt`` is a :class:`PromptTemplate` (default: tokenmem's own, in
+    ``language`` ``"en"`` or ``"zh"``). ``verbose=True`` sends the start line,
+    the formatted prompt and the end line to ``log`` (default: ``print``; pass
+    ``logger.info`` to redirect); they are always logged at DEBUG to
+    ``tokenmem.chain``.
+    """
+
+    def __init__(
+        self,
+        *,
+        llm: ChatModel,
+        memory: ConversationTokenBufferMemory,
+        prompt: PromptTemplate | None = None,
+        language: Literal["en", "zh"] = "en",
+        verbose: bool = False,
+        log: Callable[[str], None] | None = None,
+        reserve_tokens: int = 256,
+        input_key: str = "input",
+        output_key: str = "response",
+    ) -> None:
+        if not isinstance(memory, ConversationTokenBufferMemory):
+            raise ConfigurationError("memory must be a ConversationTokenBufferMemory")
+        self.llm = llm
+        self.memory = memory
+        self.prompt = prompt or PromptTemplate.default(
+            language, human_prefix=memory.human_prefix, ai_prefix=memory.ai_prefix
+        )
+        self.language = language
+        self.verbose = verbose
+        self.log = log or print
+        self.reserve_tokens = reserve_tokens
+        self.input_key = input_key
+        self.output_key = output_key
+
+    # planning: the same for every way of calling
+
+    def _say(self, text: str) -> None:
+        logger.debug(text)
+        if self.verbose:
+            self.log(text)
+
+    def _limit(self, input: str) -> int:
+        """The window's token budget for this input."""
+        limit = self.memory.max_token_limit
+        context = self.llm.context_window
+        if context is None:
+            return limit
+        empty = self._render([], input)
+        free = context - self.reserve_tokens - self._count(empty)
+        if self.llm.api == "chat":
+            free += 3  # the reply priming: counted in the empty prompt and in the window
+        if free <= 0:
+            raise ConfigurationError(
+                f"the input needs {self._count(empty)} tokens with the instructions; "
+                f"{self.llm.model} has {context} and {self.reserve_tokens} are reserved"
+            )
+        return min(limit, free)
+
+    def _render(self, window: list[Message], input: str) -> Prompt:
+        memory = self.memory
+        return build_prompt(
+            self.llm.api, self.prompt, window, input, memory.human_prefix, memory.ai_prefix
+        )
+
+    def _count(self, prompt: Prompt) -> int:
+        counter = self.memory.counter
+        return (
+            counter.count(prompt)
+            if isinstance(prompt, str)
+            else chat_prompt_tokens(prompt, counter)
+        )
+
+    def _plan(self, window: list[WindowMessage], input: str, limit: int) -> _Plan:
+        context = self.llm.context_window
+        while True:
+            prompt = self._render([w.message for w in window], input)
+            tokens = self._count(prompt)
+            # Merges at the history's edges can add a token: keep the exact
+            # prompt within the context, dropping the oldest message if needed.
+            if not window or context is None or tokens <= context - self.reserve_tokens:
+                break
+            window = window[1:]
+        self._say(self._start_text(prompt))
+        return _Plan(input, window, prompt, limit, tokens)
+
+    def _start_text(self, prompt: Prompt) -> str:
+        start, formatted, _ = _VERBOSE[self.language]
+        text = (
+            prompt
+            if isinstance(prompt, str)
+            else render_chat_text(prompt, self.memory.human_prefix, self.memory.ai_prefix)
+        )
+        return f"\n\n{start}\n{formatted}\n{text}"
+
+    def _record(
+        self, plan: _Plan, started: float, reply: Reply | None, error: ModelError | None
+    ) -> TurnRecord:
+        positions = [w.position for w in plan.window]
+        memory = self.memory
+        return TurnRecord(
+            model=self.llm.model,
+            api=self.llm.api,
+            system=self.prompt.system_text,
+            template=self.prompt.template,
+            human_prefix=memory.human_prefix,
+            ai_prefix=memory.ai_prefix,
+            input=plan.input,
+            window_first=positions[0] if positions else None,
+            window_last=positions[-1] if positions else None,
+            token_budget=plan.budget,
+            prompt_tokens=plan.prompt_tokens,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            outcome="ok" if error is None else "error",
+            api_prompt_tokens=reply.prompt_tokens if reply else None,
+            api_completion_tokens=reply.completion_tokens if reply else None,
+            error_type=error.error_type if error else None,
+            error=str(error) if error else None,
+        )
+
+    def _exchange(self, plan: _Plan, reply: Reply) -> list[Message]:
+        return [Message("human", plan.input), Message("ai", reply.text)]
+
+    def _input(self, input: object) -> str:
+        return check_text(input, self.input_key)
+
+    def _sync_store(self) -> Store:
+        store = self.memory.store
+        if not isinstance(store, Store):
+            raise ConfigurationError("the memory has an AsyncStore: use apredict/ainvoke")
+        return store
+
+    def _finish(
+        self, plan: _Plan, started: float, reply: Reply | None, error: ModelError | None
+    ) -> None:
+        memory = self.memory
+        record = self._record(plan, started, reply, error)
+        exchange = self._exchange(plan, reply) if reply else None
+        self._sync_store().record_turn(
+            memory.session_id, record, exchange, memory.counter, owner=memory.owner
+        )
+        if reply:
+            self._say(_VERBOSE[self.language][2])
+
+    # sync
+
+    def _prepare(self, input: object) -> _Plan:
+        text = self._input(input)
+        limit = self._limit(text)
+        window = self.memory.window(return_messages=self.llm.api == "chat", limit=limit)
+        return self._plan(window, text, limit)
+
+    def predict(self, *, input: str) -> str:
+        """Call the model with the window and ``input``; return its reply.
+
+        Raises :class:`ModelError` (nothing saved) when the call fails."""
+        plan = self._prepare(input)
+        started = time.perf_counter()
+        try:
+            reply = self.llm.generate(plan.prompt)
+        except ModelError as exc:
+            self._finish(plan, started, None, exc)
+            raise
+        self._finish(plan, started, reply, None)
+        return reply.text
+
+    def invoke(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """``{input, history, response}`` like LangChain's chain.invoke."""
+        if not isinstance(inputs, Mapping) or self.input_key not in inputs:
+            raise ConfigurationError(f"invoke needs a dict with the key {self.input_key!r}")
+        history = self.memory.load_memory_variables({})[self.memory.memory_key]
+        response = self.predict(input=inputs[self.input_key])
+        return {
+            self.input_key: inputs[self.input_key],
+            self.memory.memory_key: history,
+            self.output_key: response,
+        }
+
+    def stream(self, *, input: str) -> Iterator[str]:
+        """Yield the reply in chunks; the exchange is saved when the stream
+        completes, and nothing is saved if it breaks off."""
+        plan = self._prepare(input)
+        started = time.perf_counter()
+        reply: Reply | None = None
+        try:
+            for chunk in self.llm.stream(plan.prompt):
+                if isinstance(chunk, Reply):
+                    reply = chunk
+                else:
+                    yield chunk
+        except ModelError as exc:
+            self._finish(plan, started, None, exc)
+            raise
+        if reply is None:  # the consumer stopped early: nothing to save
+            return
+        self._finish(plan, started, reply, None)
+
+    # async
+
+    async def _aprepare(self, input: object) -> _Plan:
+        text = self._input(input)
+        limit = self._limit(text)
+        window = await self.memory.awindow(return_messages=self.llm.api == "chat", limit=limit)
+        return self._plan(window, text, limit)
+
+    async def _afinish(
+        self, plan: _Plan, started: float, reply: Reply | None, error: ModelError | None
+    ) -> None:
+        store = self.memory.store
+        if isinstance(store, Store):
+            await asyncio.to_thread(self._finish, plan, started, reply, error)
+            return
+        memory = self.memory
+        record = self._record(plan, started, reply, error)
+        exchange = self._exchange(plan, reply) if reply else None
+        await store.record_turn(
+            memory.session_id, record, exchange, memory.counter, owner=memory.owner
+        )
+        if reply:
+            self._say(_VERBOSE[self.language][2])
+
+    async def apredict(self, *, input: str) -> str:
+        """:meth:`predict` with the async OpenAI client."""
+        plan = await self._aprepare(input)
+        started = time.perf_counter()
+        try:
+            reply = await self.llm.agenerate(plan.prompt)
+        except ModelError as exc:
+            await self._afinish(plan, started, None, exc)
+            raise
+        await self._afinish(plan, started, reply, None)
+        return reply.text
+
+    async def astream(self, *, input: str) -> AsyncIterator[str]:
+        """:meth:`stream` with the async OpenAI client."""
+        plan = await self._aprepare(input)
+        started = time.perf_counter()
+        reply: Reply | None = None
+        try:
+            async for chunk in self.llm.astream(plan.prompt):
+                if isinstance(chunk, Reply):
+                    reply = chunk
+                else:
+                    yield chunk
+        except ModelError as exc:
+            await self._afinish(plan, started, None, exc)
+            raise
+        if reply is not None:
+            await self._afinish(plan, started, reply, None)

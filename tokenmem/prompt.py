@@ -1,0 +1,115 @@
+"""Prompts: a template with ``{history}`` and ``{input}``, rendered for a
+completion model as one string, or for a chat model as a message list.
+
+    p = PromptTemplate.default("zh", human_prefix="人类")
+    p.render_text("人类: 你好\\nAI: 你好！", "近来怎么样？")
+    # instructions, "当前对话：", the window's lines, then "人类: 近来怎么样？\\nAI:"
+
+A chat model gets ``[system] + window as user/assistant messages + [input]``;
+the system message is the template's text before ``{history}`` (or
+``system=`` when given).
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import ConfigurationError
+from .messages import Message
+from .window import CHAT_ROLES
+
+__all__ = ["PromptTemplate", "render_chat_text"]
+
+Language = Literal["en", "zh"]
+
+# (instructions, the line that introduces the history)
+_DEFAULTS: dict[str, tuple[str, str]] = {
+    "en": (
+        "You are a helpful assistant having a friendly conversation with a person. "
+        "Use the conversation so far for context and answer with concrete details. "
+        "When you do not know something, say so plainly instead of guessing.",
+        "Conversation so far:",
+    ),
+    "zh": (
+        "你是一个乐于助人的助手，正在与一个人友好地交谈。请结合之前的对话内容，"
+        "给出具体、详细的回答。遇到不知道的事情，请如实说明，不要猜测。",
+        "当前对话：",
+    ),
+}
+
+
+def _escape(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A completion-style template holding exactly ``{history}`` and ``{input}``.
+
+    Literal braces are written ``{{`` and ``}}`` (``str.format`` rules).
+    Raises :class:`ConfigurationError` for any other placeholder."""
+
+    template: str
+    system: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.template, str):
+            raise ConfigurationError("template must be a str")
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
+        except ValueError as exc:
+            raise ConfigurationError(f"bad template: {exc}") from None
+        if sorted(fields) != ["history", "input"]:
+            raise ConfigurationError(
+                "a template needs {history} and {input} once each and no other "
+                f"placeholder (found {fields}); write literal braces as {{{{ and }}}}"
+            )
+
+    @classmethod
+    def default(
+        cls, language: Language = "en", *, human_prefix: str = "Human", ai_prefix: str = "AI"
+    ) -> PromptTemplate:
+        """tokenmem's default prompt, in English or Chinese (``"zh"``), ending
+        with the input line in the memory's prefixes."""
+        if language not in _DEFAULTS:
+            raise ConfigurationError(f"language must be one of {sorted(_DEFAULTS)}")
+        instructions, header = _DEFAULTS[language]
+        return cls(
+            f"{_escape(instructions)}\n\n{_escape(header)}\n{{history}}\n"
+            f"{_escape(human_prefix)}: {{input}}\n{_escape(ai_prefix)}:"
+        )
+
+    @property
+    def system_text(self) -> str:
+        """The instructions: ``system``, or the template's text before ``{history}``."""
+        if self.system is not None:
+            return self.system
+        head = self.template.split("{history}", 1)[0]
+        # Drop the header line that introduces the history ("Conversation so far:").
+        lines = head.rstrip().splitlines()
+        if len(lines) > 1 and lines[-1].rstrip().endswith((":", "：")):
+            lines = lines[:-1]
+        return "\n".join(lines).strip().replace("{{", "{").replace("}}", "}")
+
+    def render_text(self, history: str, input: str) -> str:
+        """The prompt for a completion model, given the rendered history."""
+        return self.template.format(history=history, input=input)
+
+    def render_chat(self, window: list[Message], input: str) -> list[dict[str, str]]:
+        """The prompt for a chat model: system, the window, the input."""
+        messages = [{"role": "system", "content": self.system_text}]
+        for m in window:
+            entry = {"role": CHAT_ROLES[m.type], "content": m.content}
+            if m.name:
+                entry["name"] = m.name
+            messages.append(entry)
+        messages.append({"role": "user", "content": input})
+        return messages
+
+
+def render_chat_text(messages: list[dict[str, str]], human_prefix: str, ai_prefix: str) -> str:
+    """A chat prompt as readable text, for verbose output."""
+    names = {"system": "System", "user": human_prefix, "assistant": ai_prefix}
+    return "\n".join(f"{names.get(m['role'], m['role'])}: {m['content']}" for m in messages)
