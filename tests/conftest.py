@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
@@ -120,3 +120,6 @@ def async_twin(engine: Engine) -> AsyncEngine:
         tune(twin.sync_engine)
         return twin
     return create_async_engine(url)
+
+
+from .openai_server import openai_server  # noqa: E402, F401  (fixture)

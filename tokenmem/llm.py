@@ -138,6 +138,18 @@ class OpenAI:
         client: openai.AsyncOpenAI = self._clients["async"]
         return client
 
+    def close(self) -> None:
+        """Close the sync client's connections."""
+        client = self._clients.pop("sync", None)
+        if client is not None:
+            client.close()
+
+    async def aclose(self) -> None:
+        """Close the async client's connections (before its event loop ends)."""
+        client = self._clients.pop("async", None)
+        if client is not None:
+            await client.close()
+
     def _request(self, prompt: Prompt, *, stream: bool = False) -> dict[str, Any]:
         args: dict[str, Any] = {"model": self.model}
         if isinstance(prompt, str):

@@ -1,0 +1,524 @@
+"""A local OpenAI-compatible HTTP server, so tests drive the real ``openai`` client.
+
+The server speaks OpenAI's wire format over real HTTP on 127.0.0.1 (an
+ephemeral port), standard library only. Tests script what it answers and read
+back what it received::
+
+    def test_reply(openai_server: FakeOpenAI) -> None:
+        openai_server.reply("hello there")
+        hi = [{"role": "user", "content": "hi"}]
+        with openai.OpenAI(base_url=openai_server.base_url, api_key="k") as client:
+            r = client.chat.completions.create(model="m", messages=hi)
+        assert r.choices[0].message.content == "hello there"
+        assert openai_server.requests[0].body["messages"][0]["content"] == "hi"
+
+Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (plain
+JSON or, with ``"stream": true``, Server-Sent Events in chunked encoding, split
+one chunk per word), ``GET /v1/models``; anything else is a 404 with an
+OpenAI-style error body.
+
+Scripted effects are taken by requests in arrival order, when they arrive (a
+request that times out during its delay has still used up its reply). What a
+request gets, in this order:
+
+1. ``delay``: sleep first (any endpoint), so the client can time out;
+2. ``fail``: an error status with ``{"error": {"message", "type", "param",
+   "code"}}`` and ``retry-after-ms: 10``, which the SDK's backoff honours, so
+   retries take milliseconds (any endpoint; a failed request consumes no reply);
+3. the reply text: ``refuse`` (chat only: ``content`` None, ``refusal`` set),
+   else ``empty_reply`` (``""``), else the next ``reply`` text, else
+   ``"echo: <last user message>"`` (chat) or ``"echo: <last 40 chars of the
+   prompt>"`` (completions);
+4. ``break_stream``: a streaming response stops after that many content chunks
+   and hangs up without the end of its chunked body (no final chunk, no
+   ``[DONE]``); the SDK raises ``openai.APIConnectionError`` mid-iteration.
+
+Usage: ``prompt_tokens`` is ``prompt_tokens(body)`` when that attribute is
+set, else the number of whitespace-separated words in all message contents
+(chat) or in the prompt (completions); ``completion_tokens`` is the number of
+words in the reply (or the refusal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import socket
+import sys
+import threading
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+__all__ = ["FakeOpenAI", "Recorded", "openai_server"]
+
+CREATED = 1_700_000_000  # a fixed timestamp keeps responses deterministic
+RETRY_AFTER_MS = "10"
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One request as the server received it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-case names
+    body: Any  # the parsed JSON, or None when there was no (valid JSON) body
+
+
+@dataclass
+class _Plan:
+    """How to answer one request, decided under the lock as it arrives."""
+
+    number: int  # 1-based arrival order; names the request and the completion ids
+    delay: float | None = None
+    failure: tuple[int, str] | None = None
+    text: str = ""
+    refused: bool = False
+    cut: int | None = None  # break the stream after this many content chunks
+
+
+class FakeOpenAI:
+    """An OpenAI-compatible server on 127.0.0.1, running until ``close()``."""
+
+    def __init__(self, *, model: str = "fake-model") -> None:
+        self.model = model  # the one model /v1/models lists
+        self.requests: list[Recorded] = []
+        self.prompt_tokens: Callable[[dict[str, Any]], int] | None = None
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._replies: deque[str] = deque()
+        self._failures: deque[tuple[int, str]] = deque()
+        self._delays: deque[float] = deque()
+        self._breaks: deque[int] = deque()
+        self._refusals: deque[str] = deque()
+        self._empty = 0
+        self._server = _Server(self)
+        port = self._server.server_address[1]
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        # A short poll interval: shutdown() waits up to one interval.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.02},
+            name=f"FakeOpenAI:{port}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    # -- scripting -----------------------------------------------------------
+
+    def reply(self, *texts: str) -> None:
+        """Queue reply texts, used in order by the next chat/completions requests."""
+        with self._lock:
+            self._replies.extend(texts)
+
+    def fail(self, status: int, times: int = 1, *, message: str = "injected failure") -> None:
+        """Answer the next ``times`` requests with HTTP ``status`` and an error body."""
+        if not 400 <= status <= 599:
+            raise ValueError(f"fail() needs an error status (400-599), got {status}")
+        _check_times(times)
+        with self._lock:
+            self._failures.extend([(status, message)] * times)
+
+    def delay(self, seconds: float, times: int = 1) -> None:
+        """Make the next ``times`` requests wait ``seconds`` before answering."""
+        if seconds < 0:
+            raise ValueError(f"delay() needs seconds >= 0, got {seconds}")
+        _check_times(times)
+        with self._lock:
+            self._delays.extend([seconds] * times)
+
+    def break_stream(self, after_chunks: int) -> None:
+        """Cut the next streaming response after ``after_chunks`` content chunks."""
+        if after_chunks < 0:
+            raise ValueError(f"break_stream() needs after_chunks >= 0, got {after_chunks}")
+        with self._lock:
+            self._breaks.append(after_chunks)
+
+    def empty_reply(self, times: int = 1) -> None:
+        """Make the next ``times`` replies empty strings."""
+        _check_times(times)
+        with self._lock:
+            self._empty += times
+
+    def refuse(self, text: str = "I can't help with that.") -> None:
+        """Make the next chat reply a refusal: ``content`` None, ``refusal`` ``text``."""
+        with self._lock:
+            self._refusals.append(text)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop serving, drop open connections and wait for every handler thread."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()  # wakes delayed handlers, which then answer nothing
+        self._server.shutdown()
+        self._server.drop_connections()
+        self._server.server_close()  # joins the handler threads
+        self._thread.join()
+
+    def __enter__(self) -> FakeOpenAI:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"FakeOpenAI(base_url={self.base_url!r}, requests={len(self.requests)})"
+
+    # -- used by the handler -------------------------------------------------
+
+    def _receive(self, request: Recorded, *, kind: str | None, default: str) -> _Plan:
+        """Record ``request`` and take its scripted effects, in arrival order.
+
+        Only a well-formed generation request (``kind`` "chat" or "completion")
+        that is not failed takes a reply text, and a stream break if it streams;
+        so a request that times out during its delay still used up its reply.
+        """
+        with self._lock:
+            self.requests.append(request)
+            plan = _Plan(number=len(self.requests))
+            if self._delays:
+                plan.delay = self._delays.popleft()
+            if self._failures:
+                plan.failure = self._failures.popleft()
+            elif kind is not None:
+                plan.text, plan.refused = self._take_text(chat=kind == "chat", default=default)
+                if request.body.get("stream") and self._breaks:
+                    plan.cut = self._breaks.popleft()
+            return plan
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep ``seconds``; False when the server is closing meanwhile."""
+        return not self._stopping.wait(seconds)
+
+    def _take_text(self, *, chat: bool, default: str) -> tuple[str, bool]:
+        """The reply text and whether it is a refusal; the caller holds the lock."""
+        if chat and self._refusals:
+            return self._refusals.popleft(), True
+        if self._empty:
+            self._empty -= 1
+            return "", False
+        if self._replies:
+            return self._replies.popleft(), False
+        return default, False
+
+    def _count_prompt(self, body: dict[str, Any], default: int) -> int:
+        return self.prompt_tokens(body) if self.prompt_tokens is not None else default
+
+
+def _check_times(times: int) -> None:
+    if times < 1:
+        raise ValueError(f"times must be >= 1, got {times}")
+
+
+def _text(content: Any) -> str:
+    """The text of a message's content: a string or a list of content parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    return [m for m in body["messages"] if isinstance(m, dict)]
+
+
+def _prompt(body: dict[str, Any]) -> str:
+    prompt = body["prompt"]
+    return prompt if isinstance(prompt, str) else " ".join(str(p) for p in prompt)
+
+
+def _problem(kind: str | None, body: Any) -> str | None:
+    """Why a generation request's body is unusable (a 400), or None."""
+    if kind == "chat" and not (isinstance(body, dict) and isinstance(body.get("messages"), list)):
+        return "'messages' is a required property"
+    if kind == "completion" and not (isinstance(body, dict) and "prompt" in body):
+        return "'prompt' is a required property"
+    return None
+
+
+def _default_reply(kind: str, body: dict[str, Any]) -> str:
+    if kind == "chat":
+        users = [_text(m.get("content")) for m in _messages(body) if m.get("role") == "user"]
+        return f"echo: {users[-1] if users else ''}"
+    return f"echo: {_prompt(body)[-40:]}"
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _pieces(text: str) -> list[str]:
+    """Split ``text`` into stream chunks, one per word with its trailing space."""
+    return re.findall(r"\s*\S+\s*", text) or [text]
+
+
+def _error_body(status: int, message: str) -> dict[str, Any]:
+    kind, code = {
+        400: ("invalid_request_error", None),
+        401: ("invalid_request_error", "invalid_api_key"),
+        404: ("invalid_request_error", None),
+        429: ("requests", "rate_limit_exceeded"),
+    }.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+_GENERATORS = {("POST", "/v1/chat/completions"): "chat", ("POST", "/v1/completions"): "completion"}
+
+
+class _Server(ThreadingHTTPServer):
+    # Non-daemon handler threads, joined by server_close(): nothing outlives close().
+    daemon_threads = False
+    block_on_close = True
+
+    def __init__(self, fake: FakeOpenAI) -> None:
+        self.fake = fake
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def drop_connections(self) -> None:
+        """Unblock handlers waiting on idle keep-alive connections."""
+        with self._connections_lock:
+            connections = list(self._connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):  # already closed by its handler
+                conn.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hung up (timeout, broken stream, close) is routine here.
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive and chunked streams, as OpenAI serves
+    server: _Server
+    timeout = 60  # an idle connection must not pin a thread forever
+    _request_id = "req_0"
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers, body and SSE events go out as separate small writes; without
+        # this, Nagle plus delayed ACKs add ~40 ms to every response.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def do_PUT(self) -> None:
+        self._dispatch()
+
+    def do_PATCH(self) -> None:
+        self._dispatch()
+
+    def do_DELETE(self) -> None:
+        self._dispatch()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # keep test output quiet
+
+    def _dispatch(self) -> None:
+        fake = self.server.fake
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        body: Any = None
+        with contextlib.suppress(ValueError):
+            body = json.loads(raw) if raw else None
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        route = (self.command, urlsplit(self.path).path.rstrip("/"))
+        kind = _GENERATORS.get(route)
+        problem = _problem(kind, body)
+        plan = fake._receive(
+            Recorded(self.command, self.path, headers, body),
+            kind=None if problem else kind,
+            default=_default_reply(kind, body) if kind and not problem else "",
+        )
+        self._request_id = f"req_{plan.number}"
+        try:
+            if plan.delay is not None and not fake._wait(plan.delay):
+                self.close_connection = True  # closing down: answer nothing
+                return
+            if plan.failure is not None:
+                self._send_error(*plan.failure)
+            elif route == ("GET", "/v1/models"):
+                self._models()
+            elif kind is None:
+                self._send_error(404, f"Invalid URL ({self.command} {self.path})")
+            elif problem:
+                self._send_error(400, problem)
+            elif kind == "chat":
+                self._chat(body, plan)
+            else:
+                self._completion(body, plan)
+        except OSError:
+            self.close_connection = True  # the client went away
+        except Exception as exc:
+            # A bug in this fake: fail loudly, and tell the SDK not to retry it.
+            traceback.print_exc()
+            self._send_error(500, f"FakeOpenAI bug: {exc!r}", retry=False)
+
+    # -- endpoints -----------------------------------------------------------
+
+    def _models(self) -> None:
+        model = {
+            "id": self.server.fake.model,
+            "object": "model",
+            "created": CREATED,
+            "owned_by": "tokenmem-tests",
+        }
+        self._send_json(200, {"object": "list", "data": [model]})
+
+    def _chat(self, body: dict[str, Any], plan: _Plan) -> None:
+        fake = self.server.fake
+        text, refused = plan.text, plan.refused
+        prompt = sum(_words(_text(m.get("content"))) for m in _messages(body))
+        usage = _usage(fake._count_prompt(body, prompt), _words(text))
+        base = {
+            "id": f"chatcmpl-{plan.number}",
+            "created": CREATED,
+            "model": body.get("model", fake.model),
+        }
+        field = "refusal" if refused else "content"
+        if not body.get("stream"):
+            message = {
+                "role": "assistant",
+                "content": None if refused else text,
+                "refusal": text if refused else None,
+            }
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+            self._send_json(
+                200, {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
+            )
+            return
+
+        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {**base, "object": "chat.completion.chunk", "choices": [choice]}
+
+        pieces = [{field: p} for p in _pieces(text)]
+        pieces[0] = {"role": "assistant", **pieces[0]}  # the role rides on the first chunk
+        events = [chunk(d, None) for d in pieces]
+        events.append(chunk({}, "stop"))
+        if _include_usage(body):
+            events.append(
+                {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+            )
+        self._stream(events, content_chunks=len(pieces), cut=plan.cut)
+
+    def _completion(self, body: dict[str, Any], plan: _Plan) -> None:
+        fake = self.server.fake
+        text = plan.text
+        usage = _usage(fake._count_prompt(body, _words(_prompt(body))), _words(text))
+        base = {
+            "id": f"cmpl-{plan.number}",
+            "object": "text_completion",
+            "created": CREATED,
+            "model": body.get("model", fake.model),
+        }
+
+        def choice(text: str, finish: str | None) -> dict[str, Any]:
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+        if not body.get("stream"):
+            self._send_json(200, {**base, "choices": [choice(text, "stop")], "usage": usage})
+            return
+        pieces = _pieces(text)
+        events = [{**base, "choices": [choice(p, None)]} for p in pieces]
+        events.append({**base, "choices": [choice("", "stop")]})
+        if _include_usage(body):
+            events.append({**base, "choices": [], "usage": usage})
+        self._stream(events, content_chunks=len(pieces), cut=plan.cut)
+
+    # -- writing -------------------------------------------------------------
+
+    def _send_json(
+        self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("x-request-id", self._request_id)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_error(self, status: int, message: str, *, retry: bool = True) -> None:
+        headers = {"retry-after-ms": RETRY_AFTER_MS} if retry else {"x-should-retry": "false"}
+        self._send_json(status, _error_body(status, message), headers)
+
+    def _stream(
+        self, events: list[dict[str, Any]], *, content_chunks: int, cut: int | None
+    ) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("x-request-id", self._request_id)
+        self.end_headers()
+        if cut is not None:
+            # Part of the body, then a hang-up: the chunked body is left incomplete.
+            for event in events[: min(cut, content_chunks)]:
+                self._write_chunk(f"data: {json.dumps(event)}\n\n")
+            self.close_connection = True
+            return
+        for event in events:
+            self._write_chunk(f"data: {json.dumps(event)}\n\n")
+        self._write_chunk("data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _write_chunk(self, text: str) -> None:
+        data = text.encode()
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
+
+
+@pytest.fixture
+def openai_server() -> Iterator[FakeOpenAI]:
+    """A running :class:`FakeOpenAI`, closed after the test."""
+    with FakeOpenAI() as server:
+        yield server

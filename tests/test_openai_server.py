@@ -1,0 +1,290 @@
+"""The fake OpenAI server, driven by the real ``openai`` clients over HTTP.
+
+These tests pin both the fake's wire format (the SDK must parse it) and the
+SDK behaviour tokenmem relies on: retries, timeouts, broken streams.
+"""
+
+# The fixture is imported, and pytest hands it back as a same-named parameter.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+
+from .openai_server import FakeOpenAI, openai_server  # noqa: F401
+
+API_KEY = "test-key"
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello big world"}]
+
+
+@pytest.fixture
+def client(openai_server: FakeOpenAI) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=openai_server.base_url, api_key=API_KEY, max_retries=0) as c:
+        yield c
+
+
+def async_client(server: FakeOpenAI) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0)
+
+
+def test_chat(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    openai_server.reply("Hello there, friend")
+    r = client.chat.completions.create(model="gpt-test", messages=HI)
+    assert r.object == "chat.completion"
+    assert r.model == "gpt-test"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == "Hello there, friend"
+    assert r.choices[0].message.refusal is None
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage is not None
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (3, 3, 6)
+    [req] = openai_server.requests
+    assert (req.method, req.path) == ("POST", "/v1/chat/completions")
+    assert req.body["messages"] == HI
+    assert req.headers["authorization"] == f"Bearer {API_KEY}"
+    assert req.headers["content-type"] == "application/json"
+
+
+def test_replies_are_fifo_then_echo(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    openai_server.reply("first", "second")
+    texts = [
+        client.chat.completions.create(model="m", messages=HI).choices[0].message.content
+        for _ in range(3)
+    ]
+    assert texts == ["first", "second", "echo: hello big world"]
+
+
+def test_prompt_tokens_hook(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    openai_server.prompt_tokens = lambda body: 100 * len(body["messages"])
+    r = client.chat.completions.create(model="m", messages=HI * 2)
+    assert r.usage is not None
+    assert r.usage.prompt_tokens == 200
+    assert r.usage.total_tokens == 200 + r.usage.completion_tokens
+
+
+def test_chat_stream(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    openai_server.reply("one two three four")
+    stream = client.chat.completions.create(
+        model="m",
+        messages=HI,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
+    texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(texts) == 4
+    assert "".join(texts) == "one two three four"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    *_, last_choice, usage = chunks
+    assert last_choice.choices[0].finish_reason == "stop"
+    assert usage.choices == []
+    assert usage.usage is not None
+    assert (usage.usage.prompt_tokens, usage.usage.completion_tokens) == (3, 4)
+    assert openai_server.requests[0].body["stream"] is True
+
+
+def test_chat_stream_without_usage(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(model="m", messages=HI, stream=True))
+    assert all(c.usage is None and c.choices for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "echo: hello big world"
+
+
+def test_completions(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    prompt = "The quick brown fox jumps over the lazy dog, twice over."
+    r = client.completions.create(model="m", prompt=prompt)
+    assert r.object == "text_completion"
+    assert r.choices[0].text == f"echo: {prompt[-40:]}"
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage is not None
+    assert r.usage.prompt_tokens == len(prompt.split())
+    assert openai_server.requests[0].path == "/v1/completions"
+
+    openai_server.reply("a b c")
+    chunks = list(
+        client.completions.create(
+            model="m", prompt=prompt, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "a b c"
+    assert len([c for c in chunks if c.choices and c.choices[0].text]) == 3
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 3
+
+
+def test_models_and_unknown_paths(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == [openai_server.model]
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("nope")
+    assert caught.value.type == "invalid_request_error"
+    assert "/v1/models/nope" in caught.value.message
+    assert [r.method for r in openai_server.requests] == ["GET", "GET"]
+
+
+def test_server_errors_are_retried(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    openai_server.fail(500, times=2)
+    openai_server.reply("finally")
+    start = time.monotonic()
+    r = client.with_options(max_retries=2).chat.completions.create(model="m", messages=HI)
+    assert r.choices[0].message.content == "finally"
+    assert time.monotonic() - start < 1  # retry-after-ms: 10 beats the 0.5 s backoff
+    requests = openai_server.requests
+    assert [r.headers["x-stainless-retry-count"] for r in requests] == ["0", "1", "2"]
+
+
+def test_rate_limit_gives_up(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    openai_server.fail(429, times=5, message="slow down")
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.with_options(max_retries=1).chat.completions.create(model="m", messages=HI)
+    assert len(openai_server.requests) == 2
+    assert caught.value.status_code == 429
+    assert caught.value.code == "rate_limit_exceeded"
+    assert caught.value.message.endswith("slow down")  # the SDK prefixes "Error code: 429 - "
+    assert caught.value.request_id == "req_2"
+
+
+def test_bad_request_is_not_retried(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    openai_server.fail(400, times=3)
+    with pytest.raises(openai.BadRequestError):
+        client.with_options(max_retries=2).chat.completions.create(model="m", messages=HI)
+    assert len(openai_server.requests) == 1
+
+
+def test_timeout_and_concurrency(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    openai_server.delay(30)  # still sleeping at teardown: close() must wake it
+    openai_server.reply("never seen", "second")
+    with pytest.raises(openai.APITimeoutError):
+        client.with_options(timeout=0.2).chat.completions.create(model="m", messages=HI)
+    # The delayed handler is asleep; the server still answers the next request,
+    # and replies go to requests in arrival order.
+    r = client.chat.completions.create(model="m", messages=HI)
+    assert r.choices[0].message.content == "second"
+    assert len(openai_server.requests) == 2
+
+
+def test_close_wakes_a_delayed_handler() -> None:
+    server = FakeOpenAI()
+    server.delay(30)
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        with openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0) as c:
+            try:
+                c.models.list()
+            except openai.APIConnectionError as exc:
+                errors.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    deadline = time.monotonic() + 5
+    while not server.requests and time.monotonic() < deadline:
+        time.sleep(0.005)
+    start = time.monotonic()
+    server.close()
+    assert time.monotonic() - start < 1
+    caller.join(5)
+    assert not caller.is_alive()
+    assert len(errors) == 1  # the server hung up without answering
+
+
+def test_broken_stream(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    openai_server.reply("a b c d e")
+    openai_server.break_stream(2)
+    got: list[str | None] = []
+    stream = client.chat.completions.create(model="m", messages=HI, stream=True)
+    with pytest.raises(openai.APIConnectionError) as caught:
+        for chunk in stream:
+            got.append(chunk.choices[0].delta.content)
+    assert got == ["a ", "b "]
+    assert "incomplete chunked read" in str(caught.value.__cause__)
+    # Only the stream was broken: the connection pool recovers.
+    assert client.chat.completions.create(model="m", messages=HI).choices[0].message.content
+
+
+def test_refusal(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    openai_server.refuse()
+    openai_server.reply("kept for later")
+    message = client.chat.completions.create(model="m", messages=HI).choices[0].message
+    assert message.content is None
+    assert message.refusal == "I can't help with that."
+
+    openai_server.refuse("No.")
+    chunks = list(client.chat.completions.create(model="m", messages=HI, stream=True))
+    assert "".join(c.choices[0].delta.refusal or "" for c in chunks) == "No."
+    assert all(c.choices[0].delta.content is None for c in chunks)
+
+    again = client.chat.completions.create(model="m", messages=HI)
+    assert again.choices[0].message.content == "kept for later"
+
+
+def test_empty_reply(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    openai_server.empty_reply(times=2)
+    chat = client.chat.completions.create(model="m", messages=HI)
+    assert chat.choices[0].message.content == ""
+    assert chat.usage is not None
+    assert chat.usage.completion_tokens == 0
+    assert client.completions.create(model="m", prompt="hi").choices[0].text == ""
+    assert client.completions.create(model="m", prompt="hi").choices[0].text == "echo: hi"
+
+
+def test_bad_arguments(openai_server: FakeOpenAI) -> None:
+    with pytest.raises(ValueError, match="error status"):
+        openai_server.fail(200)
+    with pytest.raises(ValueError, match="times"):
+        openai_server.fail(500, times=0)
+    with pytest.raises(ValueError, match="seconds"):
+        openai_server.delay(-1)
+    with pytest.raises(ValueError, match="after_chunks"):
+        openai_server.break_stream(-1)
+    with pytest.raises(ValueError, match="times"):
+        openai_server.empty_reply(0)
+
+
+def test_async_client(openai_server: FakeOpenAI) -> None:
+    openai_server.reply("async hello", "streamed async reply")
+
+    async def run() -> tuple[str | None, list[str], int | None]:
+        async with async_client(openai_server) as c:
+            r = await c.chat.completions.create(model="m", messages=HI)
+            stream = await c.chat.completions.create(
+                model="m",
+                messages=HI,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            texts, usage = [], None
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    texts.append(chunk.choices[0].delta.content)
+                if chunk.usage is not None:
+                    usage = chunk.usage.total_tokens
+            return r.choices[0].message.content, texts, usage
+
+    content, texts, usage = asyncio.run(run())
+    assert content == "async hello"
+    assert texts == ["streamed ", "async ", "reply"]
+    assert usage == 3 + 3
+    assert {r.headers["authorization"] for r in openai_server.requests} == {f"Bearer {API_KEY}"}
+
+
+def test_async_broken_stream(openai_server: FakeOpenAI) -> None:
+    openai_server.break_stream(1)
+
+    async def run() -> list[str | None]:
+        got: list[str | None] = []
+        async with async_client(openai_server) as c:
+            stream = await c.chat.completions.create(model="m", messages=HI, stream=True)
+            with pytest.raises(openai.APIConnectionError):
+                async for chunk in stream:
+                    got.append(chunk.choices[0].delta.content)
+        return got
+
+    assert asyncio.run(run()) == ["echo: "]
