@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
         "--db", help="database URL (default: TOKENMEM_DATABASE_URL or embedded SQLite)"
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("demo", help="replay the reference notebook and print window and history")
+    demo = commands.add_parser("demo", help="replay the reference notebook: window, chain, history")
+    demo.add_argument("--language", choices=["en", "zh"], default="en")
     args = parser.parse_args(argv)
     try:
         from .store import Store
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import run
 
-            run(store)
+            run(store, language=args.language)
     except TokenmemError as exc:
         print(f"tokenmem: {exc}", file=sys.stderr)
         return 1
