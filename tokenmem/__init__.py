@@ -21,16 +21,29 @@ from .errors import (
 from .llm import OpenAI, Reply
 from .memory import ConversationTokenBufferMemory
 from .messages import Message, SessionInfo, StoredMessage
+from .ops import Erased
 from .prompt import PromptTemplate
 from .store import Store
 from .tokens import TokenCounter
 from .window import Rule, get_buffer_string
 
+
+def __getattr__(name: str) -> object:
+    # AsyncStore needs the "async" extra (SQLAlchemy's asyncio): imported on use.
+    if name == "AsyncStore":
+        from .aio import AsyncStore
+
+        return AsyncStore
+    raise AttributeError(f"module 'tokenmem' has no attribute {name!r}")
+
+
 __all__ = [
+    "AsyncStore",
     "ConfigurationError",
     "ConversationChain",
     "ConversationTokenBufferMemory",
     "EncodingUnavailable",
+    "Erased",
     "InvalidInputError",
     "Message",
     "ModelError",

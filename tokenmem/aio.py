@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import copy
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from datetime import timedelta
 from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy import Connection
@@ -24,8 +25,10 @@ from . import migrate
 from .audit import TurnRecord, rebuild, record_turn_op, turn_op, turns_op
 from .errors import StoreError
 from .messages import Message, SessionInfo, StoredMessage
+from .models import utcnow
 from .ops import (
     DEFAULT_OWNER,
+    Erased,
     Op,
     PreparedAppend,
     SessionKey,
@@ -35,8 +38,10 @@ from .ops import (
     clear_op,
     count_op,
     erase_op,
+    erase_owner_op,
     history_page_op,
     prepare_append,
+    prune_op,
     sessions_op,
     window_op,
 )
@@ -188,6 +193,15 @@ class AsyncStore:
     async def erase(self, session_id: str, *, owner: str | None = None) -> int:
         key = self._key(session_id, owner)
         return await self._run(lambda: erase_op(key))
+
+    async def erase_owner(self, owner: str) -> Erased:
+        key = SessionKey.of("-", owner)
+        return await self._run(lambda: erase_owner_op(key.owner))
+
+    async def prune(self, older_than: timedelta, *, owner: str | None = None) -> Erased:
+        cutoff = utcnow() - older_than
+        scope = None if owner is None else SessionKey.of("-", owner).owner
+        return await self._run(lambda: prune_op(cutoff, scope))
 
     async def window(
         self, session_id: str, rule: Rule, counter: TokenCounter, *, owner: str | None = None

@@ -46,7 +46,7 @@ from .window import Counts, Rule, count_message, fit, window_select
 if TYPE_CHECKING:  # sqlalchemy.ext.asyncio needs greenlet: the "async" extra
     from sqlalchemy.ext.asyncio import AsyncConnection
 
-__all__ = ["Op", "SessionKey", "WindowMessage", "adrive", "check_text", "drive"]
+__all__ = ["Erased", "Op", "SessionKey", "WindowMessage", "adrive", "check_text", "drive"]
 
 T = TypeVar("T")
 Step = tuple[Executable, Any]
@@ -345,6 +345,39 @@ def erase_op(key: SessionKey) -> Op[int]:
     if not (yield delete(SESSIONS).where(SESSIONS.c.id == key.id), None).rowcount:
         raise SessionNotFound(key.name)
     return int(deleted)
+
+
+@dataclass(frozen=True)
+class Erased:
+    """What an erase or a retention run deleted."""
+
+    sessions: int
+    messages: int
+    turns: int
+
+
+def erase_owner_op(owner: str) -> Op[Erased]:
+    """Delete every session of ``owner`` with its messages and turns."""
+    ids = select(SESSIONS.c.id).where(SESSIONS.c.owner_id == owner).scalar_subquery()
+    turns = (yield delete(TURNS).where(TURNS.c.session_id.in_(ids)), None).rowcount
+    messages = (yield delete(MESSAGES).where(MESSAGES.c.session_id.in_(ids)), None).rowcount
+    sessions = (yield delete(SESSIONS).where(SESSIONS.c.owner_id == owner), None).rowcount
+    return Erased(int(sessions), int(messages), int(turns))
+
+
+def prune_op(before: datetime, owner: str | None) -> Op[Erased]:
+    """Delete messages and turns created before ``before``, of ``owner``'s
+    sessions or (``owner=None``) of every session. Sessions stay; their
+    positions go on where they were."""
+    m_where = [MESSAGES.c.created_at < before]
+    t_where = [TURNS.c.created_at < before]
+    if owner is not None:
+        ids = select(SESSIONS.c.id).where(SESSIONS.c.owner_id == owner).scalar_subquery()
+        m_where.append(MESSAGES.c.session_id.in_(ids))
+        t_where.append(TURNS.c.session_id.in_(ids))
+    turns = (yield delete(TURNS).where(*t_where), None).rowcount
+    messages = (yield delete(MESSAGES).where(*m_where), None).rowcount
+    return Erased(0, int(messages), int(turns))
 
 
 # --- reads ----------------------------------------------------------------------

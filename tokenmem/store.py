@@ -24,6 +24,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,8 +36,10 @@ from . import migrate
 from .audit import TurnRecord, rebuild, record_turn_op, turn_op, turns_op
 from .errors import ConfigurationError, SchemaError, StoreError
 from .messages import Message, SessionInfo, StoredMessage
+from .models import utcnow
 from .ops import (
     DEFAULT_OWNER,
+    Erased,
     Op,
     PreparedAppend,
     SessionKey,
@@ -46,8 +49,10 @@ from .ops import (
     count_op,
     drive,
     erase_op,
+    erase_owner_op,
     history_page_op,
     prepare_append,
+    prune_op,
     sessions_op,
     window_op,
 )
@@ -280,6 +285,21 @@ class Store:
         messages were deleted. Raises :class:`SessionNotFound`."""
         key = self._key(session_id, owner)
         return self._run(lambda: erase_op(key))
+
+    def erase_owner(self, owner: str) -> Erased:
+        """Delete everything ``owner`` has — sessions, messages, turns — for
+        good, in one transaction (the right to be forgotten)."""
+        key = SessionKey.of("-", owner)
+        return self._run(lambda: erase_owner_op(key.owner))
+
+    def prune(self, older_than: timedelta, *, owner: str | None = None) -> Erased:
+        """Retention: hard-delete messages and turn records older than
+        ``older_than``, of ``owner``'s sessions, or of all sessions when
+        ``owner`` is None. Windows of live sessions are unaffected unless
+        they reach back that far."""
+        cutoff = utcnow() - older_than
+        scope = None if owner is None else SessionKey.of("-", owner).owner
+        return self._run(lambda: prune_op(cutoff, scope))
 
     # reads
 

@@ -1,0 +1,126 @@
+"""Owner isolation, erasure and retention."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import update
+
+from tokenmem import (
+    ConversationTokenBufferMemory,
+    InvalidInputError,
+    Message,
+    Rule,
+    SessionNotFound,
+    Store,
+    TokenCounter,
+    TurnRecord,
+)
+from tokenmem.models import MESSAGES, TURNS, utcnow
+
+
+def record(input: str) -> TurnRecord:
+    return TurnRecord(
+        model="m",
+        api="chat",
+        system="s",
+        template="{history}{input}",
+        human_prefix="Human",
+        ai_prefix="AI",
+        input=input,
+        window_first=None,
+        window_last=None,
+        token_budget=10,
+        prompt_tokens=5,
+        latency_ms=1.0,
+        outcome="ok",
+    )
+
+
+def missing_error(call: object) -> str:
+    with pytest.raises(SessionNotFound) as info:
+        call()  # type: ignore[operator]
+    return str(info.value)
+
+
+def test_one_owner_cannot_reach_another(store: Store, o200k: TokenCounter) -> None:
+    alice, bob = store.owner("alice"), store.owner("bob")
+    alice.append("chat-1", [Message("human", "alice's secret"), Message("ai", "noted")], o200k)
+    alice.record_turn("chat-1", record("alice's secret"))
+
+    # Reading: bob sees exactly what he sees for a session that does not exist.
+    assert bob.window("chat-1", Rule(limit=100), o200k) == []
+    assert bob.window("no-such", Rule(limit=100), o200k) == []
+    assert missing_error(lambda: list(bob.history("chat-1"))) == missing_error(
+        lambda: list(bob.history("no-such"))
+    ).replace("no-such", "chat-1")
+    assert missing_error(lambda: bob.turns("chat-1")) == "session 'chat-1' not found"
+    assert missing_error(lambda: bob.rebuild_prompt("chat-1", 0)) == "session 'chat-1#0' not found"
+    assert bob.sessions() == []
+
+    # Writing: bob's clear and erase do not touch alice's session...
+    bob.clear("chat-1")
+    assert missing_error(lambda: bob.erase("chat-1")) == "session 'chat-1' not found"
+    # ...and appending under the same id makes a separate session of bob's.
+    bob.append("chat-1", [Message("human", "bob's own")], o200k)
+    assert [m.content for m in bob.history("chat-1")] == ["bob's own"]
+    assert [m.content for m in alice.history("chat-1")] == ["alice's secret", "noted"]
+    assert len(alice.window("chat-1", Rule(limit=100), o200k)) == 2
+    assert [s.session_id for s in alice.sessions()] == ["chat-1"]
+    assert [s.owner_id for s in bob.sessions()] == ["bob"]
+
+
+def test_memory_owner_scope(store: Store) -> None:
+    a = ConversationTokenBufferMemory(store=store, owner="alice", session_id="s")
+    a.save_context({"input": "mine"}, {"output": "yours"})
+    b = ConversationTokenBufferMemory(store=store, owner="bob", session_id="s")
+    assert b.buffer == ""
+    scoped = ConversationTokenBufferMemory(store=store.owner("alice"), session_id="s")
+    assert scoped.buffer == "Human: mine\nAI: yours"
+
+
+@pytest.mark.parametrize("owner", ["", "x" * 256, "a\x00b", 7])
+def test_bad_owner(store: Store, owner: object) -> None:
+    if owner == "":
+        assert store.owner("").sessions() == []  # the default, unnamed owner
+        return
+    with pytest.raises(InvalidInputError, match="owner"):
+        store.owner(owner)  # type: ignore[arg-type]
+
+
+def test_erase_owner(store: Store, o200k: TokenCounter) -> None:
+    for owner in ("alice", "bob"):
+        for session in ("a", "b"):
+            store.append(session, [Message("human", "x"), Message("ai", "y")], o200k, owner=owner)
+            store.record_turn(session, record("x"), owner=owner)
+    erased = store.erase_owner("alice")
+    assert (erased.sessions, erased.messages, erased.turns) == (2, 4, 2)
+    assert store.sessions(owner="alice") == []
+    assert [s.session_id for s in store.sessions(owner="bob")] == ["a", "b"]
+    assert store.count() == 4
+    assert store.erase_owner("alice").sessions == 0
+
+
+def test_prune_by_age(store: Store, o200k: TokenCounter) -> None:
+    for owner in ("alice", "bob"):
+        store.append("s", [Message("human", "old"), Message("ai", "old reply")], o200k, owner=owner)
+        store.record_turn("s", record("old"), owner=owner)
+    with store.engine.begin() as conn:  # age them by 40 days
+        conn.execute(update(MESSAGES).values(created_at=utcnow() - timedelta(days=40)))
+        conn.execute(update(TURNS).values(created_at=utcnow() - timedelta(days=40)))
+    for owner in ("alice", "bob"):
+        store.append("s", [Message("human", "new"), Message("ai", "new reply")], o200k, owner=owner)
+
+    pruned = store.prune(timedelta(days=30), owner="alice")
+    assert (pruned.messages, pruned.turns) == (2, 1)
+    assert [m.content for m in store.history("s", owner="alice")] == ["new", "new reply"]
+    assert [m.position for m in store.history("s", owner="alice")] == [2, 3]
+    assert len(list(store.history("s", owner="bob"))) == 4
+
+    assert store.prune(timedelta(days=30)).messages == 2  # every owner
+    assert [m.content for m in store.history("s", owner="bob")] == ["new", "new reply"]
+    memory = ConversationTokenBufferMemory(store=store, owner="bob", session_id="s")
+    assert memory.buffer == "Human: new\nAI: new reply"
+    memory.save_context({"input": "after"}, {"output": "pruning"})
+    assert [m.position for m in memory.history()] == [2, 3, 4, 5]
