@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import copy
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy import Connection
@@ -32,6 +32,7 @@ from .ops import (
     Op,
     PreparedAppend,
     SessionKey,
+    SessionStats,
     WindowMessage,
     adrive,
     append_op,
@@ -42,6 +43,7 @@ from .ops import (
     history_page_op,
     prepare_append,
     prune_op,
+    session_stats_op,
     sessions_op,
     window_op,
 )
@@ -210,17 +212,32 @@ class AsyncStore:
         return await self._run(lambda: window_op(key, rule, counter))
 
     async def history_page(
-        self, session_id: str, *, owner: str | None = None, after: int = -1, limit: int = 500
+        self,
+        session_id: str,
+        *,
+        owner: str | None = None,
+        after: int = -1,
+        limit: int = 500,
+        since: datetime | None = None,
+        until: datetime | None = None,
     ) -> list[StoredMessage]:
         key = self._key(session_id, owner)
-        return await self._run(lambda: history_page_op(key, after, limit))
+        return await self._run(lambda: history_page_op(key, after, limit, since, until))
 
     async def history(
-        self, session_id: str, *, owner: str | None = None, page_size: int = 500
+        self,
+        session_id: str,
+        *,
+        owner: str | None = None,
+        page_size: int = 500,
+        since: datetime | None = None,
+        until: datetime | None = None,
     ) -> AsyncIterator[StoredMessage]:
         after = -1
         while True:
-            page = await self.history_page(session_id, owner=owner, after=after, limit=page_size)
+            page = await self.history_page(
+                session_id, owner=owner, after=after, limit=page_size, since=since, until=until
+            )
             for message in page:
                 yield message
             if len(page) < page_size:
@@ -254,6 +271,12 @@ class AsyncStore:
     async def sessions(self, *, owner: str | None = None) -> list[SessionInfo]:
         key = self._key("-", owner)
         return await self._run(lambda: sessions_op(key.owner))
+
+    async def session_stats(
+        self, *, owner: str | None = None, all_owners: bool = False
+    ) -> list[SessionStats]:
+        scope = None if all_owners else self._key("-", owner).owner
+        return await self._run(lambda: session_stats_op(scope))
 
     async def count(self) -> int:
         return await self._run(count_op)

@@ -151,6 +151,8 @@ class PreparedAppend:
     turn_of: list[int]
     turns: int
     counter: TokenCounter
+    # Original timestamps of imported messages (None: now).
+    created_at: list[datetime | None]
 
     @property
     def floor(self) -> int:
@@ -178,6 +180,7 @@ def prepare_append(
         turn_of=[t for t, turn in enumerate(turns) for _ in turn],
         turns=len(turns),
         counter=counter,
+        created_at=[getattr(m, "created_at", None) for m in messages],
     )
 
 
@@ -246,7 +249,7 @@ def append_op(dialect: str, p: PreparedAppend) -> Op[list[StoredMessage]]:
                 metadata=msg.metadata,
                 position=position + i,
                 turn=turn + p.turn_of[i],
-                created_at=now,
+                created_at=p.created_at[i] or now,
                 encoding=p.encoding,
                 text_tokens=c.text_tokens,
                 chat_tokens=c.chat_tokens,
@@ -261,7 +264,7 @@ def append_op(dialect: str, p: PreparedAppend) -> Op[list[StoredMessage]]:
                 "content": msg.content,
                 "name": msg.name,
                 "metadata": msg.metadata,
-                "created_at": now,
+                "created_at": p.created_at[i] or now,
                 "encoding": p.encoding,
                 "text_tokens": c.text_tokens,
                 "chat_tokens": c.chat_tokens,
@@ -445,19 +448,23 @@ _HISTORY = (
 )
 
 
-def history_page_op(key: SessionKey, after: int, limit: int) -> Op[list[StoredMessage]]:
-    """Up to ``limit`` messages above position ``after``; SessionNotFound if none
-    and the session does not exist."""
+def history_page_op(
+    key: SessionKey,
+    after: int,
+    limit: int,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> Op[list[StoredMessage]]:
+    """Up to ``limit`` messages above position ``after`` (created in
+    ``[since, until)`` when given); SessionNotFound if none and the session
+    does not exist."""
     m = MESSAGES.c
-    rows = (
-        yield (
-            select(*_HISTORY)
-            .where(m.session_id == key.id, m.position > after)
-            .order_by(m.position)
-            .limit(limit),
-            None,
-        )
-    ).all()
+    where = [m.session_id == key.id, m.position > after]
+    if since is not None:
+        where.append(m.created_at >= since)
+    if until is not None:
+        where.append(m.created_at < until)
+    rows = (yield select(*_HISTORY).where(*where).order_by(m.position).limit(limit), None).all()
     if not rows:
         found = (yield select(SESSIONS.c.id).where(SESSIONS.c.id == key.id), None).first()
         if found is None:
@@ -501,6 +508,43 @@ def sessions_op(owner: str) -> Op[list[SessionInfo]]:
         )
     ).all()
     return [SessionInfo(*r) for r in rows]
+
+
+@dataclass(frozen=True)
+class SessionStats:
+    """A session with its message count, tokens and activity, for operators."""
+
+    owner_id: str
+    session_id: str
+    messages: int
+    tokens: int
+    encoding: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+def session_stats_op(owner: str | None) -> Op[list[SessionStats]]:
+    """Every session of ``owner`` (all owners if None) with its stored message
+    count and the sum of its messages' tokens."""
+    s, m = SESSIONS.c, MESSAGES.c
+    query = (
+        select(
+            s.owner_id,
+            s.name,
+            func.count(m.position),
+            func.coalesce(func.sum(m.text_tokens), 0),
+            s.encoding,
+            s.created_at,
+            s.updated_at,
+        )
+        .select_from(SESSIONS.outerjoin(MESSAGES, m.session_id == s.id))
+        .group_by(s.id, s.owner_id, s.name, s.encoding, s.created_at, s.updated_at)
+        .order_by(s.owner_id, s.name)
+    )
+    if owner is not None:
+        query = query.where(s.owner_id == owner)
+    rows = (yield query, None).all()
+    return [SessionStats(*r) for r in rows]
 
 
 def count_op() -> Op[int]:

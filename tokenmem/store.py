@@ -24,7 +24,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,6 +43,7 @@ from .ops import (
     Op,
     PreparedAppend,
     SessionKey,
+    SessionStats,
     WindowMessage,
     append_op,
     clear_op,
@@ -53,6 +54,7 @@ from .ops import (
     history_page_op,
     prepare_append,
     prune_op,
+    session_stats_op,
     sessions_op,
     window_op,
 )
@@ -324,22 +326,38 @@ class Store:
         return "\n".join(" | ".join(str(v) for v in row) for row in rows)
 
     def history_page(
-        self, session_id: str, *, owner: str | None = None, after: int = -1, limit: int = 500
+        self,
+        session_id: str,
+        *,
+        owner: str | None = None,
+        after: int = -1,
+        limit: int = 500,
+        since: datetime | None = None,
+        until: datetime | None = None,
     ) -> list[StoredMessage]:
-        """Up to ``limit`` messages with a position above ``after``, in order.
+        """Up to ``limit`` messages with a position above ``after`` (created in
+        ``[since, until)`` when given), in order.
 
         Raises :class:`SessionNotFound` for a session that does not exist."""
         key = self._key(session_id, owner)
-        return self._run(lambda: history_page_op(key, after, limit))
+        return self._run(lambda: history_page_op(key, after, limit, since, until))
 
     def history(
-        self, session_id: str, *, owner: str | None = None, page_size: int = 500
+        self,
+        session_id: str,
+        *,
+        owner: str | None = None,
+        page_size: int = 500,
+        since: datetime | None = None,
+        until: datetime | None = None,
     ) -> Iterator[StoredMessage]:
         """Iterate over the session's full history, oldest first, one page of
         ``page_size`` rows in memory at a time."""
         after = -1
         while True:
-            page = self.history_page(session_id, owner=owner, after=after, limit=page_size)
+            page = self.history_page(
+                session_id, owner=owner, after=after, limit=page_size, since=since, until=until
+            )
             yield from page
             if len(page) < page_size:
                 return
@@ -379,6 +397,13 @@ class Store:
         """The owner's sessions, by name."""
         key = self._key("-", owner)
         return self._run(lambda: sessions_op(key.owner))
+
+    def session_stats(
+        self, *, owner: str | None = None, all_owners: bool = False
+    ) -> list[SessionStats]:
+        """Sessions with message counts, tokens and activity (one owner, or all)."""
+        scope = None if all_owners else self._key("-", owner).owner
+        return self._run(lambda: session_stats_op(scope))
 
     def count(self) -> int:
         """How many messages the store holds (all sessions, all owners)."""
