@@ -43,6 +43,8 @@ from .ops import (
     history_page_op,
     prepare_append,
     prune_op,
+    recount_op,
+    session_op,
     session_stats_op,
     sessions_op,
     window_op,
@@ -267,6 +269,16 @@ class AsyncStore:
         key = self._key(session_id, owner)
         record, window = await self._run(lambda: turn_op(key, seq))
         return rebuild(record, window)
+
+    async def session(self, session_id: str, *, owner: str | None = None) -> SessionInfo:
+        key = self._key(session_id, owner)
+        return await self._run(lambda: session_op(key))
+
+    async def recount(
+        self, session_id: str, counter: TokenCounter, *, owner: str | None = None
+    ) -> None:
+        key = self._key(session_id, owner)
+        await self._run(lambda: recount_op(key.id, counter))
 
     async def sessions(self, *, owner: str | None = None) -> list[SessionInfo]:
         key = self._key("-", owner)

@@ -1,39 +1,656 @@
 """The ``tokenmem`` command: a thin shell over the library.
 
-tokenmem demo        # replay the reference notebook on the embedded store
+Every command is a library call; this module parses arguments, prints tables
+(or JSON with ``--json``) and turns errors into one line and an exit code:
+
+    0  success                       3  no such session (or turn)
+    1  failure (database, model,     4  the database is not at the migration
+       bad input file)                  head: run `tokenmem db upgrade`
+    2  usage error, bad option/URL   130 interrupted
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import itertools
+import json
+import os
 import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, is_dataclass
+from datetime import datetime, timezone
+from typing import IO, Any
 
-from .errors import TokenmemError
+from .errors import ConfigurationError, SchemaError, SessionNotFound, TokenmemError
 
 __all__ = ["main"]
 
+EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_SCHEMA, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+
+EXAMPLES = {
+    "db": "tokenmem --db postgresql+psycopg://127.0.0.1/app db upgrade",
+    "sessions": "tokenmem sessions --owner alice",
+    "history": "tokenmem history chat-1 --format jsonl --since 2026-11-01T00:00:00Z",
+    "window": "tokenmem window chat-1 --limit 2000 --model gpt-4o-mini",
+    "turns": "tokenmem turns chat-1        tokenmem turns show chat-1 3",
+    "chat": "OPENAI_API_KEY=... tokenmem chat chat-1 --model gpt-4o-mini --limit 500",
+    "import": "tokenmem import backup.jsonl    tokenmem import --from-langchain sqlite:///lc.db",
+    "export": "tokenmem export chat-1 -o chat-1.jsonl",
+    "recount": "tokenmem recount --model gpt-4o --session chat-1",
+    "erase": "tokenmem erase chat-1 --yes      tokenmem erase --owner alice",
+    "demo": "tokenmem demo --language zh",
+}
+
+
+class _Out:
+    """Where results go: aligned tables on a terminal (bold headers), or JSON."""
+
+    def __init__(self, as_json: bool, stream: IO[str]) -> None:
+        self.as_json = as_json
+        self.stream = stream
+        self.tty = stream.isatty() and not os.environ.get("NO_COLOR")
+
+    def line(self, text: str = "") -> None:
+        self.stream.write(text + "\n")
+
+    def json(self, value: object) -> None:
+        self.line(json.dumps(_plain(value), ensure_ascii=False, indent=2))
+
+    def table(self, headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+        cells = [[_cell(v) for v in row] for row in rows]
+        widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+        head = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+        self.line(f"\033[1m{head}\033[0m" if self.tty else head)
+        for r in cells:
+            self.line("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _plain(value: object) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return _plain(asdict(value))
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return str(value)
+
+
+def _short(text: str, width: int = 60) -> str:
+    flat = text.replace("\n", "⏎ ")
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _when(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _progress(total: int | None, label: str) -> Callable[[int], None]:
+    """A progress bar on stderr when it is a terminal; silent otherwise."""
+    done = 0
+    tty = sys.stderr.isatty()
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        if not tty:
+            return
+        if total:
+            filled = int(30 * min(done, total) / total)
+            sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}")
+        else:
+            sys.stderr.write(f"\r{label} {done}")
+        sys.stderr.flush()
+
+    return step
+
+
+# --- commands -------------------------------------------------------------------
+
+
+def _counter(args: argparse.Namespace) -> Any:
+    from .tokens import TokenCounter
+
+    if getattr(args, "encoding", None):
+        return TokenCounter(args.encoding)
+    return TokenCounter.for_model(getattr(args, "model", None) or "gpt-4o-mini")
+
+
+def cmd_db(args: argparse.Namespace, store: Any, out: _Out) -> int:
+    from . import migrate
+
+    if args.action == "upgrade":
+        store.upgrade(args.revision or "head")
+    elif args.action == "downgrade":
+        if not args.revision:
+            raise ConfigurationError("db downgrade needs a revision (e.g. base)")
+        store.downgrade(args.revision)
+    current, head = store.current_revision(), migrate.head()
+    if out.as_json:
+        out.json({"current": current, "head": head, "at_head": current == head})
+    else:
+        out.line(f"current: {current or '(not migrated)'}  head: {head}")
+    if args.action == "check":
+        store.check()
+    return 0
+
+
+def cmd_sessions(args: argparse.Namespace, store: Any, out: _Out) -> int:
+    stats = store.session_stats(owner=args.owner, all_owners=args.all_owners)
+    if out.as_json:
+        out.json(stats)
+        return 0
+    out.table(
+        ["owner", "session", "messages", "tokens", "encoding", "created", "last activity"],
+        [
+            (
+                s.owner_id or "-",
+                s.session_id,
+                s.messages,
+                s.tokens,
+                s.encoding,
+                s.created_at,
+                s.updated_at,
+            )
+            for s in stats
+        ],
+    )
+    return 0
+
+
+_HISTORY_FIELDS = [
+    "position",
+    "turn",
+    "role",
+    "content",
+    "name",
+    "created_at",
+    "encoding",
+    "text_tokens",
+]
+
+
+def cmd_history(args: argparse.Namespace, store: Any, out: _Out) -> int:
+    stream = store.history(args.session, owner=args.owner, since=args.since, until=args.until)
+    first = next(stream, None)  # a missing session fails here, before any output
+    messages = itertools.chain([first] if first else [], stream)
+    fmt = "jsonl" if out.as_json else args.format
+    if fmt == "jsonl":
+        for m in messages:
+            row = {
+                "position": m.position,
+                "turn": m.turn,
+                "role": m.type,
+                "content": m.content,
+                "name": m.name,
+                "metadata": m.metadata,
+                "created_at": m.created_at,
+                "encoding": m.encoding,
+                "text_tokens": m.text_tokens,
+                "chat_tokens": m.chat_tokens,
+            }
+            out.line(json.dumps(_plain(row), ensure_ascii=False))
+    elif fmt == "csv":
+        writer = csv.writer(out.stream)
+        writer.writerow(_HISTORY_FIELDS)
+        for m in messages:
+            writer.writerow(
+                [
+                    m.position,
+                    m.turn,
+                    m.type,
+                    m.content,
+                    m.name or "",
+                    _plain(m.created_at),
+                    m.encoding,
+                    m.text_tokens,
+                ]
+            )
+    else:
+        out.line(f"{'pos':>6} {'turn':>5} {'role':<6} {'tokens':>6}  {'created':<19}  content")
+        for m in messages:
+            out.line(
+                f"{m.position:>6} {m.turn:>5} {m.type:<6} {m.text_tokens:>6}  "
+                f"{_cell(m.created_at)}  {_short(m.content)}"
+            )
+    return 0
+
+
+def cmd_window(args: argparse.Namespace, store: Any, out: _Out) -> int:
+    from .memory import ConversationTokenBufferMemory
+    from .window import Counts, Rule, count_message
+
+    counter = _counter(args)
+    rule = Rule(limit=args.limit, mode="messages" if args.messages else "text")
+    session = store.session(args.session, owner=args.owner)
+    memory = ConversationTokenBufferMemory(
+        store=store,
+        session_id=args.session,
+        owner=args.owner,
+        max_token_limit=args.limit,
+        return_messages=args.messages,
+        encoding=counter.encoding_name,
+    )
+    window = memory.window()
+    prefix_tokens = rule.prefix_tokens(counter)
+    stored = {}
+    if window:
+        first = window[0].position
+        for m in store.history_page(
+            args.session, owner=args.owner, after=first - 1, limit=len(window)
+        ):
+            stored[m.position] = m
+    rows, running = [], 0
+    for w in window:
+        m = stored[w.position]
+        counts = Counts(m.text_tokens, m.chat_tokens)
+        if m.encoding != counter.encoding_name:  # counted for another model: count for this one
+            counts = count_message(counter, m.type, m.content, m.name)
+        cost = rule.cost(m.type, counts, prefix_tokens)
+        running += cost
+        rows.append(
+            {
+                "position": w.position,
+                "turn": w.turn,
+                "role": m.type,
+                "tokens": cost,
+                "running": running,
+                "content": m.content,
+            }
+        )
+    # The rule's total: n lines joined by n - 1 newlines, or the reply priming.
+    used = (running - 1 if rule.mode == "text" else running + 3) if rows else 0
+    first = rows[0]["position"] if rows else session.messages
+    if out.as_json:
+        out.json(
+            {
+                "limit": args.limit,
+                "mode": rule.mode,
+                "encoding": counter.encoding_name,
+                "used": used,
+                "messages": rows,
+                "fell_out": first,
+            }
+        )
+        return 0
+    out.table(
+        ["pos", "turn", "role", "tokens", "running", "content"],
+        [
+            (
+                r["position"],
+                r["turn"],
+                r["role"],
+                r["tokens"],
+                r["running"],
+                _short(str(r["content"])),
+            )
+            for r in rows
+        ],
+    )
+    width = 40
+    filled = round(width * min(used, args.limit) / args.limit)
+    out.line(
+        f"\n[{'#' * filled}{'.' * (width - filled)}] {used}/{args.limit} tokens "
+        f"({rule.mode}, {counter.encoding_name})"
+    )
+    older = f" (positions 0..{first - 1})" if first else ""
+    out.line(f"{first} older message(s) fell out of the window{older}; {len(rows)} are in it")
+    return 0
+
+
+def cmd_turns(args: argparse.Namespace, store: Any, out: _Out) -> int:
+    if args.session == "show":
+        if len(args.rest) != 2:
+            raise ConfigurationError("usage: tokenmem turns show SESSION SEQ")
+        session, seq = args.rest[0], int(args.rest[1])
+        turn = next((t for t in store.turns(session, owner=args.owner) if t.seq == seq), None)
+        if turn is None:
+            raise SessionNotFound(f"{session}#{seq}")
+        prompt = store.rebuild_prompt(session, seq, owner=args.owner)
+        if out.as_json:
+            out.json({"turn": turn, "prompt": prompt})
+            return 0
+        for key, value in asdict(turn).items():
+            if key not in ("system", "template"):
+                out.line(f"{key:>22}: {_cell(value)}")
+        out.line("\nThe prompt it sent, rebuilt from the stored history:\n")
+        if isinstance(prompt, str):
+            out.line(prompt)
+        else:
+            for message in prompt:
+                out.line(f"[{message['role']}] {message['content']}")
+        return 0
+    turns = store.turns(args.session, owner=args.owner)
+    if out.as_json:
+        out.json(turns)
+        return 0
+    out.table(
+        [
+            "seq",
+            "time",
+            "model",
+            "outcome",
+            "window",
+            "budget",
+            "prompt",
+            "api prompt",
+            "ms",
+            "error",
+        ],
+        [
+            (
+                t.seq,
+                t.created_at,
+                _short(t.model, 24),
+                t.outcome,
+                "-" if t.window_first is None else f"{t.window_first}..{t.window_last}",
+                t.token_budget,
+                t.prompt_tokens,
+                t.api_prompt_tokens,
+                f"{t.latency_ms:.0f}",
+                t.error_type,
+            )
+            for t in turns
+        ],
+    )
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace, store: Any, out: _Out) -> int:
+    from .chain import ConversationChain
+    from .llm import OpenAI
+    from .memory import ConversationTokenBufferMemory
+
+    llm = OpenAI(model=args.model, encoding=args.encoding)
+    memory = ConversationTokenBufferMemory(
+        llm=llm,
+        store=store,
+        session_id=args.session,
+        owner=args.owner,
+        max_token_limit=args.limit,
+        human_prefix="人类" if args.language == "zh" else "Human",
+    )
+    chain = ConversationChain(llm=llm, memory=memory, language=args.language, verbose=args.verbose)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        out.line(
+            f"session {memory.session_id} · {llm.model} · {args.limit}-token window · "
+            "Ctrl-D to leave"
+        )
+    while True:
+        if interactive:
+            out.stream.write("> ")
+            out.stream.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        for chunk in chain.stream(input=text):
+            out.stream.write(chunk)
+            out.stream.flush()
+        out.line()
+
+
+def cmd_import(args: argparse.Namespace, store: Any, out: _Out) -> int:
+    from .transfer import import_jsonl, import_langchain
+
+    counter = _counter(args)
+    step = _progress(None, "imported")
+    if args.from_langchain:
+        result = import_langchain(
+            store,
+            args.from_langchain,
+            counter,
+            table=args.table,
+            owner=args.owner or "",
+            progress=step,
+        )
+    elif args.file:
+        try:
+            with open(args.file, encoding="utf-8") as lines:
+                result = import_jsonl(store, lines, counter, progress=step)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read {args.file}: {exc.strerror}") from None
+    else:
+        raise ConfigurationError("import needs a FILE or --from-langchain URL")
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    if out.as_json:
+        out.json(result)
+    else:
+        out.line(
+            f"{result.imported} message(s) imported into {result.sessions} session(s); "
+            f"{result.skipped} already there"
+        )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, store: Any, out: _Out) -> int:
+    from .transfer import export_jsonl
+
+    target = open(args.output, "w", encoding="utf-8") if args.output else out.stream  # noqa: SIM115
+    try:
+        written = export_jsonl(store, target, owner=args.owner, sessions=args.sessions)
+    finally:
+        if args.output:
+            target.close()
+    if args.output:
+        print(f"{written} message(s) written to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_recount(args: argparse.Namespace, store: Any, out: _Out) -> int:
+    from .transfer import recount
+
+    counter = _counter(args)
+    total = sum(
+        s.messages for s in store.session_stats(owner=args.owner, all_owners=args.owner is None)
+    )
+    done = recount(
+        store,
+        counter,
+        owner=args.owner,
+        session=args.session,
+        progress=_progress(total, f"recount to {counter.encoding_name}"),
+    )
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    if out.as_json:
+        out.json({"encoding": counter.encoding_name, "sessions_recounted": done})
+    else:
+        out.line(f"{done} session(s) recounted with {counter.encoding_name}")
+    return 0
+
+
+def cmd_erase(args: argparse.Namespace, store: Any, out: _Out) -> int:
+    if not args.session and args.owner is None:
+        raise ConfigurationError("erase needs a SESSION or --owner")
+    what = (
+        f"session {args.session!r}" + (f" of owner {args.owner!r}" if args.owner else "")
+        if args.session
+        else f"everything owner {args.owner!r} has"
+    )
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ConfigurationError(
+                f"refusing to erase {what} without --yes (stdin is not a terminal)"
+            )
+        answer = input(f"Erase {what} for good? Type 'yes': ")
+        if answer.strip().lower() != "yes":
+            out.line("nothing erased")
+            return 1
+    if args.session:
+        deleted = store.erase(args.session, owner=args.owner)
+        result = {"sessions": 1, "messages": deleted}
+    else:
+        result = asdict(store.erase_owner(args.owner))
+    if out.as_json:
+        out.json(result)
+    else:
+        out.line(f"erased {what}: {result['messages']} message(s)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, store: Any, out: _Out) -> int:
+    from .demo import run
+
+    run(store, out=out.line, language=args.language)
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenmem",
+        description="Persistent token-window conversation memory: operate and audit it.",
+        epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 not found, 4 not migrated, 130 interrupted",
+    )
+    parser.add_argument(
+        "--db",
+        metavar="URL",
+        help="database URL (default: $TOKENMEM_DATABASE_URL or the embedded SQLite file)",
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, handler: Callable[..., int]) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def owner(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--owner", help="the owner (user or tenant) of the session")
+
+    def encoding(sub: argparse.ArgumentParser) -> None:
+        group = sub.add_mutually_exclusive_group()
+        group.add_argument("--model", help="count tokens as this model does (default gpt-4o-mini)")
+        group.add_argument("--encoding", help="tiktoken encoding, e.g. o200k_base")
+
+    db = command("db", "migrations: upgrade, downgrade REV, current, check", cmd_db)
+    db.add_argument("action", choices=["upgrade", "downgrade", "current", "check"])
+    db.add_argument(
+        "revision", nargs="?", help="target revision (upgrade: head; downgrade: e.g. base)"
+    )
+
+    sessions = command("sessions", "sessions with message count, tokens and activity", cmd_sessions)
+    owner(sessions)
+    sessions.add_argument("--all-owners", action="store_true", help="every owner's sessions")
+
+    history = command("history", "a session's full history, streamed", cmd_history)
+    history.add_argument("session")
+    owner(history)
+    history.add_argument("--format", choices=["table", "jsonl", "csv"], default="table")
+    history.add_argument("--since", type=_when, help="ISO 8601 time (UTC if no zone)")
+    history.add_argument("--until", type=_when, help="ISO 8601 time, exclusive")
+
+    window = command("window", "what the model would see now, token by token", cmd_window)
+    window.add_argument("session")
+    owner(window)
+    window.add_argument("--limit", type=int, required=True, help="max_token_limit")
+    window.add_argument("--messages", action="store_true", help="count as chat messages")
+    encoding(window)
+
+    turns = command(
+        "turns", "the turn audit log; `turns show SESSION SEQ` rebuilds a prompt", cmd_turns
+    )
+    turns.add_argument("session", help="a session, or `show`")
+    turns.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+    owner(turns)
+
+    chat = command("chat", "talk through the chain, continuing or starting a session", cmd_chat)
+    chat.add_argument("session", nargs="?")
+    owner(chat)
+    chat.add_argument("--model", default="gpt-4o-mini")
+    chat.add_argument("--encoding", help="tiktoken encoding, for models tiktoken does not know")
+    chat.add_argument("--limit", type=int, default=2000)
+    chat.add_argument("--language", choices=["en", "zh"], default="en")
+    chat.add_argument("--verbose", action="store_true", help="print each prompt")
+
+    imp = command(
+        "import", "import JSONL, or LangChain's message_store table (idempotent)", cmd_import
+    )
+    imp.add_argument("file", nargs="?")
+    imp.add_argument(
+        "--from-langchain", metavar="URL", help="SQLAlchemy URL of LangChain's database"
+    )
+    imp.add_argument("--table", default="message_store")
+    owner(imp)
+    encoding(imp)
+
+    export = command("export", "write sessions as JSONL that import reads back", cmd_export)
+    export.add_argument("sessions", nargs="*", help="sessions (default: all)")
+    owner(export)
+    export.add_argument("-o", "--output", help="file (default: stdout)")
+
+    rec = command("recount", "count tokens for another encoding, resumable", cmd_recount)
+    encoding(rec)
+    rec.add_argument("--session")
+    owner(rec)
+
+    erase = command("erase", "hard-delete a session, or everything an owner has", cmd_erase)
+    erase.add_argument("session", nargs="?")
+    owner(erase)
+    erase.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    demo = command("demo", "replay the reference notebook: window, chain, history", cmd_demo)
+    demo.add_argument("--language", choices=["en", "zh"], default="en")
+    return parser
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tokenmem", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--db", help="database URL (default: TOKENMEM_DATABASE_URL or embedded SQLite)"
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="replay the reference notebook: window, chain, history")
-    demo.add_argument("--language", choices=["en", "zh"], default="en")
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
+    out = _Out(args.json, sys.stdout)
+    store = None
     try:
         from .store import Store
 
-        store = Store(args.db, upgrade=True) if args.db else Store()
-        if args.command == "demo":
-            from .demo import run
-
-            run(store, language=args.language)
-    except TokenmemError as exc:
+        store = Store(args.db) if args.db else Store()
+        return int(args.handler(args, store, out))
+    except KeyboardInterrupt:
+        print("\ntokenmem: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except SessionNotFound as exc:
         print(f"tokenmem: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_NOT_FOUND
+    except SchemaError as exc:
+        print(f"tokenmem: {exc}", file=sys.stderr)
+        return EXIT_SCHEMA
+    except ConfigurationError as exc:
+        print(f"tokenmem: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except TokenmemError as exc:
+        print(f"tokenmem: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        if store is not None:
+            store.close()
 
 
 if __name__ == "__main__":

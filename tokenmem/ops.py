@@ -497,6 +497,21 @@ def history_page_op(
     ]
 
 
+def session_op(key: SessionKey) -> Op[SessionInfo]:
+    s = SESSIONS.c
+    row = (
+        yield (
+            select(s.owner_id, s.name, s.next_position, s.created_at, s.updated_at).where(
+                s.id == key.id
+            ),
+            None,
+        )
+    ).first()
+    if row is None:
+        raise SessionNotFound(key.name)
+    return SessionInfo(*row)
+
+
 def sessions_op(owner: str) -> Op[list[SessionInfo]]:
     s = SESSIONS.c
     rows = (

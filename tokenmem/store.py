@@ -54,6 +54,8 @@ from .ops import (
     history_page_op,
     prepare_append,
     prune_op,
+    recount_op,
+    session_op,
     session_stats_op,
     sessions_op,
     window_op,
@@ -178,6 +180,10 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({self.engine.url.render_as_string(hide_password=True)!r})"
+
+    def close(self) -> None:
+        """Close the engine's pooled connections (the engine stays usable)."""
+        self.engine.dispose()
 
     def owner(self, owner: str) -> Store:
         """This store (same engine) with every call scoped to ``owner``."""
@@ -392,6 +398,18 @@ class Store:
         key = self._key(session_id, owner)
         record, window = self._run(lambda: turn_op(key, seq))
         return rebuild(record, window)
+
+    def session(self, session_id: str, *, owner: str | None = None) -> SessionInfo:
+        """One session's summary; :class:`SessionNotFound` if there is none."""
+        key = self._key(session_id, owner)
+        return self._run(lambda: session_op(key))
+
+    def recount(self, session_id: str, counter: TokenCounter, *, owner: str | None = None) -> None:
+        """Count the session's messages again with ``counter``'s encoding, in
+        one transaction (appends do this by themselves when the encoding
+        changes; this does it ahead of time)."""
+        key = self._key(session_id, owner)
+        self._run(lambda: recount_op(key.id, counter))
 
     def sessions(self, *, owner: str | None = None) -> list[SessionInfo]:
         """The owner's sessions, by name."""

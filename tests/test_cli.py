@@ -1,0 +1,281 @@
+"""The `tokenmem` command, on SQLite and PostgreSQL, in process and as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Column, Engine, Integer, MetaData, Table, Text, create_engine, insert
+
+from tokenmem import ConversationChain, ConversationTokenBufferMemory, Message, OpenAI, Store
+from tokenmem.cli import main
+
+from .openai_server import FakeOpenAI
+
+
+def url_of(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=False)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def filled(store: Store, openai_server: FakeOpenAI) -> Store:
+    """A session 'talk' with 6 exchanges made through the chain (so turns exist)."""
+    llm = OpenAI(base_url=openai_server.base_url, api_key="k", max_retries=0)
+    memory = ConversationTokenBufferMemory(
+        llm=llm, store=store, session_id="talk", max_token_limit=40
+    )
+    chain = ConversationChain(llm=llm, memory=memory)
+    for i in range(6):
+        chain.predict(input=f"question {i} about something")
+    return store
+
+
+def test_db_commands(db: Engine, capsys: pytest.CaptureFixture[str]) -> None:
+    url = url_of(db)
+    code, out, _ = run(capsys, "--db", url, "db", "current")
+    assert code == 0 and "(not migrated)" in out
+    code, _, err = run(capsys, "--db", url, "db", "check")
+    assert code == 4 and "not migrated" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "--db", url, "sessions")
+    assert code == 4 and "tokenmem db upgrade" in err
+    assert run(capsys, "--db", url, "db", "upgrade")[0] == 0
+    code, out, _ = run(capsys, "--db", url, "--json", "db", "check")
+    assert code == 0 and json.loads(out)["at_head"] is True
+    assert run(capsys, "--db", url, "db", "downgrade")[0] == 2
+    assert run(capsys, "--db", url, "db", "downgrade", "base")[0] == 0
+    assert json.loads(run(capsys, "--db", url, "--json", "db", "current")[1])["current"] is None
+
+
+def test_sessions_history_window_turns(filled: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    url = url_of(filled.engine)
+    code, out, _ = run(capsys, "--db", url, "sessions")
+    assert code == 0 and "talk" in out and "12" in out
+    stats = json.loads(run(capsys, "--db", url, "--json", "sessions")[1])
+    assert stats[0]["messages"] == 12 and stats[0]["tokens"] > 0
+
+    code, out, _ = run(capsys, "--db", url, "history", "talk")
+    assert code == 0 and out.count("question") == 12  # inputs and their echoes
+    lines = run(capsys, "--db", url, "history", "talk", "--format", "jsonl")[1].splitlines()
+    assert [json.loads(line)["position"] for line in lines] == list(range(12))
+    csv_out = run(capsys, "--db", url, "history", "talk", "--format", "csv")[1]
+    assert csv_out.splitlines()[0].startswith("position,turn,role,content")
+    future = run(
+        capsys, "--db", url, "history", "talk", "--since", "2999-01-01", "--format", "jsonl"
+    )
+    assert future[1] == ""
+
+    code, out, _ = run(capsys, "--db", url, "window", "talk", "--limit", "40")
+    assert code == 0 and "fell out of the window (positions 0.." in out and "/40 tokens" in out
+    window = json.loads(run(capsys, "--db", url, "--json", "window", "talk", "--limit", "40")[1])
+    assert 0 < window["used"] <= 40 and window["fell_out"] == 12 - len(window["messages"])
+    assert [m["running"] for m in window["messages"]] == sorted(
+        m["running"] for m in window["messages"]
+    )
+    chat = json.loads(
+        run(capsys, "--db", url, "--json", "window", "talk", "--limit", "40", "--messages")[1]
+    )
+    assert chat["mode"] == "messages" and chat["used"] <= 40
+
+    code, out, _ = run(capsys, "--db", url, "turns", "talk")
+    assert code == 0 and out.count(" ok ") == 6
+    code, out, _ = run(capsys, "--db", url, "turns", "show", "talk", "5")
+    assert code == 0 and "[system]" in out and "[user] question 5 about something" in out
+    shown = json.loads(run(capsys, "--db", url, "--json", "turns", "show", "talk", "5")[1])
+    assert shown["prompt"] == filled.rebuild_prompt("talk", 5)
+
+
+def test_errors_are_one_line_with_exit_codes(
+    filled: Store, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    url = url_of(filled.engine)
+    for argv, code in [
+        (["history", "nope"], 3),
+        (["window", "nope", "--limit", "5"], 3),
+        (["turns", "show", "talk", "99"], 3),
+        (["import", str(tmp_path / "missing.jsonl")], 2),
+        (["erase", "talk"], 2),  # stdin is not a terminal and no --yes
+    ]:
+        got, out, err = run(capsys, "--db", url, *argv)
+        assert got == code, (argv, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"session_id": "x", "role": "human", "content": "ok"}\nnot json\n')
+    code, _, err = run(capsys, "--db", url, "import", str(bad))
+    assert code == 1 and "line 2: not JSON" in err
+    assert run(capsys, "--db", "nonsense://x", "sessions")[0] == 2
+    code, _, err = run(capsys, "--db", "postgresql+psycopg://postgres@127.0.0.1:1/x", "sessions")
+    assert code == 1 and "Connection refused" in err and len(err.strip().splitlines()) == 1
+
+
+def test_export_import_roundtrip_and_idempotence(
+    filled: Store, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    url = url_of(filled.engine)
+    dump = tmp_path / "dump.jsonl"
+    assert run(capsys, "--db", url, "export", "-o", str(dump))[0] == 0
+    target = f"sqlite:///{tmp_path}/copy.sqlite3"
+    assert run(capsys, "--db", target, "db", "upgrade")[0] == 0
+    code, out, _ = run(capsys, "--db", target, "import", str(dump))
+    assert code == 0 and "12 message(s) imported" in out
+    code, out, _ = run(capsys, "--db", target, "import", str(dump))
+    assert code == 0 and "0 message(s) imported" in out and "12 already there" in out
+    again = tmp_path / "again.jsonl"
+    run(capsys, "--db", target, "export", "-o", str(again))
+    assert again.read_text() == dump.read_text()
+
+
+def langchain_db(path: Path) -> str:
+    """LangChain's SQLChatMessageHistory table, with its schema and JSON format
+    (message_to_dict: {"type": ..., "data": {...}}), as langchain-community writes it."""
+    url = f"sqlite:///{path}"
+    engine = create_engine(url)
+    table = Table(
+        "message_store",
+        MetaData(),
+        Column("id", Integer, primary_key=True),
+        Column("session_id", Text),
+        Column("message", Text),
+    )
+    table.create(engine)
+
+    def message(kind: str, content: str) -> str:
+        data = {
+            "content": content,
+            "additional_kwargs": {},
+            "response_metadata": {},
+            "type": kind,
+            "name": None,
+            "id": None,
+        }
+        return json.dumps({"type": kind, "data": data})
+
+    rows = [
+        ("lc-1", message("human", "hi from langchain")),
+        ("lc-2", message("human", "另一个会话")),
+        ("lc-1", message("ai", "hello back")),
+        ("lc-1", message("human", "second question")),
+        ("lc-1", message("ai", "second answer")),
+        ("lc-2", message("ai", "好的")),
+    ]
+    with engine.begin() as conn:
+        conn.execute(insert(table), [{"session_id": s, "message": m} for s, m in rows])
+    engine.dispose()
+    return url
+
+
+def test_import_from_langchain(
+    filled: Store, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    url, source = url_of(filled.engine), langchain_db(tmp_path / "lc.sqlite3")
+    code, out, _ = run(capsys, "--db", url, "import", "--from-langchain", source, "--owner", "lc")
+    assert code == 0 and "6 message(s) imported into 2 session(s)" in out
+    history = list(filled.history("lc-1", owner="lc"))
+    assert [(m.type, m.content, m.turn) for m in history] == [
+        ("human", "hi from langchain", 0),
+        ("ai", "hello back", 0),
+        ("human", "second question", 1),
+        ("ai", "second answer", 1),
+    ]
+    assert [m.content for m in filled.history("lc-2", owner="lc")] == ["另一个会话", "好的"]
+    code, out, _ = run(capsys, "--db", url, "import", "--from-langchain", source, "--owner", "lc")
+    assert "0 message(s) imported" in out
+    assert filled.count() == 12 + 6
+
+
+def test_recount_is_resumable(
+    store: Store, capsys: pytest.CaptureFixture[str], cl100k: object
+) -> None:
+    url = url_of(store.engine)
+    for name in ("a", "b"):
+        store.append(name, [Message("human", "你好 world"), Message("ai", "hello")], cl100k)  # type: ignore[arg-type]
+    code, out, _ = run(capsys, "--db", url, "recount", "--model", "gpt-4o", "--session", "a")
+    assert code == 0 and "1 session(s) recounted with o200k_base" in out
+    assert {m.encoding for m in store.history("a")} == {"o200k_base"}
+    assert {m.encoding for m in store.history("b")} == {"cl100k_base"}
+    assert "1 session(s)" in run(capsys, "--db", url, "recount", "--encoding", "o200k_base")[1]
+    assert "0 session(s)" in run(capsys, "--db", url, "recount", "--encoding", "o200k_base")[1]
+
+
+def test_erase(store: Store, capsys: pytest.CaptureFixture[str], o200k: object) -> None:
+    url = url_of(store.engine)
+    for owner, name in (("alice", "x"), ("alice", "y"), ("bob", "x")):
+        store.append(name, [Message("human", "hi")], o200k, owner=owner)  # type: ignore[arg-type]
+    code, out, _ = run(capsys, "--db", url, "erase", "x", "--owner", "bob", "--yes")
+    assert code == 0 and "1 message(s)" in out
+    code, out, _ = run(capsys, "--db", url, "--json", "erase", "--owner", "alice", "--yes")
+    assert json.loads(out)["sessions"] == 2
+    assert store.count() == 0
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "db",
+        "sessions",
+        "history",
+        "window",
+        "turns",
+        "chat",
+        "import",
+        "export",
+        "recount",
+        "erase",
+        "demo",
+    ],
+)
+def test_help_has_an_example(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    assert "example:" in capsys.readouterr().out
+
+
+def test_chat_subprocess(openai_server: FakeOpenAI, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/chat.sqlite3"
+    env = {**os.environ, "OPENAI_API_KEY": "k", "OPENAI_BASE_URL": openai_server.base_url}
+    openai_server.reply("first reply", "second reply")
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenmem.cli", "--db", url, "chat", "cli-chat", "--limit", "100"],
+        input="hello\n\nhow are you\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 4, done.stderr  # not migrated yet: says so
+    subprocess.run(
+        [sys.executable, "-m", "tokenmem.cli", "--db", url, "db", "upgrade"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenmem.cli", "--db", url, "chat", "cli-chat", "--limit", "100"],
+        input="hello\n\nhow are you\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["first reply", "second reply"]
+    assert [m.content for m in Store(url).history("cli-chat")] == [
+        "hello",
+        "first reply",
+        "how are you",
+        "second reply",
+    ]
+    assert openai_server.requests[-1].body["messages"][-2] == {  # type: ignore[index]
+        "role": "assistant",
+        "content": "first reply",
+    }
