@@ -105,7 +105,7 @@ def test_errors_are_one_line_with_exit_codes(
         (["import", str(tmp_path / "missing.jsonl")], 2),
         (["erase", "talk"], 2),  # stdin is not a terminal and no --yes
     ]:
-        got, out, err = run(capsys, "--db", url, *argv)
+        got, _, err = run(capsys, "--db", url, *argv)
         assert got == code, (argv, err)
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     bad = tmp_path / "bad.jsonl"
