@@ -13,7 +13,6 @@ Needs the ``async`` extra (``pip install 'tokenmem[async]'``)::
 from __future__ import annotations
 
 import asyncio
-import copy
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, TypeVar
@@ -27,7 +26,6 @@ from .errors import StoreError
 from .messages import Message, SessionInfo, StoredMessage
 from .models import utcnow
 from .ops import (
-    DEFAULT_OWNER,
     Erased,
     Op,
     PreparedAppend,
@@ -51,6 +49,7 @@ from .ops import (
 )
 from .store import (
     RETRIES,
+    StoreBase,
     backoff,
     default_url,
     missing_driver,
@@ -82,7 +81,7 @@ def make_async_engine(url: str) -> AsyncEngine:
     return engine
 
 
-class AsyncStore:
+class AsyncStore(StoreBase):
     """tokenmem's tables in one database, for asyncio services.
 
     ``url`` is a database URL or an existing ``AsyncEngine``. Behaves like
@@ -93,27 +92,10 @@ class AsyncStore:
     def __init__(self, url: str | AsyncEngine | None = None) -> None:
         from sqlalchemy.ext.asyncio import AsyncEngine
 
-        self.engine = (
+        self.engine: AsyncEngine = (
             url if isinstance(url, AsyncEngine) else make_async_engine(url or default_url())
         )
-        self.default_owner = DEFAULT_OWNER
         self._ready = False
-
-    def __repr__(self) -> str:
-        return f"AsyncStore({self.engine.url.render_as_string(hide_password=True)!r})"
-
-    def owner(self, owner: str) -> AsyncStore:
-        """This store (same engine) with every call scoped to ``owner``."""
-        scoped = copy.copy(self)
-        scoped.default_owner = SessionKey.of("-", owner).owner
-        return scoped
-
-    def _key(self, session_id: str, owner: str | None) -> SessionKey:
-        return SessionKey.of(session_id, self.default_owner if owner is None else owner)
-
-    @property
-    def dialect(self) -> str:
-        return self.engine.dialect.name
 
     async def upgrade(self, revision: str = "head") -> None:
         await self._migration(lambda conn: migrate.upgrade(conn, revision))

@@ -189,21 +189,12 @@ def cmd_history(args: argparse.Namespace, store: Any, out: _Out) -> int:
     first = next(stream, None)  # a missing session fails here, before any output
     messages = itertools.chain([first] if first else [], stream)
     fmt = "jsonl" if out.as_json else args.format
-    if fmt == "jsonl":
+    if fmt == "jsonl":  # the export format: `tokenmem import` reads it back
+        from .transfer import to_record
+
+        key = store.session(args.session, owner=args.owner)
         for m in messages:
-            row = {
-                "position": m.position,
-                "turn": m.turn,
-                "role": m.type,
-                "content": m.content,
-                "name": m.name,
-                "metadata": m.metadata,
-                "created_at": m.created_at,
-                "encoding": m.encoding,
-                "text_tokens": m.text_tokens,
-                "chat_tokens": m.chat_tokens,
-            }
-            out.line(json.dumps(_plain(row), ensure_ascii=False))
+            out.line(json.dumps(to_record(key.owner_id, key.session_id, m), ensure_ascii=False))
     elif fmt == "csv":
         writer = csv.writer(out.stream)
         writer.writerow(_HISTORY_FIELDS)

@@ -63,7 +63,7 @@ from .ops import (
 from .tokens import TokenCounter
 from .window import Rule, window_select
 
-__all__ = ["DEFAULT_OWNER", "Store", "default_url", "make_engine"]
+__all__ = ["DEFAULT_OWNER", "Store", "StoreBase", "default_url", "make_engine"]
 
 T = TypeVar("T")
 RETRIES = 6
@@ -158,7 +158,34 @@ def schema_error(current: str | None) -> SchemaError | None:
     )
 
 
-class Store:
+Self = TypeVar("Self", bound="StoreBase")
+
+
+class StoreBase:
+    """What the sync and async stores share: the engine's name, and owner scopes."""
+
+    engine: Any
+    default_owner: str = DEFAULT_OWNER
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.engine.url.render_as_string(hide_password=True)!r})"
+
+    def owner(self: Self, owner: str) -> Self:
+        """This store (same engine) with every call scoped to ``owner``."""
+        scoped = copy.copy(self)
+        scoped.default_owner = SessionKey.of("-", owner).owner
+        return scoped
+
+    def _key(self, session_id: str, owner: str | None) -> SessionKey:
+        return SessionKey.of(session_id, self.default_owner if owner is None else owner)
+
+    @property
+    def dialect(self) -> str:
+        name: str = self.engine.dialect.name
+        return name
+
+
+class Store(StoreBase):
     """tokenmem's tables in one database.
 
     ``url`` is a database URL or an existing :class:`~sqlalchemy.Engine`
@@ -172,31 +199,14 @@ class Store:
     """
 
     def __init__(self, url: str | Engine | None = None, *, upgrade: bool | None = None) -> None:
-        self.engine = url if isinstance(url, Engine) else make_engine(url or default_url())
-        self.default_owner = DEFAULT_OWNER
+        self.engine: Engine = url if isinstance(url, Engine) else make_engine(url or default_url())
         self._ready = False
         if upgrade if upgrade is not None else url is None:
             self.upgrade()
 
-    def __repr__(self) -> str:
-        return f"Store({self.engine.url.render_as_string(hide_password=True)!r})"
-
     def close(self) -> None:
         """Close the engine's pooled connections (the engine stays usable)."""
         self.engine.dispose()
-
-    def owner(self, owner: str) -> Store:
-        """This store (same engine) with every call scoped to ``owner``."""
-        scoped = copy.copy(self)
-        scoped.default_owner = SessionKey.of("-", owner).owner
-        return scoped
-
-    def _key(self, session_id: str, owner: str | None) -> SessionKey:
-        return SessionKey.of(session_id, self.default_owner if owner is None else owner)
-
-    @property
-    def dialect(self) -> str:
-        return self.engine.dialect.name
 
     # migrations
 

@@ -30,7 +30,14 @@ from .ops import SessionKey
 from .store import Store, parse_url
 from .tokens import TokenCounter
 
-__all__ = ["ImportResult", "export_jsonl", "import_jsonl", "import_langchain", "recount"]
+__all__ = [
+    "ImportResult",
+    "export_jsonl",
+    "import_jsonl",
+    "import_langchain",
+    "recount",
+    "to_record",
+]
 
 Progress = Callable[[int], None]
 _BATCH = 500
@@ -43,7 +50,9 @@ class ImportResult:
     skipped: int
 
 
-def _record(owner: str, session_id: str, m: StoredMessage) -> dict[str, Any]:
+def to_record(owner: str, session_id: str, m: StoredMessage) -> dict[str, Any]:
+    """A stored message as one JSONL record (the export format; the token
+    counts are information: an import counts again)."""
     return {
         "owner": owner,
         "session_id": session_id,
@@ -54,6 +63,9 @@ def _record(owner: str, session_id: str, m: StoredMessage) -> dict[str, Any]:
         "name": m.name,
         "metadata": m.metadata,
         "created_at": m.created_at.isoformat() if m.created_at else None,
+        "encoding": m.encoding,
+        "text_tokens": m.text_tokens,
+        "chat_tokens": m.chat_tokens,
     }
 
 
@@ -78,7 +90,7 @@ def export_jsonl(
     written = 0
     for key in keys:
         for m in store.history(key.name, owner=key.owner):
-            out.write(json.dumps(_record(key.owner, key.name, m), ensure_ascii=False) + "\n")
+            out.write(json.dumps(to_record(key.owner, key.name, m), ensure_ascii=False) + "\n")
             written += 1
             if progress and written % _BATCH == 0:
                 progress(_BATCH)
