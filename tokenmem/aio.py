@@ -13,9 +13,9 @@ Needs the ``async`` extra (``pip install 'tokenmem[async]'``)::
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
@@ -50,11 +50,11 @@ from .ops import (
 from .store import (
     RETRIES,
     StoreBase,
-    backoff,
     default_url,
     missing_driver,
     parse_url,
     retryable,
+    retrying,
     schema_error,
     tune,
 )
@@ -69,12 +69,12 @@ __all__ = ["AsyncStore"]
 T = TypeVar("T")
 
 
-def make_async_engine(url: str) -> AsyncEngine:
+def make_async_engine(url: str, **options: Any) -> AsyncEngine:
     parsed = parse_url(url, asynchronous=True)
     try:
         from sqlalchemy.ext.asyncio import create_async_engine
 
-        engine = create_async_engine(parsed, pool_pre_ping=True)
+        engine = create_async_engine(parsed, **options)
     except (ImportError, ModuleNotFoundError) as exc:
         raise missing_driver(parsed, ModuleNotFoundError(str(exc), name="async")) from exc
     tune(engine.sync_engine)
@@ -89,11 +89,18 @@ class AsyncStore(StoreBase):
     same, built once in :mod:`tokenmem.ops`.
     """
 
-    def __init__(self, url: str | AsyncEngine | None = None) -> None:
+    def __init__(
+        self,
+        url: str | AsyncEngine | None = None,
+        *,
+        engine_options: Mapping[str, Any] | None = None,
+    ) -> None:
         from sqlalchemy.ext.asyncio import AsyncEngine
 
         self.engine: AsyncEngine = (
-            url if isinstance(url, AsyncEngine) else make_async_engine(url or default_url())
+            url
+            if isinstance(url, AsyncEngine)
+            else make_async_engine(url or default_url(), **(engine_options or {}))
         )
         self._ready = False
 
@@ -128,12 +135,17 @@ class AsyncStore(StoreBase):
         if not self._ready:
             await self.check()
         for attempt in range(RETRIES):
+            committing = False
             try:
-                async with self.engine.begin() as conn:
-                    return await adrive(conn, make())
+                async with self.engine.connect() as conn:  # closing without commit rolls back
+                    transaction = await conn.begin()
+                    value = await adrive(conn, make())
+                    committing = True
+                    await transaction.commit()
+                    return value
             except SQLAlchemyError as exc:
-                if attempt + 1 < RETRIES and retryable(exc):
-                    await asyncio.sleep(backoff(attempt))
+                if attempt + 1 < RETRIES and retryable(exc, committing=committing):
+                    await asyncio.sleep(retrying(exc, attempt))
                     continue
                 raise StoreError(f"database error: {exc}") from exc
         raise AssertionError("unreachable")

@@ -18,11 +18,13 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
-
-import openai
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .errors import ModelError
+
+if TYPE_CHECKING:
+    import openai
 
 __all__ = ["ChatModel", "OpenAI", "Prompt", "Reply", "context_window"]
 
@@ -81,6 +83,14 @@ class ChatModel(Protocol):
     def astream(self, prompt: Prompt) -> AsyncIterator[str | Reply]: ...
 
 
+def _sdk() -> ModuleType:
+    # The SDK takes about a second to import: only a process that calls a
+    # model pays for it.
+    import openai
+
+    return openai
+
+
 def _fail(model: str, exc: Exception) -> ModelError:
     return ModelError(f"{model}: {type(exc).__name__}: {exc}", error_type=type(exc).__name__)
 
@@ -127,14 +137,14 @@ class OpenAI:
     @property
     def client(self) -> openai.OpenAI:
         if "sync" not in self._clients:
-            self._clients["sync"] = openai.OpenAI(**self._options())
+            self._clients["sync"] = _sdk().OpenAI(**self._options())
         client: openai.OpenAI = self._clients["sync"]
         return client
 
     @property
     def aclient(self) -> openai.AsyncOpenAI:
         if "async" not in self._clients:
-            self._clients["async"] = openai.AsyncOpenAI(**self._options())
+            self._clients["async"] = _sdk().AsyncOpenAI(**self._options())
         client: openai.AsyncOpenAI = self._clients["async"]
         return client
 
@@ -192,7 +202,7 @@ class OpenAI:
                 self.client.completions if isinstance(prompt, str) else self.client.chat.completions
             )
             response = endpoint.create(**self._request(prompt))
-        except openai.OpenAIError as exc:
+        except _sdk().OpenAIError as exc:
             raise _fail(self.model, exc) from exc
         return self._reply(response)
 
@@ -202,7 +212,7 @@ class OpenAI:
             client = self.aclient
             endpoint = client.completions if isinstance(prompt, str) else client.chat.completions
             response = await endpoint.create(**self._request(prompt))
-        except openai.OpenAIError as exc:
+        except _sdk().OpenAIError as exc:
             raise _fail(self.model, exc) from exc
         return self._reply(response)
 
@@ -239,7 +249,7 @@ class OpenAI:
                     chunk = self._chunk(event, parts, usage)
                     if chunk:
                         yield chunk
-        except openai.OpenAIError as exc:
+        except _sdk().OpenAIError as exc:
             raise _fail(self.model, exc) from exc
         except Exception as exc:  # a connection cut mid-stream surfaces as httpx's error
             if isinstance(exc, ModelError):
@@ -260,7 +270,7 @@ class OpenAI:
                     chunk = self._chunk(event, parts, usage)
                     if chunk:
                         yield chunk
-        except openai.OpenAIError as exc:
+        except _sdk().OpenAIError as exc:
             raise _fail(self.model, exc) from exc
         except Exception as exc:
             if isinstance(exc, ModelError):

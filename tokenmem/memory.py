@@ -140,57 +140,61 @@ class ConversationTokenBufferMemory:
 
     # reading
 
-    def _fit_rendered(self, window: list[WindowMessage], rule: Rule) -> list[WindowMessage]:
-        if rule.mode == "text":
-            # Byte-pair merges across a joining newline can make the rendered
-            # string longer than the per-line sum; drop the oldest until it fits.
-            while (
-                window
-                and self.counter.count(get_buffer_string([w.message for w in window], rule))
-                > rule.limit
-            ):
-                window = window[1:]
-        return window
+    def _fit(self, window: list[WindowMessage], rule: Rule) -> tuple[list[WindowMessage], str]:
+        """The window and its rendered string. In text mode the string is
+        recounted once: byte-pair merges across a joining newline can make it
+        longer than the per-line sum, and then the oldest lines are dropped."""
+        text = get_buffer_string([w.message for w in window], rule)
+        while rule.mode == "text" and window and self.counter.count(text) > rule.limit:
+            window = window[1:]
+            text = get_buffer_string([w.message for w in window], rule)
+        return window, text
+
+    def _load(
+        self, return_messages: bool | None = None, limit: int | None = None
+    ) -> tuple[list[WindowMessage], str]:
+        rule = self._rule(return_messages, limit)
+        window = self._sync().window(self.session_id, rule, self.counter, owner=self.owner)
+        return self._fit(window, rule)
+
+    async def _aload(
+        self, return_messages: bool | None = None, limit: int | None = None
+    ) -> tuple[list[WindowMessage], str]:
+        if isinstance(self.store, Store):
+            return await asyncio.to_thread(self._load, return_messages, limit)
+        rule = self._rule(return_messages, limit)
+        window = await self.store.window(self.session_id, rule, self.counter, owner=self.owner)
+        return self._fit(window, rule)
 
     def window(
         self, *, return_messages: bool | None = None, limit: int | None = None
     ) -> list[WindowMessage]:
         """The window with its positions, oldest first; ``limit`` overrides
         ``max_token_limit`` for this load (the chain's model-derived budget)."""
-        rule = self._rule(return_messages, limit)
-        window = self._sync().window(self.session_id, rule, self.counter, owner=self.owner)
-        return self._fit_rendered(window, rule)
+        return self._load(return_messages, limit)[0]
 
     async def awindow(
         self, *, return_messages: bool | None = None, limit: int | None = None
     ) -> list[WindowMessage]:
         """:meth:`window`, awaited (an AsyncStore, or a Store in a thread)."""
-        rule = self._rule(return_messages, limit)
-        if isinstance(self.store, Store):
-            return await asyncio.to_thread(
-                self.window, return_messages=return_messages, limit=limit
-            )
-        window = await self.store.window(self.session_id, rule, self.counter, owner=self.owner)
-        return self._fit_rendered(window, rule)
+        return (await self._aload(return_messages, limit))[0]
 
-    def _value(self, window: list[WindowMessage]) -> str | list[Message]:
-        messages = [w.message for w in window]
-        return messages if self.return_messages else get_buffer_string(messages, self.rule)
+    def _value(self, loaded: tuple[list[WindowMessage], str]) -> str | list[Message]:
+        return [w.message for w in loaded[0]] if self.return_messages else loaded[1]
 
     @property
     def buffer_as_messages(self) -> list[Message]:
         """The window as messages, counted with the chat formula."""
-        return [w.message for w in self.window(return_messages=True)]
+        return [w.message for w in self._load(True)[0]]
 
     @property
     def buffer_as_str(self) -> str:
         """The window as one string, counted as rendered."""
-        messages = [w.message for w in self.window(return_messages=False)]
-        return get_buffer_string(messages, self.rule)
+        return self._load(False)[1]
 
     @property
     def buffer(self) -> str | list[Message]:
-        return self._value(self.window())
+        return self._value(self._load())
 
     def load_memory_variables(self, inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """``{memory_key: window}``: a string, or messages with ``return_messages``."""
@@ -199,7 +203,7 @@ class ConversationTokenBufferMemory:
     async def aload_memory_variables(
         self, inputs: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
-        return {self.memory_key: self._value(await self.awindow())}
+        return {self.memory_key: self._value(await self._aload())}
 
     def history(self) -> Iterator[StoredMessage]:
         """The session's full stored history, oldest first (nothing is pruned)."""

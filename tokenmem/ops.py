@@ -16,6 +16,7 @@ transaction is opened, so a lock is never held while tiktoken works.
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import Generator, Sequence
@@ -24,6 +25,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from sqlalchemy import (
+    BigInteger,
     Connection,
     Executable,
     Insert,
@@ -192,21 +194,27 @@ def _insert(dialect: str) -> Any:
     raise ConfigurationError(f"tokenmem supports SQLite and PostgreSQL, not {dialect}")
 
 
-def bump_session(dialect: str, p: PreparedAppend, now: datetime) -> Insert:
+@functools.cache
+def bump_session(dialect: str) -> Insert:
     """Create the session, or reserve positions and turns in it, taking its
-    row lock until the transaction ends.
+    row lock until the transaction ends (built once per dialect; parameters
+    from :func:`bump_params`).
 
     Returns (next_position, next_turn, floor_total) after the bump, or no row
     when the session is counted with another encoding."""
     s = SESSIONS.c
-    n, floor = len(p.messages), p.floor
+    n = bindparam("b_n", type_=BigInteger)
+    turns = bindparam("b_turns", type_=BigInteger)
+    floor = bindparam("b_floor", type_=BigInteger)
+    encoding = bindparam("b_encoding", type_=s.encoding.type)
+    now = bindparam("b_now", type_=s.updated_at.type)
     stmt = _insert(dialect)(SESSIONS).values(
-        id=p.key.id,
-        owner_id=p.key.owner,
-        name=p.key.name,
-        encoding=p.encoding,
+        id=bindparam("b_id", type_=s.id.type),
+        owner_id=bindparam("b_owner"),
+        name=bindparam("b_name"),
+        encoding=encoding,
         next_position=n,
-        next_turn=p.turns,
+        next_turn=turns,
         floor_total=floor,
         start_position=0,
         start_floor=0,
@@ -217,25 +225,41 @@ def bump_session(dialect: str, p: PreparedAppend, now: datetime) -> Insert:
         index_elements=[s.id],
         set_={
             "next_position": s.next_position + n,
-            "next_turn": s.next_turn + p.turns,
+            "next_turn": s.next_turn + turns,
             "floor_total": s.floor_total + floor,
-            "encoding": p.encoding,
+            "encoding": encoding,
             "updated_at": now,
         },
-        where=or_(s.encoding == p.encoding, s.encoding.is_(None)),
+        where=or_(s.encoding == encoding, s.encoding.is_(None)),
     )
     returning: Insert = stmt.returning(s.next_position, s.next_turn, s.floor_total)
     return returning
 
 
+def bump_params(p: PreparedAppend, now: datetime) -> dict[str, object]:
+    return {
+        "b_id": p.key.id,
+        "b_owner": p.key.owner,
+        "b_name": p.key.name,
+        "b_encoding": p.encoding,
+        "b_n": len(p.messages),
+        "b_turns": p.turns,
+        "b_floor": p.floor,
+        "b_now": now,
+    }
+
+
+_INSERT_MESSAGES = insert(MESSAGES)
+
+
 def append_op(dialect: str, p: PreparedAppend) -> Op[list[StoredMessage]]:
     """Append prepared turns: all of them or, on any error, none."""
     now = utcnow()
-    bump = bump_session(dialect, p, now)
-    row = (yield bump, None).first()
+    bump, params = bump_session(dialect), bump_params(p, now)
+    row = (yield bump, params).first()
     if row is None:  # counted with another encoding: recount, then bump
         yield from recount_op(p.key.id, p.counter)
-        row = (yield bump, None).one()
+        row = (yield bump, params).one()
     next_position, next_turn, floor_total = row
     position, turn = next_position - len(p.messages), next_turn - p.turns
     cum = floor_total - p.floor
@@ -272,7 +296,7 @@ def append_op(dialect: str, p: PreparedAppend) -> Op[list[StoredMessage]]:
             }
         )
         cum += c.floor
-    yield insert(MESSAGES), rows
+    yield _INSERT_MESSAGES, rows
     return stored
 
 

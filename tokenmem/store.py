@@ -20,10 +20,11 @@ of times. The SQL itself lives in :mod:`tokenmem.ops`, shared with
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -67,6 +68,7 @@ __all__ = ["DEFAULT_OWNER", "Store", "StoreBase", "default_url", "make_engine"]
 
 T = TypeVar("T")
 RETRIES = 6
+logger = logging.getLogger("tokenmem.store")
 
 
 def default_url() -> str:
@@ -122,23 +124,38 @@ def tune(engine: Engine) -> Engine:
     return engine
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine for ``url`` as tokenmem wants it (see :func:`parse_url`)."""
+def make_engine(url: str, **options: Any) -> Engine:
+    """Create an engine for ``url`` as tokenmem wants it (see :func:`parse_url`);
+    ``options`` go to :func:`sqlalchemy.create_engine` (``pool_size``, ...).
+
+    No pre-ping: a stale pooled connection fails its first statement and the
+    store runs the transaction again on a fresh one, saving a round trip on
+    every transaction."""
     parsed = parse_url(url)
     try:
-        return tune(create_engine(parsed, pool_pre_ping=True))
+        return tune(create_engine(parsed, **options))
     except ModuleNotFoundError as exc:
         raise missing_driver(parsed, exc) from exc
 
 
-def retryable(exc: SQLAlchemyError) -> bool:
-    """SQLite's "database is locked"/"busy", PostgreSQL's serialization
-    failure and deadlock: the transaction can simply run again."""
+def retryable(exc: SQLAlchemyError, *, committing: bool = False) -> bool:
+    """Whether the transaction can simply run again: SQLite's "database is
+    locked", PostgreSQL's serialization failure or deadlock (none of them
+    commits), or a dropped connection (a stale one from the pool) — but not
+    while committing, when the commit may or may not have happened."""
     if not isinstance(exc, DBAPIError):
         return False
+    if exc.connection_invalidated:
+        return not committing
     code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
     text = str(exc.orig).lower()
     return code in ("40001", "40P01") or "database is locked" in text or "busy" in text
+
+
+def retrying(exc: SQLAlchemyError, attempt: int) -> float:
+    """Log a retry and return how long to wait before it."""
+    logger.info("retrying a transaction (attempt %d) after: %s", attempt + 2, exc)
+    return backoff(attempt)
 
 
 def backoff(attempt: int) -> float:
@@ -189,17 +206,29 @@ class Store(StoreBase):
     """tokenmem's tables in one database.
 
     ``url`` is a database URL or an existing :class:`~sqlalchemy.Engine`
-    (``None``: :func:`default_url`). The embedded default is migrated on first
-    use; any other database is migrated explicitly with :meth:`upgrade` (or
-    ``upgrade=True``), and a store on a database behind the head raises
-    :class:`SchemaError` instead of failing on a missing column.
+    (``None``: :func:`default_url`); ``engine_options`` go to
+    ``create_engine`` (e.g. ``{"pool_size": 32}`` for 32 worker threads).
+    The embedded default is migrated on first use; any other database is
+    migrated explicitly with :meth:`upgrade` (or ``upgrade=True``), and a
+    store on a database behind the head raises :class:`SchemaError` instead
+    of failing on a missing column.
 
     Every method takes ``owner=``; :meth:`owner` returns the same store scoped
     to one owner. One owner can never read, write or detect another's session.
     """
 
-    def __init__(self, url: str | Engine | None = None, *, upgrade: bool | None = None) -> None:
-        self.engine: Engine = url if isinstance(url, Engine) else make_engine(url or default_url())
+    def __init__(
+        self,
+        url: str | Engine | None = None,
+        *,
+        upgrade: bool | None = None,
+        engine_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.engine: Engine = (
+            url
+            if isinstance(url, Engine)
+            else make_engine(url or default_url(), **(engine_options or {}))
+        )
         self._ready = False
         if upgrade if upgrade is not None else url is None:
             self.upgrade()
@@ -245,12 +274,17 @@ class Store(StoreBase):
         if not self._ready:
             self.check()
         for attempt in range(RETRIES):
+            committing = False
             try:
-                with self.engine.begin() as conn:
-                    return drive(conn, make())
+                with self.engine.connect() as conn:  # closing without commit rolls back
+                    transaction = conn.begin()
+                    value = drive(conn, make())
+                    committing = True
+                    transaction.commit()
+                    return value
             except SQLAlchemyError as exc:
-                if attempt + 1 < RETRIES and retryable(exc):
-                    time.sleep(backoff(attempt))
+                if attempt + 1 < RETRIES and retryable(exc, committing=committing):
+                    time.sleep(retrying(exc, attempt))
                     continue
                 raise StoreError(f"database error: {exc}") from exc
         raise AssertionError("unreachable")
