@@ -27,10 +27,10 @@ Three modes per backend, on the same sessions of the same database:
   (psycopg async; aiosqlite) and call ``asave_context`` then
   ``aload_memory_variables``.
 
-Engines are built as ``tokenmem.store.make_engine`` builds them (pre-ping,
-SQLite's WAL pragmas), except that the pool holds ``pool_size=32,
-max_overflow=0`` connections: one per worker, so no worker ever waits for a
-connection (``make_engine``'s default pool holds at most 5 + 10). SQLite is a
+Engines are built by ``tokenmem.store.make_engine`` / ``make_async_engine``
+(SQLite's WAL pragmas, no pre-ping) with ``pool_size=32, max_overflow=0`` —
+what ``Store(url, engine_options=...)`` passes: one connection per worker, so
+no worker ever waits for one (SQLAlchemy's default pool holds 5 + 10). SQLite is a
 file in a temporary directory, PostgreSQL a fresh schema, dropped at the end.
 
 Each mode runs ``--turns`` timed turns (default 3,000) in two rounds, the
@@ -102,7 +102,7 @@ import psycopg
 from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 # The same English-like text and source digest as the window benchmark.
 from window_load import sentence_text, source_digest
@@ -110,9 +110,9 @@ from window_load import sentence_text, source_digest
 import tokenmem.aio
 import tokenmem.store
 from tokenmem import ConversationTokenBufferMemory, Message, Rule, Store, TokenCounter
-from tokenmem.aio import AsyncStore
+from tokenmem.aio import AsyncStore, make_async_engine
 from tokenmem.models import session_uuid, utcnow
-from tokenmem.store import DEFAULT_OWNER, tune
+from tokenmem.store import DEFAULT_OWNER, make_engine
 from tokenmem.window import Counts, count_message
 
 PG_URL = os.environ.get(
@@ -222,21 +222,14 @@ def open_target(backend: str) -> Iterator[Target]:
 
 
 def sync_engine(target: Target) -> Engine:
-    """An engine as ``make_engine`` builds it, with a connection per worker."""
-    return tune(
-        create_engine(
-            target.url, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW, pool_pre_ping=True
-        )
-    )
+    """An engine as ``Store(url, engine_options=...)`` builds it, with a
+    connection per worker."""
+    return make_engine(target.url, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW)
 
 
 def async_engine(target: Target) -> AsyncEngine:
     """An async engine as ``AsyncStore`` builds it, with a connection per worker."""
-    engine = create_async_engine(
-        target.async_url, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW, pool_pre_ping=True
-    )
-    tune(engine.sync_engine)
-    return engine
+    return make_async_engine(target.async_url, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW)
 
 
 def prefill(store: Store, counter: TokenCounter) -> float:
@@ -565,8 +558,8 @@ def counting_retries() -> Iterator[Counter[str]]:
     lock = threading.Lock()
     original = tokenmem.store.retryable
 
-    def retryable(exc: SQLAlchemyError) -> bool:
-        verdict = original(exc)
+    def retryable(exc: SQLAlchemyError, *, committing: bool = False) -> bool:
+        verdict = original(exc, committing=committing)
         if verdict:
             with lock:
                 seen[describe(getattr(exc, "orig", None) or exc)] += 1
@@ -1040,7 +1033,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({LIMIT:,}-token window, text mode, {ENCODING})\n\n"
         f"tokenmem sources {digest}, Python {sys.version.split()[0]}, "
         f"SQLite {sqlite3.sqlite_version}, psycopg {psycopg.__version__}, {os.cpu_count()} CPUs; "
-        f"pools: pool_size={POOL_SIZE}, max_overflow={MAX_OVERFLOW}, pre-ping"
+        f"pools: pool_size={POOL_SIZE}, max_overflow={MAX_OVERFLOW}, no pre-ping"
     )
     reports = [run_backend(backend, args) for backend in args.backends]
     total = time.perf_counter() - started
