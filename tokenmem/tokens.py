@@ -17,6 +17,7 @@ download URL) and is given a bounded time to download otherwise::
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import hashlib
 import importlib.util
@@ -206,3 +207,13 @@ class TokenCounter:
     def count(self, text: str) -> int:
         """Return the number of tokens of ``text``."""
         return len(self.encoding.encode_ordinary(text))
+
+    def count_label(self, text: str) -> int:
+        """:meth:`count` for the few short strings counted on every call
+        (prefixes, role names), remembered."""
+        return _count_label(self.encoding_name, text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _count_label(encoding: str, text: str) -> int:
+    return len(get_encoding(encoding).encode_ordinary(text))

@@ -70,9 +70,9 @@ class Counts:
 
 
 def count_message(counter: TokenCounter, role: str, content: str, name: str | None) -> Counts:
-    chat = counter.count(CHAT_ROLES[role]) + counter.count(content)
+    chat = counter.count_label(CHAT_ROLES[role]) + counter.count(content)
     if name:
-        chat += counter.count(name) + TOKENS_PER_NAME
+        chat += counter.count_label(name) + TOKENS_PER_NAME
     return Counts(text_tokens=counter.count(" " + content), chat_tokens=chat)
 
 
@@ -97,7 +97,7 @@ class Rule:
         return self.limit - REPLY_PRIMING
 
     def prefix_tokens(self, counter: TokenCounter) -> dict[str, int]:
-        return {role: counter.count(self.prefix(role) + ":") for role in CHAT_ROLES}
+        return {role: counter.count_label(self.prefix(role) + ":") for role in CHAT_ROLES}
 
     def cost(self, role: str, counts: Counts, prefix_tokens: Mapping[str, int]) -> int:
         """A message's cost under this rule, in Python (the reference)."""
@@ -132,7 +132,8 @@ def _cost_sql(mode: Mode) -> ColumnElement[int]:
 
 def get_buffer_string(messages: Sequence[Message], rule: Rule) -> str:
     """Render messages as LangChain does: one ``"{prefix}: {content}"`` line each."""
-    return "\n".join(f"{rule.prefix(m.type)}: {m.content}" for m in messages)
+    prefixes = {role: rule.prefix(role) + ": " for role in CHAT_ROLES}
+    return "\n".join(prefixes[m.type] + m.content for m in messages)
 
 
 def chat_prompt_tokens(messages: Sequence[Mapping[str, str]], counter: TokenCounter) -> int:
