@@ -189,7 +189,7 @@ def test_import_from_langchain(
     assert [m.content for m in filled.history("lc-2", owner="lc")] == ["另一个会话", "好的"]
     code, out, _ = run(capsys, "--db", url, "import", "--from-langchain", source, "--owner", "lc")
     assert "0 message(s) imported" in out
-    assert filled.count() == 12 + 6
+    assert filled.count(all_owners=True) == 12 + 6
 
 
 def test_recount_is_resumable(
@@ -214,7 +214,7 @@ def test_erase(store: Store, capsys: pytest.CaptureFixture[str], o200k: object) 
     assert code == 0 and "1 message(s)" in out
     code, out, _ = run(capsys, "--db", url, "--json", "erase", "--owner", "alice", "--yes")
     assert json.loads(out)["sessions"] == 2
-    assert store.count() == 0
+    assert store.count(all_owners=True) == 0
 
 
 @pytest.mark.parametrize(

@@ -98,7 +98,8 @@ def test_erase_owner(store: Store, o200k: TokenCounter) -> None:
     assert (erased.sessions, erased.messages, erased.turns) == (2, 4, 2)
     assert store.sessions(owner="alice") == []
     assert [s.session_id for s in store.sessions(owner="bob")] == ["a", "b"]
-    assert store.count() == 4
+    assert store.count(all_owners=True) == 4
+    assert store.count() == 0  # the default (unnamed) owner has nothing
     assert store.erase_owner("alice").sessions == 0
 
 
@@ -118,7 +119,8 @@ def test_prune_by_age(store: Store, o200k: TokenCounter) -> None:
     assert [m.position for m in store.history("s", owner="alice")] == [2, 3]
     assert len(list(store.history("s", owner="bob"))) == 4
 
-    assert store.prune(timedelta(days=30)).messages == 2  # every owner
+    assert store.prune(timedelta(days=30)).messages == 0  # the default owner has none
+    assert store.prune(timedelta(days=30), all_owners=True).messages == 2
     assert [m.content for m in store.history("s", owner="bob")] == ["new", "new reply"]
     memory = ConversationTokenBufferMemory(store=store, owner="bob", session_id="s")
     assert memory.buffer == "Human: new\nAI: new reply"

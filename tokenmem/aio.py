@@ -29,7 +29,6 @@ from .ops import (
     Erased,
     Op,
     PreparedAppend,
-    SessionKey,
     SessionStats,
     WindowMessage,
     adrive,
@@ -192,13 +191,14 @@ class AsyncStore(StoreBase):
         key = self._key(session_id, owner)
         return await self._run(lambda: erase_op(key))
 
-    async def erase_owner(self, owner: str) -> Erased:
-        key = SessionKey.of("-", owner)
-        return await self._run(lambda: erase_owner_op(key.owner))
+    async def erase_owner(self, owner: str | None = None) -> Erased:
+        scope = self._owner(owner)
+        return await self._run(lambda: erase_owner_op(scope))
 
-    async def prune(self, older_than: timedelta, *, owner: str | None = None) -> Erased:
-        cutoff = utcnow() - older_than
-        scope = None if owner is None else SessionKey.of("-", owner).owner
+    async def prune(
+        self, older_than: timedelta, *, owner: str | None = None, all_owners: bool = False
+    ) -> Erased:
+        cutoff, scope = utcnow() - older_than, self._scope(owner, all_owners)
         return await self._run(lambda: prune_op(cutoff, scope))
 
     async def window(
@@ -281,8 +281,13 @@ class AsyncStore(StoreBase):
     async def session_stats(
         self, *, owner: str | None = None, all_owners: bool = False
     ) -> list[SessionStats]:
-        scope = None if all_owners else self._key("-", owner).owner
+        scope = self._scope(owner, all_owners)
         return await self._run(lambda: session_stats_op(scope))
 
-    async def count(self) -> int:
-        return await self._run(count_op)
+    async def count(self, *, owner: str | None = None, all_owners: bool = False) -> int:
+        scope = self._scope(owner, all_owners)
+        return await self._run(lambda: count_op(scope))
+
+    async def close(self) -> None:
+        """Close the engine's pooled connections."""
+        await self.engine.dispose()

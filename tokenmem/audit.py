@@ -21,7 +21,7 @@ from sqlalchemy import Insert, insert, select
 from .errors import SessionNotFound
 from .messages import Message
 from .models import SESSIONS, TURNS, utcnow
-from .ops import Op, PreparedAppend, SessionKey, _insert, append_op, history_page_op
+from .ops import Op, PreparedAppend, SessionKey, _insert, append_op, messages_between_op
 from .prompt import PromptTemplate
 from .window import Rule, get_buffer_string
 
@@ -137,8 +137,5 @@ def turn_op(key: SessionKey, seq: int) -> Op[tuple[TurnRecord, list[Message]]]:
     (record,) = yield from turns_op(key, seq)
     window: list[Message] = []
     if record.window_first is not None and record.window_last is not None:
-        stored = yield from history_page_op(
-            key, record.window_first - 1, record.window_last - record.window_first + 1
-        )
-        window = [Message(m.type, m.content, m.name) for m in stored]
+        window = yield from messages_between_op(key, record.window_first, record.window_last)
     return record, window

@@ -325,7 +325,7 @@ def recount_op(sid: uuid.UUID, counter: TokenCounter) -> Op[None]:
             break
         params = []
         for position, role, content, name in batch:
-            if position == start:
+            if start_floor is None and position >= start:  # start itself may be pruned
                 start_floor = cum
             c = count_message(counter, role, content, name)
             params.append(
@@ -439,8 +439,12 @@ def _window_recounting(
     as each costs at least one token. Rare: the next append recounts."""
     s, m = SESSIONS.c, MESSAGES.c
     session = (yield select(s.encoding, s.start_position).where(s.id == sid), None).first()
-    if session is None or session.encoding in (None, counter.encoding_name):
+    if session is None or session.encoding is None:
         return []
+    if session.encoding == counter.encoding_name:  # recounted since the first read
+        params = rule.params(sid, counter.encoding_name, prefix_tokens)
+        rows: Sequence[Any] = (yield window_select(rule.mode), params).all()
+        return rows
     tail = (
         yield (
             select(m.position, m.turn, m.role, m.content, m.name)
@@ -536,6 +540,22 @@ def session_op(key: SessionKey) -> Op[SessionInfo]:
     return SessionInfo(*row)
 
 
+def messages_between_op(key: SessionKey, first: int, last: int) -> Op[list[Message]]:
+    """Messages ``first`` to ``last`` (positions), all of them or LookupError."""
+    m = MESSAGES.c
+    rows = (
+        yield (
+            select(m.position, m.role, m.content, m.name)
+            .where(m.session_id == key.id, m.position.between(first, last))
+            .order_by(m.position),
+            None,
+        )
+    ).all()
+    if [r.position for r in rows] != list(range(first, last + 1)):
+        raise SessionNotFound(f"{key.name}: messages {first}..{last} (pruned or erased)")
+    return [Message(r.role, r.content, r.name) for r in rows]
+
+
 def sessions_op(owner: str) -> Op[list[SessionInfo]]:
     s = SESSIONS.c
     rows = (
@@ -586,6 +606,11 @@ def session_stats_op(owner: str | None) -> Op[list[SessionStats]]:
     return [SessionStats(*r) for r in rows]
 
 
-def count_op() -> Op[int]:
-    result = yield select(func.count()).select_from(MESSAGES), None
+def count_op(owner: str | None = None) -> Op[int]:
+    """How many messages are stored: of ``owner``'s sessions, or of all."""
+    query = select(func.count()).select_from(MESSAGES)
+    if owner is not None:
+        ids = select(SESSIONS.c.id).where(SESSIONS.c.owner_id == owner).scalar_subquery()
+        query = query.where(MESSAGES.c.session_id.in_(ids))
+    result = yield query, None
     return int(result.scalar_one())

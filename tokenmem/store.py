@@ -183,18 +183,38 @@ class StoreBase:
 
     engine: Any
     default_owner: str = DEFAULT_OWNER
+    scoped: bool = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.engine.url.render_as_string(hide_password=True)!r})"
 
     def owner(self: Self, owner: str) -> Self:
-        """This store (same engine) with every call scoped to ``owner``."""
+        """This store (same engine) confined to ``owner``: every call acts on
+        that owner's sessions only, and naming another owner is an error."""
         scoped = copy.copy(self)
         scoped.default_owner = SessionKey.of("-", owner).owner
+        scoped.scoped = True
         return scoped
 
     def _key(self, session_id: str, owner: str | None) -> SessionKey:
-        return SessionKey.of(session_id, self.default_owner if owner is None else owner)
+        return SessionKey.of(session_id, self._owner(owner))
+
+    def _owner(self, owner: str | None) -> str:
+        if owner is None or owner == self.default_owner:
+            return self.default_owner
+        if self.scoped:
+            raise ConfigurationError(
+                f"this store is scoped to owner {self.default_owner!r}, not {owner!r}"
+            )
+        return SessionKey.of("-", owner).owner
+
+    def _scope(self, owner: str | None, all_owners: bool) -> str | None:
+        """The owner a call across sessions is limited to; None: every owner."""
+        if all_owners:
+            if self.scoped:
+                raise ConfigurationError("a store scoped to one owner cannot reach all owners")
+            return None
+        return self._owner(owner)
 
     @property
     def dialect(self) -> str:
@@ -338,19 +358,21 @@ class Store(StoreBase):
         key = self._key(session_id, owner)
         return self._run(lambda: erase_op(key))
 
-    def erase_owner(self, owner: str) -> Erased:
-        """Delete everything ``owner`` has — sessions, messages, turns — for
-        good, in one transaction (the right to be forgotten)."""
-        key = SessionKey.of("-", owner)
-        return self._run(lambda: erase_owner_op(key.owner))
+    def erase_owner(self, owner: str | None = None) -> Erased:
+        """Delete everything ``owner`` (default: the scope's owner) has —
+        sessions, messages, turns — for good, in one transaction (the right to
+        be forgotten)."""
+        scope = self._owner(owner)
+        return self._run(lambda: erase_owner_op(scope))
 
-    def prune(self, older_than: timedelta, *, owner: str | None = None) -> Erased:
+    def prune(
+        self, older_than: timedelta, *, owner: str | None = None, all_owners: bool = False
+    ) -> Erased:
         """Retention: hard-delete messages and turn records older than
-        ``older_than``, of ``owner``'s sessions, or of all sessions when
-        ``owner`` is None. Windows of live sessions are unaffected unless
-        they reach back that far."""
-        cutoff = utcnow() - older_than
-        scope = None if owner is None else SessionKey.of("-", owner).owner
+        ``older_than``, of ``owner``'s sessions (default: the scope's owner),
+        or of every owner's with ``all_owners=True``. Turns whose window was
+        pruned can no longer be rebuilt."""
+        cutoff, scope = utcnow() - older_than, self._scope(owner, all_owners)
         return self._run(lambda: prune_op(cutoff, scope))
 
     # reads
@@ -464,9 +486,10 @@ class Store(StoreBase):
         self, *, owner: str | None = None, all_owners: bool = False
     ) -> list[SessionStats]:
         """Sessions with message counts, tokens and activity (one owner, or all)."""
-        scope = None if all_owners else self._key("-", owner).owner
+        scope = self._scope(owner, all_owners)
         return self._run(lambda: session_stats_op(scope))
 
-    def count(self) -> int:
+    def count(self, *, owner: str | None = None, all_owners: bool = False) -> int:
         """How many messages the store holds (all sessions, all owners)."""
-        return self._run(count_op)
+        scope = self._scope(owner, all_owners)
+        return self._run(lambda: count_op(scope))

@@ -85,7 +85,7 @@ def export_jsonl(
     else:
         keys = [
             SessionKey(s.owner_id, s.session_id)
-            for s in store.session_stats(owner=owner, all_owners=owner is None)
+            for s in store.session_stats(owner=owner, all_owners=owner is None and not store.scoped)
         ]
     written = 0
     for key in keys:
@@ -291,7 +291,7 @@ def recount(
         if not targets:
             raise SessionNotFound(session)
     else:
-        targets = store.session_stats(owner=owner, all_owners=owner is None)
+        targets = store.session_stats(owner=owner, all_owners=owner is None and not store.scoped)
     done = 0
     for info in targets:
         if info.encoding not in (None, counter.encoding_name):

@@ -33,7 +33,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from sqlalchemy import BindParameter, ColumnElement, Integer, Select, bindparam, case, func, select
+from sqlalchemy import (
+    BigInteger,
+    BindParameter,
+    ColumnElement,
+    Integer,
+    Select,
+    bindparam,
+    case,
+    func,
+    select,
+)
 
 from .messages import Message
 from .models import MESSAGES, SESSIONS
@@ -167,7 +177,7 @@ def window_select(mode: Mode) -> Select[tuple[int, int, str, str, str | None]]:
     or counted with another encoding than the one asked for."""
     m = MESSAGES.c
     s = SESSIONS.c
-    budget: BindParameter[int] = bindparam("w_budget", type_=Integer)
+    budget: BindParameter[int] = bindparam("w_budget", type_=BigInteger)
     # The oldest message that could fit, or the start set by clear(): one
     # range on the (session_id, cum_floor) index.
     start = case(
