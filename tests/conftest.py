@@ -35,12 +35,12 @@ def _no_default_database(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A test that forgets to pass a store must not write to the user's home.
-    monkeypatch.setenv(
-        "TOKENMEM_DATABASE_URL", f"sqlite:///{tmp_path_factory.mktemp('default')}/default.sqlite3"
-    )
+    monkeypatch.delenv("TOKENMEM_DATABASE_URL", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("data")))
     import tokenmem.memory
 
     monkeypatch.setattr(tokenmem.memory, "_default_store", None)
+    monkeypatch.setattr(tokenmem.memory, "_stores", {})
 
 
 def _pg_admin() -> Engine:

@@ -17,12 +17,13 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from alembic.util import CommandError
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import migrate
 from .audit import TurnRecord, rebuild, record_turn_op, turn_op, turns_op
-from .errors import StoreError
+from .errors import ConfigurationError, StoreError
 from .messages import Message, SessionInfo, StoredMessage
 from .models import utcnow
 from .ops import (
@@ -33,6 +34,7 @@ from .ops import (
     WindowMessage,
     adrive,
     append_op,
+    batches,
     clear_op,
     count_op,
     erase_op,
@@ -115,6 +117,8 @@ class AsyncStore(StoreBase):
                 await conn.run_sync(run)
         except SQLAlchemyError as exc:
             raise StoreError(f"migration failed: {exc}") from exc
+        except CommandError as exc:
+            raise ConfigurationError(f"migration: {exc}") from exc
         self._ready = False
 
     async def current_revision(self) -> str | None:
@@ -174,13 +178,9 @@ class AsyncStore(StoreBase):
         owner: str | None = None,
         batch_size: int = 500,
     ) -> int:
-        key, written, batch = self._key(session_id, owner), 0, []
-        for turn in [*turns, None]:
-            if turn is not None:
-                batch.append(turn)
-            if batch and (turn is None or len(batch) == batch_size):
-                written += len(await self._append(prepare_append(key, batch, counter)))
-                batch = []
+        key, written = self._key(session_id, owner), 0
+        for batch in batches(turns, batch_size):
+            written += len(await self._append(prepare_append(key, batch, counter)))
         return written
 
     async def clear(self, session_id: str, *, owner: str | None = None) -> None:
@@ -250,6 +250,8 @@ class AsyncStore(StoreBase):
         owner: str | None = None,
     ) -> TurnRecord:
         key = self._key(session_id, owner)
+        if exchange and counter is None:
+            raise ConfigurationError("record_turn needs the counter to save an exchange")
         prepared = prepare_append(key, [exchange], counter) if exchange and counter else None
         return await self._run(lambda: record_turn_op(self.dialect, key, record, prepared))
 

@@ -60,6 +60,10 @@ class _Plan:
     prompt_tokens: int
 
 
+def _cancelled() -> ModelError:
+    return ModelError("the consumer stopped reading the stream", error_type="Cancelled")
+
+
 class ConversationChain:
     """A conversation over a :class:`ConversationTokenBufferMemory`.
 
@@ -255,9 +259,11 @@ class ConversationChain:
         except ModelError as exc:
             self._finish(plan, started, None, exc)
             raise
-        if reply is None:  # the consumer stopped early: nothing to save
-            return
-        self._finish(plan, started, reply, None)
+        except GeneratorExit:  # the consumer stopped early: audit it, save nothing
+            self._finish(plan, started, None, _cancelled())
+            raise
+        if reply is not None:
+            self._finish(plan, started, reply, None)
 
     # async
 
@@ -308,6 +314,9 @@ class ConversationChain:
                     yield chunk
         except ModelError as exc:
             await self._afinish(plan, started, None, exc)
+            raise
+        except (GeneratorExit, asyncio.CancelledError):
+            await self._afinish(plan, started, None, _cancelled())
             raise
         if reply is not None:
             await self._afinish(plan, started, reply, None)

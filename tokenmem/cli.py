@@ -307,6 +307,8 @@ def cmd_turns(args: argparse.Namespace, store: Any, out: _Out) -> int:
     if args.session == "show":
         if len(args.rest) != 2:
             raise ConfigurationError("usage: tokenmem turns show SESSION SEQ")
+        if not args.rest[1].isdigit():
+            raise ConfigurationError(f"SEQ must be a number, not {args.rest[1]!r}")
         session, seq = args.rest[0], int(args.rest[1])
         turn = next((t for t in store.turns(session, owner=args.owner) if t.seq == seq), None)
         if turn is None:
@@ -435,7 +437,10 @@ def cmd_import(args: argparse.Namespace, store: Any, out: _Out) -> int:
 def cmd_export(args: argparse.Namespace, store: Any, out: _Out) -> int:
     from .transfer import export_jsonl
 
-    target = open(args.output, "w", encoding="utf-8") if args.output else out.stream  # noqa: SIM115
+    try:
+        target = open(args.output, "w", encoding="utf-8") if args.output else out.stream  # noqa: SIM115
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write {args.output}: {exc.strerror}") from None
     try:
         written = export_jsonl(store, target, owner=args.owner, sessions=args.sessions)
     finally:
@@ -619,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .store import Store
 
-        store = Store(args.db) if args.db else Store()
+        # `db` commands report the schema as it is: they never migrate by themselves.
+        store = Store(args.db or None, upgrade=False if args.command == "db" else None)
         return int(args.handler(args, store, out))
     except KeyboardInterrupt:
         print("\ntokenmem: interrupted", file=sys.stderr)

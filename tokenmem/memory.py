@@ -43,19 +43,24 @@ class ModelInfo(Protocol):
 
 
 _default_store: Store | None = None
+_stores: dict[object, Store] = {}
 _default_lock = threading.Lock()
 
 
 def _store(store: Store | AsyncStore | Engine | str | None) -> Store | AsyncStore:
+    """The Store for ``store``: one per URL or Engine per process (memories
+    are made per request; engines and their pools must not be)."""
     global _default_store
-    if isinstance(store, (str, Engine)):
-        return Store(store, upgrade=False)
-    if store is not None:
+    if isinstance(store, Store) or (store is not None and not isinstance(store, str | Engine)):
         return store
     with _default_lock:
-        if _default_store is None:
-            _default_store = Store()
-        return _default_store
+        if store is None:
+            if _default_store is None:
+                _default_store = Store()
+            return _default_store
+        if store not in _stores:
+            _stores[store] = Store(store, upgrade=False)
+        return _stores[store]
 
 
 class ConversationTokenBufferMemory:

@@ -31,6 +31,28 @@ def config(connection: Connection | None = None) -> Config:
     return cfg
 
 
+_LOCK_KEY = 0x746F6B656E6D656D  # "tokenmem": one PostgreSQL advisory lock for migrations
+
+
+def _lock(connection: Connection) -> None:
+    """Serialise migrations between processes (the lock ends with the
+    transaction): alembic then reads the version another process just wrote."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_LOCK_KEY})")
+    elif connection.dialect.name == "sqlite":
+        dbapi = connection.connection.dbapi_connection
+        if not getattr(dbapi, "in_transaction", True):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def known(revision: str) -> bool:
+    """Whether this tokenmem has a migration script for ``revision``."""
+    try:
+        return ScriptDirectory.from_config(config()).get_revision(revision) is not None
+    except Exception:
+        return False
+
+
 def head() -> str:
     rev = ScriptDirectory.from_config(config()).get_current_head()
     assert rev is not None
@@ -43,8 +65,15 @@ def current(connection: Connection) -> str | None:
 
 
 def upgrade(connection: Connection, revision: str = "head") -> None:
+    """Upgrade tokenmem's tables on ``connection`` (in its transaction).
+
+    Call it from a host application's ``env.py`` (after its own
+    migrations), not from inside one of its migration scripts: alembic's
+    ``op`` proxies are global."""
+    _lock(connection)
     command.upgrade(config(connection), revision)
 
 
 def downgrade(connection: Connection, revision: str) -> None:
+    _lock(connection)
     command.downgrade(config(connection), revision)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
@@ -159,6 +159,18 @@ class PreparedAppend:
     @property
     def floor(self) -> int:
         return sum(c.floor for c in self.counts)
+
+
+def batches(turns: Iterable[Sequence[Message]], size: int) -> Iterator[list[Sequence[Message]]]:
+    """``turns`` in lists of ``size``, read lazily (an import may be long)."""
+    batch: list[Sequence[Message]] = []
+    for turn in turns:
+        batch.append(turn)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def prepare_append(
@@ -356,6 +368,36 @@ def recount_op(sid: uuid.UUID, counter: TokenCounter) -> Op[None]:
     )
 
 
+def align_op(dialect: str, key: SessionKey, position: int, turn: int) -> Op[None]:
+    """Move the session's next position and turn forward to ``position`` and
+    ``turn`` (creating it if needed), so an import keeps its source's
+    positions: the skipped ones are a gap, as after :func:`prune_op`."""
+    s, now = SESSIONS.c, utcnow()
+    stmt = (
+        _insert(dialect)(SESSIONS)
+        .values(
+            id=key.id,
+            owner_id=key.owner,
+            name=key.name,
+            encoding=None,
+            next_position=position,
+            next_turn=turn,
+            floor_total=0,
+            start_position=position,
+            start_floor=0,
+            next_call=0,
+            created_at=now,
+            updated_at=now,
+        )
+        .on_conflict_do_update(
+            index_elements=[s.id],
+            set_={"next_position": position, "next_turn": turn},
+            where=s.next_position < position,
+        )
+    )
+    yield stmt, None
+
+
 def clear_op(key: SessionKey) -> Op[None]:
     s = SESSIONS.c
     yield (
@@ -487,6 +529,9 @@ def history_page_op(
     ``[since, until)`` when given); SessionNotFound if none and the session
     does not exist."""
     m = MESSAGES.c
+    for bound in (since, until):
+        if bound is not None and bound.tzinfo is None:
+            raise InvalidInputError("since/until must be timezone-aware datetimes")
     where = [m.session_id == key.id, m.position > after]
     if since is not None:
         where.append(m.created_at >= since)

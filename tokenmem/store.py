@@ -29,6 +29,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -46,7 +47,9 @@ from .ops import (
     SessionKey,
     SessionStats,
     WindowMessage,
+    align_op,
     append_op,
+    batches,
     clear_op,
     count_op,
     drive,
@@ -166,6 +169,13 @@ def schema_error(current: str | None) -> SchemaError | None:
     head = migrate.head()
     if current == head:
         return None
+    if current is not None and not migrate.known(current):
+        return SchemaError(
+            f"tokenmem's tables are at revision {current}, which this tokenmem does not "
+            f"know (its head is {head}): a newer tokenmem migrated them; upgrade tokenmem",
+            current=current,
+            head=head,
+        )
     state = "not migrated" if current is None else f"at revision {current}"
     return SchemaError(
         f"tokenmem's tables are {state}, the code needs {head}: run "
@@ -250,7 +260,9 @@ class Store(StoreBase):
             else make_engine(url or default_url(), **(engine_options or {}))
         )
         self._ready = False
-        if upgrade if upgrade is not None else url is None:
+        if upgrade is None:  # only the embedded default migrates by itself
+            upgrade = url is None and not os.environ.get("TOKENMEM_DATABASE_URL")
+        if upgrade:
             self.upgrade()
 
     def close(self) -> None:
@@ -273,6 +285,8 @@ class Store(StoreBase):
                 run(conn)
         except SQLAlchemyError as exc:
             raise StoreError(f"migration failed: {exc}") from exc
+        except CommandError as exc:  # an unknown revision, a database ahead of the code
+            raise ConfigurationError(f"migration: {exc}") from exc
         self._ready = False
 
     def current_revision(self) -> str | None:
@@ -338,14 +352,17 @@ class Store(StoreBase):
     ) -> int:
         """Append many turns (imports, benchmarks), ``batch_size`` turns per
         transaction; return how many messages were written."""
-        key, written, batch = self._key(session_id, owner), 0, []
-        for turn in [*turns, None]:
-            if turn is not None:
-                batch.append(turn)
-            if batch and (turn is None or len(batch) == batch_size):
-                written += len(self._append(prepare_append(key, batch, counter)))
-                batch = []
-        return written
+        key = self._key(session_id, owner)
+        return sum(
+            len(self._append(prepare_append(key, batch, counter)))
+            for batch in batches(turns, batch_size)
+        )
+
+    def align(self, session_id: str, position: int, turn: int, *, owner: str | None = None) -> None:
+        """Let the next message be at ``position`` and turn ``turn`` (only ever
+        forward): imports use it to keep their source's positions."""
+        key = self._key(session_id, owner)
+        self._run(lambda: align_op(self.dialect, key, position, turn))
 
     def clear(self, session_id: str, *, owner: str | None = None) -> None:
         """Start an empty window; every message stays in the history."""
@@ -449,6 +466,8 @@ class Store(StoreBase):
         """Record a model call and save its ``exchange`` (if any, counted with
         ``counter``) in one transaction. Returns the record with its ``seq``."""
         key = self._key(session_id, owner)
+        if exchange and counter is None:
+            raise ConfigurationError("record_turn needs the counter to save an exchange")
         prepared = prepare_append(key, [exchange], counter) if exchange and counter else None
         return self._run(lambda: record_turn_op(self.dialect, key, record, prepared))
 

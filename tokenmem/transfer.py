@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import IO, Any
 
-from sqlalchemy import MetaData, Table, create_engine, select
+from sqlalchemy import MetaData, Table, create_engine, make_url, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from .errors import InvalidInputError, SessionNotFound, StoreError
@@ -157,9 +157,21 @@ def _next_position(store: Store, key: SessionKey) -> int:
 def _import_session(
     store: Store, key: SessionKey, records: list[dict[str, Any]], counter: TokenCounter
 ) -> tuple[int, int]:
-    """Append the records the session does not hold yet; (imported, skipped)."""
+    """Append the records the session does not hold yet; (imported, skipped).
+
+    Records with a ``position`` keep it (the session's counter is moved up to
+    the first one, leaving a gap where the source was pruned) and are skipped
+    when the session is already past it; records without one are skipped by
+    count."""
     have = _next_position(store, key)
-    fresh = records[have:]
+    if all(isinstance(r.get("position"), int) for r in records):
+        fresh = [r for r in records if r["position"] >= have]
+        if fresh and fresh[0]["position"] > have:
+            store.align(
+                key.name, fresh[0]["position"], int(fresh[0].get("turn") or 0), owner=key.owner
+            )
+    else:
+        fresh = records[have:]
     if not fresh:
         return 0, len(records)
     written = store.append_turns(key.name, _turns(fresh), counter, owner=key.owner)
@@ -235,7 +247,8 @@ def import_langchain(
                 result = _add(result, store, session_id, records, owner, counter, progress)
             return result
     except SQLAlchemyError as exc:
-        raise StoreError(f"cannot read {table!r} from {url}: {exc}") from exc
+        shown = make_url(url).render_as_string(hide_password=True)
+        raise StoreError(f"cannot read {table!r} from {shown}: {exc}") from exc
     finally:
         engine.dispose()
 
