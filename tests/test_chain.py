@@ -298,3 +298,42 @@ def test_custom_templates_are_validated() -> None:
     assert custom.system_text == "Be terse."
     assert custom.render_text("Human: a", "b") == "Be terse.\nHuman: a\nQ: b\nA:"
     assert PromptTemplate("Use {{json}}.\n{history}\n{input}").system_text == "Use {json}."
+
+
+def test_rebuild_after_prune_says_so(openai_server: FakeOpenAI, store: Store) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from tokenmem import SessionNotFound
+    from tokenmem.models import MESSAGES, utcnow
+
+    chain = make_chain(openai_server, store, limit=200)
+    chain.predict(input="first question")
+    chain.predict(input="second question")
+    with store.engine.begin() as conn:
+        conn.execute(
+            update(MESSAGES)
+            .where(MESSAGES.c.position < 2)
+            .values(created_at=utcnow() - timedelta(days=9))
+        )
+    store.prune(timedelta(days=1))
+    with pytest.raises(SessionNotFound, match=r"messages 0\.\.1 \(pruned or erased\)"):
+        store.rebuild_prompt(chain.memory.session_id, 1)
+    assert (
+        store.rebuild_prompt(chain.memory.session_id, 0)
+        == openai_server.requests[0].body["messages"]
+    )  # type: ignore[index]
+
+
+def test_a_stream_left_early_is_audited_and_saves_nothing(
+    openai_server: FakeOpenAI, store: Store
+) -> None:
+    chain = make_chain(openai_server, store)
+    openai_server.reply("one two three four")
+    stream = chain.stream(input="partial")
+    assert next(stream) and next(stream)
+    stream.close()
+    assert list(chain.memory.history()) == []
+    (turn,) = store.turns(chain.memory.session_id)
+    assert (turn.outcome, turn.error_type) == ("error", "Cancelled")

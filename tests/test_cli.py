@@ -279,3 +279,55 @@ def test_chat_subprocess(openai_server: FakeOpenAI, tmp_path: Path) -> None:
         "role": "assistant",
         "content": "first reply",
     }
+
+
+def test_incremental_import_after_the_source_pruned(
+    store: Store, capsys: pytest.CaptureFixture[str], tmp_path: Path, o200k: object
+) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from tokenmem.models import MESSAGES, utcnow
+
+    url, target = url_of(store.engine), f"sqlite:///{tmp_path}/backup.sqlite3"
+    run(capsys, "--db", target, "db", "upgrade")
+    for i in range(2):
+        store.append("s", [Message("human", f"q{i}"), Message("ai", f"a{i}")], o200k)  # type: ignore[arg-type]
+    run(capsys, "--db", url, "export", "-o", str(tmp_path / "1.jsonl"))
+    run(capsys, "--db", target, "import", str(tmp_path / "1.jsonl"))
+    with store.engine.begin() as conn:  # retention removes the first exchange at the source
+        conn.execute(
+            update(MESSAGES)
+            .where(MESSAGES.c.position < 2)
+            .values(created_at=utcnow() - timedelta(days=9))
+        )
+    store.prune(timedelta(days=1))
+    store.append("s", [Message("human", "q2"), Message("ai", "a2")], o200k)  # type: ignore[arg-type]
+    run(capsys, "--db", url, "export", "-o", str(tmp_path / "2.jsonl"))
+    code, out, _ = run(capsys, "--db", target, "import", str(tmp_path / "2.jsonl"))
+    assert code == 0 and "2 message(s) imported" in out and "2 already there" in out
+    backup = Store(target)
+    assert [(m.position, m.content) for m in backup.history("s")] == [
+        (0, "q0"),
+        (1, "a0"),
+        (2, "q1"),
+        (3, "a1"),
+        (4, "q2"),
+        (5, "a2"),
+    ]
+    backup.close()
+    # Into an empty database the pruned export keeps its positions (a gap, as at the source).
+    fresh = f"sqlite:///{tmp_path}/fresh.sqlite3"
+    run(capsys, "--db", fresh, "db", "upgrade")
+    run(capsys, "--db", fresh, "import", str(tmp_path / "2.jsonl"))
+    copy = Store(fresh)
+    assert [m.position for m in copy.history("s")] == [2, 3, 4, 5]
+    copy.close()
+
+
+def test_bad_migration_revision_is_a_usage_error(
+    db: Engine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "--db", url_of(db), "db", "upgrade", "nonsense")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -212,3 +212,42 @@ def test_failed_transaction_writes_nothing(store: Store) -> None:
             memory.counter,
         )
     assert store.count() == 0
+
+
+def test_a_database_failure_mid_exchange_writes_nothing(store: Store) -> None:
+    """The second message's INSERT fails inside the database (a trigger):
+    the session bump and the first message roll back with it."""
+    from sqlalchemy import text
+
+    from tokenmem import StoreError
+
+    with store.engine.begin() as conn:
+        if store.dialect == "sqlite":
+            conn.execute(
+                text(
+                    "CREATE TRIGGER boom BEFORE INSERT ON tokenmem_messages "
+                    "WHEN NEW.content = 'boom' BEGIN SELECT RAISE(ABORT, 'boom'); END"
+                )
+            )
+        else:
+            conn.execute(
+                text(
+                    "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                    "IF NEW.content = 'boom' THEN RAISE EXCEPTION 'boom'; END IF; "
+                    "RETURN NEW; END $$"
+                )
+            )
+            conn.execute(
+                text(
+                    "CREATE TRIGGER boom BEFORE INSERT ON tokenmem_messages "
+                    "FOR EACH ROW EXECUTE FUNCTION boom()"
+                )
+            )
+    memory = ConversationTokenBufferMemory(store=store, session_id="atomic")
+    memory.save_context({"input": "first"}, {"output": "fine"})
+    with pytest.raises(StoreError, match="boom"):
+        memory.save_context({"input": "kept?"}, {"output": "boom"})
+    assert [m.content for m in memory.history()] == ["first", "fine"]
+    assert store.session("atomic").messages == 2  # the counters rolled back too
+    memory.save_context({"input": "next"}, {"output": "works"})
+    assert [m.position for m in memory.history()] == [0, 1, 2, 3]

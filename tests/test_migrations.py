@@ -10,6 +10,7 @@ import uuid
 import zipfile
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, create_engine, inspect, text
@@ -140,3 +141,46 @@ def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
         "tokenmem/migrations/versions/0001_initial.py",
         "tokenmem/py.typed",
     } <= names
+
+
+def _first_use(url: str) -> str:
+    from tokenmem import Store as S
+
+    store = S(url, upgrade=True)
+    try:
+        return str(store.current_revision())
+    finally:
+        store.close()
+
+
+def test_concurrent_first_upgrades(db: Engine) -> None:
+    """Several processes migrating a fresh database at once: all succeed."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    url = db.url.render_as_string(hide_password=False)
+    with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
+        revisions = list(pool.map(_first_use, [url] * 4))
+    assert revisions == [migrate.head()] * 4
+
+
+def test_only_the_embedded_default_migrates_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, o200k: TokenCounter
+) -> None:
+    from tokenmem import SchemaError
+
+    monkeypatch.setenv("TOKENMEM_DATABASE_URL", f"sqlite:///{tmp_path}/env.sqlite3")
+    store = Store()
+    with pytest.raises(SchemaError, match="not migrated"):
+        store.append("s", [Message("human", "x")], o200k)
+    store.close()
+
+
+def test_a_database_ahead_of_the_code(db: Engine, o200k: TokenCounter) -> None:
+    from tokenmem import SchemaError
+
+    store = Store(db, upgrade=True)
+    with db.begin() as conn:
+        conn.execute(text("UPDATE tokenmem_alembic_version SET version_num = '9999'"))
+    with pytest.raises(SchemaError, match=r"does not know.*upgrade tokenmem"):
+        store.check()

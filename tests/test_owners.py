@@ -126,3 +126,30 @@ def test_prune_by_age(store: Store, o200k: TokenCounter) -> None:
     assert memory.buffer == "Human: new\nAI: new reply"
     memory.save_context({"input": "after"}, {"output": "pruning"})
     assert [m.position for m in memory.history()] == [2, 3, 4, 5]
+
+
+def test_a_scoped_store_stays_in_its_scope(store: Store, o200k: TokenCounter) -> None:
+    from tokenmem import ConfigurationError
+    from tokenmem.transfer import export_jsonl
+
+    alice, bob = store.owner("alice"), store.owner("bob")
+    alice.append("s", [Message("human", "alice's")], o200k)
+    bob.append("s", [Message("human", "bob's secret")], o200k)
+    for call in (
+        lambda: list(alice.history("s", owner="bob")),
+        lambda: alice.session_stats(all_owners=True),
+        lambda: alice.erase_owner("bob"),
+        lambda: alice.prune(timedelta(0), all_owners=True),
+        lambda: alice.count(owner="bob"),
+    ):
+        with pytest.raises(ConfigurationError, match="scoped"):
+            call()
+    assert alice.count() == 1 and store.count(all_owners=True) == 2
+    assert alice.prune(timedelta(0)).messages == 1  # alice's only
+    assert [m.content for m in bob.history("s")] == ["bob's secret"]
+    import io
+
+    dump = io.StringIO()
+    export_jsonl(bob, dump)
+    assert "bob's secret" in dump.getvalue() and "alice" not in dump.getvalue()
+    assert bob.erase_owner().messages == 1

@@ -128,3 +128,36 @@ def test_window_of_one_huge_message_is_empty(store: Store) -> None:
     assert memory.buffer == ""
     assert memory.buffer_as_messages == []
     assert len(list(memory.history())) == 2
+
+
+def test_prune_then_encoding_switch_keeps_the_window(store: Store) -> None:
+    """Recounting after retention deleted the oldest messages keeps every
+    surviving message reachable (the clear() start is re-derived)."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from tokenmem.models import MESSAGES, utcnow
+
+    old = ConversationTokenBufferMemory(store=store, encoding="cl100k_base", max_token_limit=200)
+    for i in range(4):
+        old.save_context({"input": f"q{i}"}, {"output": f"a{i}"})
+    with store.engine.begin() as conn:
+        conn.execute(
+            update(MESSAGES)
+            .where(MESSAGES.c.position < 2)
+            .values(created_at=utcnow() - timedelta(days=9))
+        )
+    assert store.prune(timedelta(days=1)).messages == 2
+    expected = "Human: q1\nAI: a1\nHuman: q2\nAI: a2\nHuman: q3\nAI: a3"
+    assert old.buffer == expected
+    new = ConversationTokenBufferMemory(
+        store=store, session_id=old.session_id, encoding="o200k_base", max_token_limit=200
+    )
+    assert new.buffer == expected  # read path, counted in Python
+    new.save_context({"input": "q4"}, {"output": "a4"})  # recounts the session
+    assert new.buffer == expected + "\nHuman: q4\nAI: a4"
+    new.clear()
+    new.save_context({"input": "q5"}, {"output": "a5"})
+    store.recount(new.session_id, TokenCounter("cl100k_base"))
+    assert old.buffer == "Human: q5\nAI: a5"
