@@ -1,10 +1,10 @@
 """Moving conversations in and out: JSONL export/import, LangChain's
 ``SQLChatMessageHistory`` tables, and recounting tokens for another encoding.
 
-All of it streams: rows are read and written in batches, so a session of a
-million messages never sits in memory. Imports are idempotent: a session
-that already holds the first N messages of a source gets only the rest, so
-importing twice adds nothing and an interrupted import resumes::
+Exports and recounts stream, page by page; an import holds one session's
+records at a time. Imports are idempotent: records keep their positions and
+those a session already holds are skipped, so importing twice adds nothing
+and an interrupted import resumes::
 
     with open("backup.jsonl", "w") as out:
         export_jsonl(store, out)                   # every session of every owner
