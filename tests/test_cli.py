@@ -75,7 +75,7 @@ def test_sessions_history_window_turns(filled: Store, capsys: pytest.CaptureFixt
     assert future[1] == ""
 
     code, out, _ = run(capsys, "--db", url, "window", "talk", "--limit", "40")
-    assert code == 0 and "fell out of the window (positions 0.." in out and "/40 tokens" in out
+    assert code == 0 and "outside the window (positions 0.." in out and "/40 tokens" in out
     window = json.loads(run(capsys, "--db", url, "--json", "window", "talk", "--limit", "40")[1])
     assert 0 < window["used"] <= 40 and window["fell_out"] == 12 - len(window["messages"])
     assert [m["running"] for m in window["messages"]] == sorted(

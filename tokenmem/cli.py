@@ -299,7 +299,10 @@ def cmd_window(args: argparse.Namespace, store: Any, out: _Out) -> int:
         f"({rule.mode}, {counter.encoding_name})"
     )
     older = f" (positions 0..{first - 1})" if first else ""
-    out.line(f"{first} older message(s) fell out of the window{older}; {len(rows)} are in it")
+    out.line(
+        f"{first} older message(s) are outside the window{older}: over the budget, "
+        f"cleared or pruned; {len(rows)} are in it"
+    )
     return 0
 
 

@@ -39,6 +39,6 @@ class SessionInfo:
 
     owner_id: str
     session_id: str
-    messages: int
+    messages: int  # ever appended (positions used), pruned ones included
     created_at: datetime
     updated_at: datetime
