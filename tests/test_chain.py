@@ -337,3 +337,28 @@ def test_a_stream_left_early_is_audited_and_saves_nothing(
     assert list(chain.memory.history()) == []
     (turn,) = store.turns(chain.memory.session_id)
     assert (turn.outcome, turn.error_type) == ("error", "Cancelled")
+
+
+def test_invoke_returns_the_history_used(openai_server: FakeOpenAI, store: Store) -> None:
+    chain = make_chain(openai_server, store, limit=200)
+    openai_server.reply("first answer", "second answer")
+    first = chain.invoke({"input": "first"})
+    assert first == {"input": "first", "history": [], "response": "first answer"}
+    second = chain.invoke({"input": "second"})
+    assert [(m.type, m.content) for m in second["history"]] == [
+        ("human", "first"),
+        ("ai", "first answer"),
+    ]
+    assert second["response"] == "second answer"
+    with pytest.raises(ConfigurationError, match="'input'"):
+        chain.invoke({"question": "x"})
+
+    text_chain = make_chain(
+        openai_server, store, limit=200, api="completions", model="gpt-3.5-turbo-instruct"
+    )
+    openai_server.reply("hello")
+    text_chain.invoke({"input": "a"})
+    openai_server.reply("again")
+    result = text_chain.invoke({"input": "b"})
+    assert result["history"] == "Human: a\nAI: hello"
+    assert result["history"] in openai_server.requests[-1].body["prompt"]  # type: ignore[index]

@@ -33,7 +33,7 @@ from .messages import Message
 from .ops import WindowMessage, check_text
 from .prompt import PromptTemplate, render_chat_text
 from .store import Store
-from .window import chat_prompt_tokens
+from .window import chat_prompt_tokens, get_buffer_string
 
 __all__ = ["ConversationChain"]
 
@@ -218,10 +218,7 @@ class ConversationChain:
         window = self.memory.window(return_messages=self.llm.api == "chat", limit=limit)
         return self._plan(window, text, limit)
 
-    def predict(self, *, input: str) -> str:
-        """Call the model with the window and ``input``; return its reply.
-
-        Raises :class:`ModelError` (nothing saved) when the call fails."""
+    def _call(self, input: object) -> tuple[_Plan, Reply]:
         plan = self._prepare(input)
         started = time.perf_counter()
         try:
@@ -230,18 +227,29 @@ class ConversationChain:
             self._finish(plan, started, None, exc)
             raise
         self._finish(plan, started, reply, None)
-        return reply.text
+        return plan, reply
+
+    def predict(self, *, input: str) -> str:
+        """Call the model with the window and ``input``; return its reply.
+
+        Raises :class:`ModelError` (nothing saved) when the call fails."""
+        return self._call(input)[1].text
 
     def invoke(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        """``{input, history, response}`` like LangChain's chain.invoke."""
+        """``{input, history, response}`` like LangChain's chain.invoke; the
+        history is the window the prompt was built from (messages for a chat
+        model, the rendered string for a completion model)."""
         if not isinstance(inputs, Mapping) or self.input_key not in inputs:
             raise ConfigurationError(f"invoke needs a dict with the key {self.input_key!r}")
-        history = self.memory.load_memory_variables({})[self.memory.memory_key]
-        response = self.predict(input=inputs[self.input_key])
+        plan, reply = self._call(inputs[self.input_key])
+        window = [w.message for w in plan.window]
+        history: str | list[Message] = window
+        if self.llm.api == "completions":
+            history = get_buffer_string(window, self.memory._rule(False))
         return {
             self.input_key: inputs[self.input_key],
             self.memory.memory_key: history,
-            self.output_key: response,
+            self.output_key: reply.text,
         }
 
     def stream(self, *, input: str) -> Iterator[str]:

@@ -243,7 +243,9 @@ class ConversationTokenBufferMemory:
     async def asave_context(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
         exchange = self._exchange(inputs, outputs)
         if isinstance(self.store, Store):
-            await asyncio.to_thread(self.save_context, inputs, outputs)
+            await asyncio.to_thread(
+                self.store.append, self.session_id, exchange, self.counter, owner=self.owner
+            )
         else:
             await self.store.append(self.session_id, exchange, self.counter, owner=self.owner)
 
