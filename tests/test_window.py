@@ -94,6 +94,12 @@ def test_window_matches_reference(
     assert counter.count(rendered) <= limit
 
     assert memory.buffer_as_messages == reference_messages(messages, limit, counter)
+    # Each message's cost comes back with it, as the chat formula counts it.
+    chat = memory.window(return_messages=True)
+    roles = {"human": "user", "ai": "assistant", "system": "system"}
+    assert [w.tokens for w in chat] == [
+        3 + counter.count(roles[w.message.type]) + counter.count(w.message.content) for w in chat
+    ]
 
 
 def test_window_after_switching_encoding(store: Store) -> None:

@@ -108,19 +108,18 @@ class ConversationChain:
         if self.verbose:
             self.log(text)
 
-    def _limit(self, input: str) -> int:
-        """The window's token budget for this input."""
+    def _limit(self, scaffold: int) -> int:
+        """The window's token budget, given what the prompt costs without it."""
         limit = self.memory.max_token_limit
         context = self.llm.context_window
         if context is None:
             return limit
-        empty = self._render([], input)
-        free = context - self.reserve_tokens - self._count(empty)
+        free = context - self.reserve_tokens - scaffold
         if self.llm.api == "chat":
-            free += 3  # the reply priming: counted in the empty prompt and in the window
+            free += 3  # the reply priming: counted in the scaffold and in the window's rule
         if free <= 0:
             raise ConfigurationError(
-                f"the input needs {self._count(empty)} tokens with the instructions; "
+                f"the input needs {scaffold} tokens with the instructions; "
                 f"{self.llm.model} has {context} and {self.reserve_tokens} are reserved"
             )
         return min(limit, free)
@@ -139,13 +138,15 @@ class ConversationChain:
             else chat_prompt_tokens(prompt, counter)
         )
 
-    def _plan(self, window: list[WindowMessage], input: str, limit: int) -> _Plan:
+    def _plan(self, window: list[WindowMessage], input: str, limit: int, scaffold: int) -> _Plan:
         context = self.llm.context_window
         while True:
             prompt = self._render([w.message for w in window], input)
-            tokens = self._count(prompt)
-            # Merges at the history's edges can add a token: keep the exact
-            # prompt within the context, dropping the oldest message if needed.
+            if isinstance(prompt, str):  # counted whole: merges at the history's edges
+                tokens = self._count(prompt)
+            else:  # the chat formula adds up: the window's costs were counted at write time
+                tokens = scaffold + sum(w.tokens for w in window)
+            # Keep the exact prompt within the context, dropping the oldest message if needed.
             if not window or context is None or tokens <= context - self.reserve_tokens:
                 break
             window = window[1:]
@@ -212,11 +213,16 @@ class ConversationChain:
 
     # sync
 
-    def _prepare(self, input: object) -> _Plan:
+    def _scaffold(self, input: object) -> tuple[str, int]:
+        """The checked input, and the tokens of the prompt without a window."""
         text = self._input(input)
-        limit = self._limit(text)
+        return text, self._count(self._render([], text))
+
+    def _prepare(self, input: object) -> _Plan:
+        text, scaffold = self._scaffold(input)
+        limit = self._limit(scaffold)
         window = self.memory.window(return_messages=self.llm.api == "chat", limit=limit)
-        return self._plan(window, text, limit)
+        return self._plan(window, text, limit, scaffold)
 
     def _call(self, input: object) -> tuple[_Plan, Reply]:
         plan = self._prepare(input)
@@ -276,10 +282,10 @@ class ConversationChain:
     # async
 
     async def _aprepare(self, input: object) -> _Plan:
-        text = self._input(input)
-        limit = self._limit(text)
+        text, scaffold = self._scaffold(input)
+        limit = self._limit(scaffold)
         window = await self.memory.awindow(return_messages=self.llm.api == "chat", limit=limit)
-        return self._plan(window, text, limit)
+        return self._plan(window, text, limit, scaffold)
 
     async def _afinish(
         self, plan: _Plan, started: float, reply: Reply | None, error: ModelError | None

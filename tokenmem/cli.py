@@ -223,10 +223,8 @@ def cmd_history(args: argparse.Namespace, store: Any, out: _Out) -> int:
 
 def cmd_window(args: argparse.Namespace, store: Any, out: _Out) -> int:
     from .memory import ConversationTokenBufferMemory
-    from .window import Counts, Rule, count_message
 
     counter = _counter(args)
-    rule = Rule(limit=args.limit, mode="messages" if args.messages else "text")
     session = store.session(args.session, owner=args.owner)
     memory = ConversationTokenBufferMemory(
         store=store,
@@ -236,36 +234,23 @@ def cmd_window(args: argparse.Namespace, store: Any, out: _Out) -> int:
         return_messages=args.messages,
         encoding=counter.encoding_name,
     )
-    window = memory.window()
-    prefix_tokens = rule.prefix_tokens(counter)
-    stored = {}
-    if window:
-        first = window[0].position
-        for m in store.history_page(
-            args.session, owner=args.owner, after=first - 1, limit=len(window)
-        ):
-            stored[m.position] = m
+    rule, window = memory.rule, memory.window()
     rows, running = [], 0
     for w in window:
-        m = stored[w.position]
-        counts = Counts(m.text_tokens, m.chat_tokens)
-        if m.encoding != counter.encoding_name:  # counted for another model: count for this one
-            counts = count_message(counter, m.type, m.content, m.name)
-        cost = rule.cost(m.type, counts, prefix_tokens)
-        running += cost
+        running += w.tokens
         rows.append(
             {
                 "position": w.position,
                 "turn": w.turn,
-                "role": m.type,
-                "tokens": cost,
+                "role": w.message.type,
+                "tokens": w.tokens,
                 "running": running,
-                "content": m.content,
+                "content": w.message.content,
             }
         )
     # The rule's total: n lines joined by n - 1 newlines, or the reply priming.
     used = (running - 1 if rule.mode == "text" else running + 3) if rows else 0
-    first = rows[0]["position"] if rows else session.messages
+    first = window[0].position if window else session.messages
     if out.as_json:
         out.json(
             {

@@ -17,6 +17,7 @@ transaction is opened, so a lock is never held while tiktoken works.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import uuid
 from collections.abc import Generator, Iterable, Iterator, Sequence
@@ -453,11 +454,13 @@ def prune_op(before: datetime, owner: str | None) -> Op[Erased]:
 
 
 class WindowMessage(NamedTuple):
-    """A message of the window, with its place in the session."""
+    """A message of the window, with its place in the session and its cost
+    under the window's rule (counted at write time, not again)."""
 
     position: int
     turn: int
     message: Message
+    tokens: int
 
 
 def window_op(key: SessionKey, rule: Rule, counter: TokenCounter) -> Op[list[WindowMessage]]:
@@ -467,9 +470,11 @@ def window_op(key: SessionKey, rule: Rule, counter: TokenCounter) -> Op[list[Win
     rows: Sequence[Any] = (yield window_select(rule.mode), params).all()
     if not rows:
         rows = yield from _window_recounting(key.id, rule, counter, prefix_tokens)
+    # Each row's cost: its running sum less the next (newer) row's.
+    newer = [r[5] for r in rows[1:]] + [0] if rows else []
     return [
-        WindowMessage(position, turn, Message(role, content, name))
-        for position, turn, role, content, name in rows
+        WindowMessage(position, turn, Message(role, content, name), running - after)
+        for (position, turn, role, content, name, running), after in zip(rows, newer, strict=True)
     ]
 
 
@@ -500,8 +505,9 @@ def _window_recounting(
         rule.cost(r.role, count_message(counter, r.role, r.content, r.name), prefix_tokens)
         for r in tail
     ]
-    window: Sequence[Any] = tail[fit(costs, rule.budget) :]
-    return window
+    start = fit(costs, rule.budget)
+    running = list(itertools.accumulate(reversed(costs[start:])))[::-1]
+    return [(*row, total) for row, total in zip(tail[start:], running, strict=True)]
 
 
 _HISTORY = (

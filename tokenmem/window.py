@@ -170,9 +170,10 @@ def fit(costs: Sequence[int], budget: int) -> int:
 
 
 @functools.cache
-def window_select(mode: Mode) -> Select[tuple[int, int, str, str, str | None]]:
+def window_select(mode: Mode) -> Select[tuple[int, int, str, str, str | None, int]]:
     """The window as one statement, built once per mode: rows (position, turn,
-    role, content, name), oldest first. Its parameters come from
+    role, content, name, running), oldest first, ``running`` being the cost of
+    the row and every newer one. Its parameters come from
     :meth:`Rule.params`. It returns no rows when the session is missing, empty,
     or counted with another encoding than the one asked for."""
     m = MESSAGES.c
@@ -207,7 +208,7 @@ def window_select(mode: Mode) -> Select[tuple[int, int, str, str, str | None]]:
     )
     c = candidates.c
     return (
-        select(c.position, c.turn, c.role, c.content, c.name)
+        select(c.position, c.turn, c.role, c.content, c.name, c.running)
         .where(c.running <= budget)
         .order_by(c.position)
     )
