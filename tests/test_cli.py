@@ -244,29 +244,22 @@ def test_chat_subprocess(openai_server: FakeOpenAI, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/chat.sqlite3"
     env = {**os.environ, "OPENAI_API_KEY": "k", "OPENAI_BASE_URL": openai_server.base_url}
     openai_server.reply("first reply", "second reply")
-    done = subprocess.run(
-        [sys.executable, "-m", "tokenmem.cli", "--db", url, "chat", "cli-chat", "--limit", "100"],
-        input="hello\n\nhow are you\n",
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+
+    def cli(*argv: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tokenmem.cli", "--db", url, *argv],
+            input=stdin,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    chat = ("chat", "cli-chat", "--limit", "100")
+    done = cli(*chat, stdin="hello\n\nhow are you\n")
     assert done.returncode == 4, done.stderr  # not migrated yet: says so
-    subprocess.run(
-        [sys.executable, "-m", "tokenmem.cli", "--db", url, "db", "upgrade"],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    done = subprocess.run(
-        [sys.executable, "-m", "tokenmem.cli", "--db", url, "chat", "cli-chat", "--limit", "100"],
-        input="hello\n\nhow are you\n",
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    assert cli("db", "upgrade").returncode == 0
+    done = cli(*chat, stdin="hello\n\nhow are you\n")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["first reply", "second reply"]
     assert [m.content for m in Store(url).history("cli-chat")] == [
