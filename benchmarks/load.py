@@ -22,7 +22,8 @@ Three modes per backend, on the same sessions of the same database:
   beforehand, outside the timing;
 * **tokenmem, threads**: 32 threads share one ``Store``; each turn builds a
   memory and calls ``save_context`` then ``load_memory_variables`` (which count
-  the tokens, and recount the rendered window, themselves);
+  the tokens themselves: the exchange's at save; at load, only when the
+  rendered window must be counted again, which these prefixes never need);
 * **tokenmem, asyncio**: 32 tasks on one event loop share one ``AsyncStore``
   (psycopg async; aiosqlite) and call ``asave_context`` then
   ``aload_memory_variables``.
@@ -59,7 +60,7 @@ bare driver alternately, for their single-threaded medians and CPU time, then
 tokenmem under cProfile, and prints where a turn's time goes: exclusive time
 by component (tiktoken, SQLAlchemy, the driver, tokenmem itself...), and the
 inclusive time of the functions that matter (token counting at save, building
-the upsert, the window query, the recount of the rendered window, pool
+the upsert, the window query, rendering the window, pool
 checkouts and their pre-pings, commits).
 
 Run from the repository root (the default is both backends; about four minutes
@@ -314,24 +315,28 @@ RETURNING next_position, next_turn, floor_total
 """
 _INSERT = """
 INSERT INTO tokenmem_messages (session_id, position, turn, role, content, created_at,
-    encoding, text_tokens, chat_tokens, cum_floor)
-VALUES (:sid, :p0, :turn, 'human', :human, :now, :encoding, :h_text, :h_chat, :h_cum),
-       (:sid, :p1, :turn, 'ai', :ai, :now, :encoding, :a_text, :a_chat, :a_cum)
+    encoding, text_tokens, chat_tokens, newline_tokens, cum_floor)
+VALUES (:sid, :p0, :turn, 'human', :human, :now, :encoding, :h_text, :h_chat, :h_newline, :h_cum),
+       (:sid, :p1, :turn, 'ai', :ai, :now, :encoding, :a_text, :a_chat, :a_newline, :a_cum)
 """
 _WINDOW = """
 SELECT position, turn, role, content, name FROM (
   SELECT m.position, m.turn, m.role, m.content, m.name,
          SUM(CASE m.role WHEN 'human' THEN :prefix_human WHEN 'ai' THEN :prefix_ai
-             ELSE :prefix_system END + m.text_tokens + 1)
+             ELSE :prefix_system END + m.text_tokens + COALESCE(m.newline_tokens, 1))
            OVER (ORDER BY m.position DESC ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
            AS running
   FROM tokenmem_sessions s JOIN tokenmem_messages m ON m.session_id = s.id
   WHERE s.id = :sid AND m.session_id = :sid AND s.encoding = :encoding
-    AND m.cum_floor >= CASE WHEN s.start_floor > s.floor_total - :budget
-                            THEN s.start_floor ELSE s.floor_total - :budget END
+    AND m.cum_floor >= CASE WHEN s.start_floor > s.floor_total - (:budget + (NEWEST))
+                            THEN s.start_floor ELSE s.floor_total - (:budget + (NEWEST)) END
 ) candidates
-WHERE running <= :budget ORDER BY position
-"""
+WHERE running <= :budget + (NEWEST) ORDER BY position
+""".replace(
+    "NEWEST",
+    "SELECT COALESCE(n.newline_tokens, 1) FROM tokenmem_messages n "
+    "WHERE n.session_id = :sid ORDER BY n.position DESC LIMIT 1",
+)
 
 
 def _pyformat(sql: str) -> str:
@@ -354,7 +359,7 @@ class BareWorker:
             self.sql = (_pyformat(_BUMP), _pyformat(_INSERT), _pyformat(_WINDOW))
         self.window_params = {
             "encoding": ENCODING,
-            "budget": LIMIT + 1,
+            "budget": LIMIT,
             **{f"prefix_{role}": n for role, n in prefix_tokens.items()},
         }
 
@@ -388,9 +393,11 @@ class BareWorker:
                     "now": when,
                     "encoding": ENCODING,
                     "h_text": h.text_tokens,
+                    "h_newline": h.newline_tokens,
                     "h_chat": h.chat_tokens,
                     "h_cum": cum,
                     "a_text": a.text_tokens,
+                    "a_newline": a.newline_tokens,
                     "a_chat": a.chat_tokens,
                     "a_cum": cum + h.floor,
                 },
@@ -659,7 +666,9 @@ class Check:
 def verify(bench: Bench) -> Check:
     """Compare the database with what the workers report having saved."""
     sqlite = bench.target.backend == "sqlite"
-    floor = "{}(m.text_tokens + 2, m.chat_tokens + 3)".format("MIN" if sqlite else "LEAST")
+    floor = "{}(m.text_tokens + COALESCE(m.newline_tokens, 1) + 1, m.chat_tokens + 3)".format(
+        "MIN" if sqlite else "LEAST"
+    )
     saved = Counter(t.name for tally in bench.results.values() for t in tally.saved)
     check = Check(saved=sum(saved.values()))
     with bench.store.engine.connect() as conn:
@@ -774,7 +783,7 @@ _KEY_FUNCTIONS = (  # (where the function is defined, its name, what it stands f
     ("tokenmem/ops.py", "bump_session", "  building the upsert statement anew (bump_session)"),
     ("tokenmem/memory.py", "load_memory_variables", "load_memory_variables, total"),
     ("tokenmem/store.py", "window", "  Store.window (the window query)"),
-    ("tokenmem/memory.py", "_fit_rendered", "  recount of the rendered window (_fit_rendered)"),
+    ("tokenmem/memory.py", "_fit", "  rendering the window, and any recount (_fit)"),
     ("tokenmem/window.py", "prefix_tokens", "  counting the prefixes (Rule.prefix_tokens)"),
     ("tokenmem/memory.py", "__init__", "a new memory per turn (__init__)"),
     ("tokenmem/tokens.py", "count", "all token counting (TokenCounter.count)"),

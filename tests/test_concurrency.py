@@ -93,6 +93,7 @@ def assert_session(
     for m in history:
         assert m.encoding == ENCODING
         assert m.text_tokens == counter.count(" " + m.content), m.position
+        assert m.newline_tokens == counter.count(f" {m.content}\n") - m.text_tokens
 
 
 def assert_counters(store: Store, sessions: Mapping[str, int]) -> None:
@@ -108,14 +109,14 @@ def assert_counters(store: Store, sessions: Mapping[str, int]) -> None:
             ).one()
             assert (session.next_position, session.next_turn) == (messages, messages // 2)
             rows = conn.execute(
-                select(m.text_tokens, m.chat_tokens, m.cum_floor)
+                select(m.text_tokens, m.chat_tokens, m.newline_tokens, m.cum_floor)
                 .where(m.session_id == session.id)
                 .order_by(m.position)
             ).all()
             cum = 0
             for position, row in enumerate(rows):
                 assert row.cum_floor == cum, (name, position)
-                cum += Counts(row.text_tokens, row.chat_tokens).floor
+                cum += Counts(row.text_tokens, row.chat_tokens, row.newline_tokens).floor
             assert session.floor_total == cum, name
 
 

@@ -15,10 +15,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, create_engine, inspect, text
 
-from tokenmem import Message, Store, TokenCounter, migrate
+from tokenmem import ConversationTokenBufferMemory, Message, Store, TokenCounter, migrate
 from tokenmem.models import Base
+from tokenmem.transfer import recount
 
 from .conftest import PG_URL
+from .test_window import reference_text
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = {"tokenmem_sessions", "tokenmem_messages"}
@@ -184,3 +186,53 @@ def test_a_database_ahead_of_the_code(db: Engine, o200k: TokenCounter) -> None:
         conn.execute(text("UPDATE tokenmem_alembic_version SET version_num = '9999'"))
     with pytest.raises(SchemaError, match=r"does not know.*upgrade tokenmem"):
         store.check()
+
+
+def test_rows_written_before_0003(db: Engine, o200k: TokenCounter) -> None:
+    """Rows from before newline_tokens (NULL) are counted by the old rule: the
+    window still fits, is recounted while they are in it, and exact once
+    `recount` has filled them in."""
+    store = Store(db)
+    store.upgrade()
+    memory = ConversationTokenBufferMemory(store=store, session_id="old", max_token_limit=60)
+    messages = []
+    for i in range(12):
+        human, ai = f"Question {i}?", f"Answer {i}." + " Fine." * (i % 3)
+        memory.save_context({"input": human}, {"output": ai})
+        messages += [Message("human", human), Message("ai", ai)]
+    # What the code before 0003 left: floors min(text_tokens + 2, chat_tokens + 3).
+    store.downgrade("0002")
+    with db.begin() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT position, text_tokens, chat_tokens FROM tokenmem_messages ORDER BY position"
+            )
+        ).all()
+        cum = 0
+        for position, text_tokens, chat_tokens in rows:
+            conn.execute(
+                text("UPDATE tokenmem_messages SET cum_floor = :c WHERE position = :p"),
+                {"c": cum, "p": position},
+            )
+            cum += min(text_tokens + 2, chat_tokens + 3)
+        conn.execute(text("UPDATE tokenmem_sessions SET floor_total = :c"), {"c": cum})
+    store.upgrade()
+    assert {m.newline_tokens for m in store.history("old")} == {None}
+
+    def rendered_fits() -> list[Message]:
+        window = memory.window()
+        assert o200k.count(memory.buffer_as_str) <= 60
+        assert [w.message for w in window] == messages[len(messages) - len(window) :]
+        return [w.message for w in window]
+
+    assert not all(w.exact for w in memory.window())
+    assert rendered_fits()
+    stats = store.session_stats()
+    assert [s.uncounted for s in stats] == [24]
+    assert recount(store, o200k) == 1
+    assert {m.newline_tokens is None for m in store.history("old")} == {False}
+    assert all(w.exact for w in memory.window())
+    assert rendered_fits() == reference_text(messages, memory.rule, o200k)
+    assert recount(store, o200k) == 0  # nothing left to do
+    memory.save_context({"input": "and now?"}, {"output": "Counted."})
+    assert store.session_stats()[0].uncounted == 0

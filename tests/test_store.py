@@ -93,9 +93,9 @@ def test_unmigrated_database_says_so(db: Engine, o200k: TokenCounter) -> None:
     with pytest.raises(SchemaError, match=r"not migrated.*upgrade"):
         store.append("s", [Message("human", "x")], o200k)
     store.upgrade("0001")
-    with pytest.raises(SchemaError, match="at revision 0001, the code needs 0002") as info:
+    with pytest.raises(SchemaError, match="at revision 0001, the code needs 0003") as info:
         store.check()
-    assert (info.value.current, info.value.head) == ("0001", "0002")
+    assert (info.value.current, info.value.head) == ("0001", "0003")
     store.upgrade()
     store.append("s", [Message("human", "x")], o200k)
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from tokenmem import ConfigurationError, EncodingUnavailable, TokenCounter
 from tokenmem.tokens import _BUNDLED, _bundled_file, get_encoding
+from tokenmem.window import count_message
 
 URLS = {
     "cl100k_base": "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
@@ -125,3 +126,36 @@ def test_line_tokens_split_at_the_colon(prefix: str, content: str, name: str) ->
     except UnicodeEncodeError:
         return  # lone surrogates never reach the counter: the store rejects them
     assert line == counter.count(prefix + ":") + counter.count(" " + content)
+
+
+lines = st.lists(
+    st.tuples(
+        st.sampled_from(["Human", "AI", "人类", "System", "x\n", "a:", "User 1", "Ωmega", "7"]),
+        st.one_of(
+            st.text(max_size=40),
+            st.text(alphabet=" .?!。？…\n\r\t/:'sé\u0301a1", max_size=12),
+        ),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(lines=lines, name=st.sampled_from(sorted(URLS)))
+def test_joined_lines_count_from_stored_counts(lines: list[tuple[str, str]], name: str) -> None:
+    """The window's text rule (window.py): lines joined by newlines count
+    sum(tokens(prefix + ":") + text_tokens + newline_tokens), less the newest
+    line's newline_tokens, when every prefix starts with a letter or digit."""
+    counter = TokenCounter(name)
+    try:
+        counts = [count_message(counter, "human", content, None) for _, content in lines]
+        rendered = counter.count("\n".join(f"{prefix}: {content}" for prefix, content in lines))
+    except UnicodeEncodeError:
+        return
+    costs = [
+        counter.count(prefix + ":") + c.text_tokens + c.newline_tokens
+        for (prefix, _), c in zip(lines, counts, strict=True)
+    ]
+    assert rendered == sum(costs) - counts[-1].newline_tokens
+    assert all(c.floor <= cost for c, cost in zip(counts, costs, strict=True))

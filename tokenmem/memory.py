@@ -146,11 +146,15 @@ class ConversationTokenBufferMemory:
     # reading
 
     def _fit(self, window: list[WindowMessage], rule: Rule) -> tuple[list[WindowMessage], str]:
-        """The window and its rendered string. In text mode the string is
-        recounted once: byte-pair merges across a joining newline can make it
-        longer than the per-line sum, and then the oldest lines are dropped."""
+        """The window and its rendered string. The SQL counts the string
+        exactly in text mode unless a prefix does not start with a letter or
+        digit, the encoding is not cl100k_base or o200k_base, or a row predates
+        newline_tokens (window.py): then the string is counted again and the
+        oldest lines are dropped while it is over the limit."""
         text = get_buffer_string([w.message for w in window], rule)
-        while rule.mode == "text" and window and self.counter.count(text) > rule.limit:
+        if rule.mode != "text" or (rule.exact_lines(self.counter) and all(w.exact for w in window)):
+            return window, text
+        while window and self.counter.count(text) > rule.limit:
             window = window[1:]
             text = get_buffer_string([w.message for w in window], rule)
         return window, text

@@ -31,6 +31,7 @@ class StoredMessage(Message):
     encoding: str = ""
     text_tokens: int = 0
     chat_tokens: int = 0
+    newline_tokens: int | None = None  # None: written before it was counted
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,9 @@ class Message(Base):
     # Tokens of " " + content: a rendered line "{prefix}: {content}" costs
     # tokens(prefix + ":") + text_tokens (checked by tests/test_tokens.py).
     text_tokens: Mapped[int] = mapped_column(Integer)
+    # Tokens the newline joining the line to the next adds: tokens(" " +
+    # content + "\n") - text_tokens (migration 0003; NULL in older rows).
+    newline_tokens: Mapped[int | None] = mapped_column(Integer)
     # Tokens of the chat role, the content and the name (+1 with a name).
     chat_tokens: Mapped[int] = mapped_column(Integer)
     # Sum of the floor costs of this session's earlier messages.

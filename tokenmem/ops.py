@@ -290,6 +290,7 @@ def append_op(dialect: str, p: PreparedAppend) -> Op[list[StoredMessage]]:
                 encoding=p.encoding,
                 text_tokens=c.text_tokens,
                 chat_tokens=c.chat_tokens,
+                newline_tokens=c.newline_tokens,
             )
         )
         rows.append(
@@ -305,6 +306,7 @@ def append_op(dialect: str, p: PreparedAppend) -> Op[list[StoredMessage]]:
                 "encoding": p.encoding,
                 "text_tokens": c.text_tokens,
                 "chat_tokens": c.chat_tokens,
+                "newline_tokens": c.newline_tokens,
                 "cum_floor": cum,
             }
         )
@@ -346,6 +348,7 @@ def recount_op(sid: uuid.UUID, counter: TokenCounter) -> Op[None]:
                     "pos": position,
                     "text_tokens": c.text_tokens,
                     "chat_tokens": c.chat_tokens,
+                    "newline_tokens": c.newline_tokens,
                     "cum_floor": cum,
                 }
             )
@@ -461,6 +464,9 @@ class WindowMessage(NamedTuple):
     turn: int
     message: Message
     tokens: int
+    # False for a row written before newline_tokens existed: its cost in
+    # text mode assumes its joining newline is one token.
+    exact: bool = True
 
 
 def window_op(key: SessionKey, rule: Rule, counter: TokenCounter) -> Op[list[WindowMessage]]:
@@ -473,8 +479,10 @@ def window_op(key: SessionKey, rule: Rule, counter: TokenCounter) -> Op[list[Win
     # Each row's cost: its running sum less the next (newer) row's.
     newer = [r[5] for r in rows[1:]] + [0] if rows else []
     return [
-        WindowMessage(position, turn, Message(role, content, name), running - after)
-        for (position, turn, role, content, name, running), after in zip(rows, newer, strict=True)
+        WindowMessage(position, turn, Message(role, content, name), running - after, exact)
+        for (position, turn, role, content, name, running, exact), after in zip(
+            rows, newer, strict=True
+        )
     ]
 
 
@@ -482,7 +490,7 @@ def _window_recounting(
     sid: uuid.UUID, rule: Rule, counter: TokenCounter, prefix_tokens: dict[str, int]
 ) -> Op[Sequence[Any]]:
     """The window of a session counted with another encoding (the model
-    changed): count its newest messages in Python — at most ``rule.budget``,
+    changed): count its newest messages in Python — no more than the limit,
     as each costs at least one token. Rare: the next append recounts."""
     s, m = SESSIONS.c, MESSAGES.c
     session = (yield select(s.encoding, s.start_position).where(s.id == sid), None).first()
@@ -497,17 +505,15 @@ def _window_recounting(
             select(m.position, m.turn, m.role, m.content, m.name)
             .where(m.session_id == sid, m.position >= session.start_position)
             .order_by(m.position.desc())
-            .limit(max(rule.budget, 0)),
+            .limit(max(rule.limit, 0)),
             None,
         )
     ).all()[::-1]
-    costs = [
-        rule.cost(r.role, count_message(counter, r.role, r.content, r.name), prefix_tokens)
-        for r in tail
-    ]
-    start = fit(costs, rule.budget)
+    counts = [count_message(counter, r.role, r.content, r.name) for r in tail]
+    costs = [rule.cost(r.role, c, prefix_tokens) for r, c in zip(tail, counts, strict=True)]
+    start = fit(costs, rule.budget(counts[-1] if counts else None))
     running = list(itertools.accumulate(reversed(costs[start:])))[::-1]
-    return [(*row, total) for row, total in zip(tail[start:], running, strict=True)]
+    return [(*row, total, True) for row, total in zip(tail[start:], running, strict=True)]
 
 
 _HISTORY = (
@@ -521,6 +527,7 @@ _HISTORY = (
     MESSAGES.c.encoding,
     MESSAGES.c.text_tokens,
     MESSAGES.c.chat_tokens,
+    MESSAGES.c.newline_tokens,
 )
 
 
@@ -560,6 +567,7 @@ def history_page_op(
             encoding=encoding,
             text_tokens=text_tokens,
             chat_tokens=chat_tokens,
+            newline_tokens=newline_tokens,
         )
         for (
             position,
@@ -572,6 +580,7 @@ def history_page_op(
             encoding,
             text_tokens,
             chat_tokens,
+            newline_tokens,
         ) in rows
     ]
 
@@ -631,6 +640,8 @@ class SessionStats:
     encoding: str | None
     created_at: datetime
     updated_at: datetime
+    # Messages written before newline_tokens was counted (migration 0003).
+    uncounted: int = 0
 
 
 def session_stats_op(owner: str | None) -> Op[list[SessionStats]]:
@@ -646,6 +657,7 @@ def session_stats_op(owner: str | None) -> Op[list[SessionStats]]:
             s.encoding,
             s.created_at,
             s.updated_at,
+            func.count(m.position) - func.count(m.newline_tokens),
         )
         .select_from(SESSIONS.outerjoin(MESSAGES, m.session_id == s.id))
         .group_by(s.id, s.owner_id, s.name, s.encoding, s.created_at, s.updated_at)

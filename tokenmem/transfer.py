@@ -298,7 +298,8 @@ def recount(
 ) -> int:
     """Count every message again with ``counter``'s encoding, one session
     per transaction, skipping sessions already counted with it (so an
-    interrupted run resumes where it stopped). Returns sessions recounted."""
+    interrupted run resumes where it stopped), unless they hold messages
+    written before migration 0003 counted newlines. Returns sessions recounted."""
     if session is not None:
         targets = [s for s in store.session_stats(owner=owner) if s.session_id == session]
         if not targets:
@@ -307,7 +308,7 @@ def recount(
         targets = store.session_stats(owner=owner, all_owners=owner is None and not store.scoped)
     done = 0
     for info in targets:
-        if info.encoding not in (None, counter.encoding_name):
+        if info.encoding not in (None, counter.encoding_name) or info.uncounted:
             store.recount(info.session_id, counter, owner=info.owner_id)
             done += 1
         if progress:

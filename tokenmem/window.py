@@ -3,18 +3,28 @@ plain-Python reference of the same rule.
 
 Two modes, as in LangChain:
 
-* ``"text"`` (completion prompts): message *k* costs the tokens of its line
-  ``"{prefix}: {content}"`` plus one token for the newline that joins it to the
-  next line; the window fits when ``sum(costs) - 1 <= limit``. Because tiktoken
-  splits text into pieces before merging, and the piece that holds the colon
-  always ends at it, ``tokens(line) == tokens(prefix + ":") + tokens(" " +
-  content)``: the second term is stored per message (``text_tokens``), the
-  first depends only on the memory's prefixes.
+* ``"text"`` (completion prompts): the window fits when its rendered string,
+  the lines ``"{prefix}: {content}"`` joined by newlines, has at most
+  ``limit`` tokens. tiktoken splits text into pieces before merging, and the
+  piece that holds the colon always ends at it, so a line costs
+  ``tokens(prefix + ":") + tokens(" " + content)``: the second term is stored
+  per message (``text_tokens``), the first depends only on the prefixes. The
+  newline after a line either stands alone or joins the line's last piece
+  (``".\n"`` is one token), never the next line when the next prefix starts
+  with a letter or digit: what it adds, ``tokens(" " + content + "\n") -
+  text_tokens``, is stored too (``newline_tokens``). So message *k* costs
+  ``tokens(prefix + ":") + text_tokens + newline_tokens`` and the rendered
+  window has exactly ``sum(costs) - newline_tokens(newest)`` tokens, for
+  cl100k_base and o200k_base (tests/test_tokens.py checks the claim). The
+  window needs no tokenizer when it is loaded. Other prefixes or encodings,
+  and rows written before ``newline_tokens`` existed (NULL, counted as 1),
+  make the memory count the rendered string once more (:meth:`Rule.exact_lines`).
 * ``"messages"`` (chat models): OpenAI's formula, 3 tokens per message plus its
   role, content and name (``chat_tokens``), plus 3 once for the reply priming:
   ``sum(costs) + 3 <= limit``.
 
-Each message also has a *floor*, ``min(text_tokens + 2, chat_tokens + 3)``,
+Each message also has a *floor*, ``min(text_tokens + newline_tokens + 1,
+chat_tokens + 3)``,
 no more than its cost in either mode. Running totals of the floor are kept at
 write time (``cum_floor``), so the query seeks, through the index on
 ``(session_id, cum_floor)``, to the oldest message that could possibly fit and
@@ -24,10 +34,13 @@ The exact window is then cut with ``SUM(cost) OVER (ORDER BY position DESC)``.
     >>> fit([3, 4, 5], budget=9)   # the newest run of costs summing to <= 9
     1
 """
+# (the floor of a row written before newline_tokens, counted as 1, is the
+# floor it was written with: min(text_tokens + 2, chat_tokens + 3))
 
 from __future__ import annotations
 
 import functools
+import unicodedata
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,7 +48,6 @@ from typing import Literal
 
 from sqlalchemy import (
     BigInteger,
-    BindParameter,
     ColumnElement,
     Integer,
     Select,
@@ -73,17 +85,31 @@ class Counts:
 
     text_tokens: int
     chat_tokens: int
+    newline_tokens: int = 1
 
     @property
     def floor(self) -> int:
-        return min(self.text_tokens + 2, self.chat_tokens + TOKENS_PER_MESSAGE)
+        """No more than the message's cost in either mode (a prefix costs >= 1)."""
+        return min(
+            self.text_tokens + self.newline_tokens + 1, self.chat_tokens + TOKENS_PER_MESSAGE
+        )
 
 
 def count_message(counter: TokenCounter, role: str, content: str, name: str | None) -> Counts:
     chat = counter.count_label(CHAT_ROLES[role]) + counter.count(content)
     if name:
         chat += counter.count_label(name) + TOKENS_PER_NAME
-    return Counts(text_tokens=counter.count(" " + content), chat_tokens=chat)
+    text = counter.count(" " + content)
+    return Counts(
+        text_tokens=text,
+        chat_tokens=chat,
+        newline_tokens=counter.count(" " + content + "\n") - text,
+    )
+
+
+# The encodings whose pre-tokenizer patterns keep a newline that is followed
+# by a letter or digit out of the next piece (see the module docstring).
+_EXACT_ENCODINGS = frozenset({"cl100k_base", "o200k_base"})
 
 
 @dataclass(frozen=True)
@@ -99,12 +125,19 @@ class Rule:
     def prefix(self, role: str) -> str:
         return {"human": self.human_prefix, "ai": self.ai_prefix}.get(role, self.system_prefix)
 
-    @property
-    def budget(self) -> int:
-        """The most the per-message costs of a fitting window may add up to."""
-        if self.mode == "text":
-            return self.limit + 1  # n lines are joined by n - 1 newlines
+    def budget(self, newest: Counts | None) -> int:
+        """The most the per-message costs of a fitting window may add up to,
+        ``newest`` being the counts of the session's newest message."""
+        if self.mode == "text":  # the newest line is joined to nothing
+            return self.limit + (newest.newline_tokens if newest else 0)
         return self.limit - REPLY_PRIMING
+
+    def exact_lines(self, counter: TokenCounter) -> bool:
+        """Whether the stored counts give this rule's rendered window exactly
+        (see the module docstring); if not, the memory recounts it."""
+        return counter.encoding_name in _EXACT_ENCODINGS and all(
+            _starts_a_piece(self.prefix(role)) for role in CHAT_ROLES
+        )
 
     def prefix_tokens(self, counter: TokenCounter) -> dict[str, int]:
         return {role: counter.count_label(self.prefix(role) + ":") for role in CHAT_ROLES}
@@ -112,7 +145,7 @@ class Rule:
     def cost(self, role: str, counts: Counts, prefix_tokens: Mapping[str, int]) -> int:
         """A message's cost under this rule, in Python (the reference)."""
         if self.mode == "text":
-            return prefix_tokens[role] + counts.text_tokens + 1
+            return prefix_tokens[role] + counts.text_tokens + counts.newline_tokens
         return TOKENS_PER_MESSAGE + counts.chat_tokens
 
     def params(
@@ -122,7 +155,7 @@ class Rule:
         return {
             "w_session": session_id,
             "w_encoding": encoding,
-            "w_budget": self.budget,
+            "w_budget": self.budget(None),
             **{f"w_prefix_{role}": n for role, n in prefix_tokens.items()},
         }
 
@@ -136,8 +169,17 @@ def _cost_sql(mode: Mode) -> ColumnElement[int]:
             (m.role == "ai", bindparam("w_prefix_ai", type_=Integer)),
             else_=bindparam("w_prefix_system", type_=Integer),
         )
-        return per_role + m.text_tokens + 1
+        return per_role + m.text_tokens + _newline(m.newline_tokens)
     return m.chat_tokens + TOKENS_PER_MESSAGE
+
+
+def _newline(column: ColumnElement[int | None]) -> ColumnElement[int]:
+    """``newline_tokens``, a row written before it existed counting as 1."""
+    return func.coalesce(column, 1)
+
+
+def _starts_a_piece(prefix: str) -> bool:
+    return bool(prefix) and unicodedata.category(prefix[0])[0] in "LN"
 
 
 def get_buffer_string(messages: Sequence[Message], rule: Rule) -> str:
@@ -170,15 +212,26 @@ def fit(costs: Sequence[int], budget: int) -> int:
 
 
 @functools.cache
-def window_select(mode: Mode) -> Select[tuple[int, int, str, str, str | None, int]]:
+def window_select(mode: Mode) -> Select[tuple[int, int, str, str, str | None, int, bool]]:
     """The window as one statement, built once per mode: rows (position, turn,
-    role, content, name, running), oldest first, ``running`` being the cost of
-    the row and every newer one. Its parameters come from
+    role, content, name, running, counted), oldest first, ``running`` being
+    the cost of the row and every newer one, ``counted`` whether the row's
+    newline_tokens were counted at write time. Its parameters come from
     :meth:`Rule.params`. It returns no rows when the session is missing, empty,
     or counted with another encoding than the one asked for."""
     m = MESSAGES.c
     s = SESSIONS.c
-    budget: BindParameter[int] = bindparam("w_budget", type_=BigInteger)
+    budget: ColumnElement[int] = bindparam("w_budget", type_=BigInteger)
+    if mode == "text":  # plus what the newest message's newline adds
+        n = MESSAGES.alias("newest").c
+        newest = (
+            select(_newline(n.newline_tokens))
+            .where(n.session_id == bindparam("w_session"))
+            .order_by(n.position.desc())
+            .limit(1)
+            .scalar_subquery()
+        )
+        budget = budget + newest
     # The oldest message that could fit, or the start set by clear(): one
     # range on the (session_id, cum_floor) index.
     start = case(
@@ -195,6 +248,7 @@ def window_select(mode: Mode) -> Select[tuple[int, int, str, str, str | None, in
             func.sum(_cost_sql(mode))
             .over(order_by=m.position.desc(), rows=(None, 0))
             .label("running"),
+            m.newline_tokens.is_not(None).label("counted"),
         )
         .select_from(SESSIONS)
         .join(MESSAGES, m.session_id == s.id)
@@ -208,7 +262,7 @@ def window_select(mode: Mode) -> Select[tuple[int, int, str, str, str | None, in
     )
     c = candidates.c
     return (
-        select(c.position, c.turn, c.role, c.content, c.name, c.running)
+        select(c.position, c.turn, c.role, c.content, c.name, c.running, c.counted)
         .where(c.running <= budget)
         .order_by(c.position)
     )
