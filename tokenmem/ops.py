@@ -29,7 +29,6 @@ from sqlalchemy import (
     BigInteger,
     Connection,
     Executable,
-    Insert,
     bindparam,
     delete,
     func,
@@ -40,11 +39,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from .direct import Direct
 from .errors import ConfigurationError, InvalidInputError, SessionNotFound
 from .messages import Message, SessionInfo, StoredMessage
 from .models import MESSAGES, ROLES, SESSIONS, TURNS, session_uuid, utcnow
 from .tokens import TokenCounter
-from .window import Counts, Rule, count_message, fit, window_select
+from .window import Counts, Mode, Rule, count_message, fit, window_select
 
 if TYPE_CHECKING:  # sqlalchemy.ext.asyncio needs greenlet: the "async" extra
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # sqlalchemy.ext.asyncio needs greenlet: the "async" extra
 __all__ = ["Erased", "Op", "SessionKey", "WindowMessage", "adrive", "check_text", "drive"]
 
 T = TypeVar("T")
-Step = tuple[Executable, Any]
+Step = tuple[Executable | Direct, Any]
 # Sent back: the step's CursorResult (typed Any: rows are unpacked positionally).
 Op = Generator[Step, Any, T]
 
@@ -66,21 +66,19 @@ def drive(conn: Connection, op: Op[T]) -> T:
     try:
         stmt, params = next(op)
         while True:
-            stmt, params = op.send(conn.execute(stmt, params))
+            if isinstance(stmt, Direct):
+                stmt, params = op.send(stmt.run(conn, params))
+            else:
+                stmt, params = op.send(conn.execute(stmt, params))
     except StopIteration as stop:
         value: T = stop.value
         return value
 
 
 async def adrive(conn: AsyncConnection, op: Op[T]) -> T:
-    """Run ``op`` on an async connection."""
-    try:
-        stmt, params = next(op)
-        while True:
-            stmt, params = op.send(await conn.execute(stmt, params))
-    except StopIteration as stop:
-        value: T = stop.value
-        return value
+    """Run ``op`` on an async connection: :func:`drive`, in SQLAlchemy's
+    greenlet, where the async driver is called as a sync one."""
+    return await conn.run_sync(drive, op)
 
 
 # --- validation ---------------------------------------------------------------
@@ -208,7 +206,7 @@ def _insert(dialect: str) -> Any:
 
 
 @functools.cache
-def bump_session(dialect: str) -> Insert:
+def bump_session(dialect: str) -> Direct:
     """Create the session, or reserve positions and turns in it, taking its
     row lock until the transaction ends (built once per dialect; parameters
     from :func:`bump_params`).
@@ -231,6 +229,7 @@ def bump_session(dialect: str) -> Insert:
         floor_total=floor,
         start_position=0,
         start_floor=0,
+        next_call=0,
         created_at=now,
         updated_at=now,
     )
@@ -245,8 +244,7 @@ def bump_session(dialect: str) -> Insert:
         },
         where=or_(s.encoding == encoding, s.encoding.is_(None)),
     )
-    returning: Insert = stmt.returning(s.next_position, s.next_turn, s.floor_total)
-    return returning
+    return Direct(stmt.returning(s.next_position, s.next_turn, s.floor_total))
 
 
 def bump_params(p: PreparedAppend, now: datetime) -> dict[str, object]:
@@ -262,7 +260,7 @@ def bump_params(p: PreparedAppend, now: datetime) -> dict[str, object]:
     }
 
 
-_INSERT_MESSAGES = insert(MESSAGES)
+_INSERT_MESSAGES = Direct(insert(MESSAGES))
 
 
 def append_op(dialect: str, p: PreparedAppend) -> Op[list[StoredMessage]]:
@@ -469,17 +467,22 @@ class WindowMessage(NamedTuple):
     exact: bool = True
 
 
+@functools.cache
+def _window(mode: Mode) -> Direct:
+    return Direct(window_select(mode))
+
+
 def window_op(key: SessionKey, rule: Rule, counter: TokenCounter) -> Op[list[WindowMessage]]:
     """The newest messages that fit ``rule``, oldest first: one query."""
     prefix_tokens = rule.prefix_tokens(counter)
     params = rule.params(key.id, counter.encoding_name, prefix_tokens)
-    rows: Sequence[Any] = (yield window_select(rule.mode), params).all()
+    rows: Sequence[Any] = (yield _window(rule.mode), params).all()
     if not rows:
         rows = yield from _window_recounting(key.id, rule, counter, prefix_tokens)
     # Each row's cost: its running sum less the next (newer) row's.
     newer = [r[5] for r in rows[1:]] + [0] if rows else []
     return [
-        WindowMessage(position, turn, Message(role, content, name), running - after, exact)
+        WindowMessage(position, turn, Message(role, content, name), running - after, bool(exact))
         for (position, turn, role, content, name, running, exact), after in zip(
             rows, newer, strict=True
         )
@@ -498,7 +501,7 @@ def _window_recounting(
         return []
     if session.encoding == counter.encoding_name:  # recounted since the first read
         params = rule.params(sid, counter.encoding_name, prefix_tokens)
-        rows: Sequence[Any] = (yield window_select(rule.mode), params).all()
+        rows: Sequence[Any] = (yield _window(rule.mode), params).all()
         return rows
     tail = (
         yield (

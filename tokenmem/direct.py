@@ -1,0 +1,126 @@
+"""The hot statements — the append's upsert and insert, the window — run on
+the DBAPI cursor: compiled once per dialect from their Core definitions, their
+parameters put through SQLAlchemy's own bind processors, and errors raised as
+SQLAlchemy's ``DBAPIError`` (a lost connection invalidated), as
+``Connection.execute`` would. What is skipped is its per-call machinery
+(cache keys, execution contexts, result objects): most of a turn's Python,
+and on SQLite the Python that runs while the write lock is held.
+
+Only statements whose result columns need no type processing (integers and
+text) may be :class:`Direct`; a step yields ``(Direct(statement), params)``,
+``params`` a mapping or, for ``executemany``, a list of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, Dialect, Executable
+from sqlalchemy.exc import DBAPIError, MultipleResultsFound, NoResultFound
+
+__all__ = ["Direct", "Rows"]
+
+
+class Rows(list[tuple[Any, ...]]):
+    """A direct statement's rows, with the Result methods the operations use."""
+
+    def all(self) -> Rows:
+        return self
+
+    def first(self) -> tuple[Any, ...] | None:
+        return self[0] if self else None
+
+    def one(self) -> tuple[Any, ...]:
+        if not self:
+            raise NoResultFound("no row was found when one was required")
+        if len(self) > 1:
+            raise MultipleResultsFound("multiple rows were found when one was required")
+        return self[0]
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    sql: str
+    positional: tuple[str, ...] | None  # names in order, for "qmark" drivers
+    defaults: dict[str, Any]  # values bound in the statement itself
+    processors: dict[str, Callable[[Any], Any]]
+
+    def bind(self, given: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
+        values = {**self.defaults, **given}
+        for name, process in self.processors.items():
+            values[name] = process(values[name])
+        if self.positional is None:
+            return values
+        return tuple(values[name] for name in self.positional)
+
+
+@dataclass(frozen=True, eq=False)
+class Direct:
+    """A Core statement to run on the DBAPI cursor (see the module docstring)."""
+
+    statement: Executable
+    _compiled: dict[type[Dialect], _Compiled] = field(default_factory=dict, repr=False)
+
+    def compiled(self, dialect: Dialect) -> _Compiled:
+        found = self._compiled.get(type(dialect))
+        if found is None:
+            compiled = self.statement.compile(dialect=dialect)  # type: ignore[attr-defined]
+            if (
+                "POSTCOMPILE" in compiled.string
+                or compiled.insert_prefetch
+                or compiled.update_prefetch
+            ):  # values SQLAlchemy would fill in at execution time
+                raise TypeError(f"not a direct statement: {self.statement}")
+            processors = {}
+            for name, bind in compiled.binds.items():
+                process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+                if process is not None:
+                    processors[name] = process
+            found = _Compiled(
+                sql=compiled.string,
+                positional=tuple(compiled.positiontup) if compiled.positional else None,
+                defaults={
+                    name: value
+                    for name, value in compiled.construct_params(_check=False).items()
+                    if not compiled.binds[name].required
+                },
+                processors=processors,
+            )
+            self._compiled[type(dialect)] = found
+        return found
+
+    def run(self, conn: Connection, params: Mapping[str, Any] | list[Mapping[str, Any]]) -> Rows:
+        """Execute on ``conn``'s DBAPI connection, in its transaction."""
+        dialect = conn.dialect
+        compiled = self.compiled(dialect)
+        many = isinstance(params, list)
+        bound: Any = (
+            [compiled.bind(p) for p in params]
+            if isinstance(params, list)
+            else compiled.bind(params)
+        )
+        dbapi = conn.connection
+        cursor = dbapi.cursor()
+        try:
+            if many:
+                cursor.executemany(compiled.sql, bound)
+                return Rows()
+            cursor.execute(compiled.sql, bound)
+            return Rows(cursor.fetchall() if cursor.description else ())
+        except dialect.loaded_dbapi.Error as exc:
+            lost = dialect.is_disconnect(exc, dbapi.dbapi_connection, cursor)
+            if lost:
+                conn.invalidate(exc)
+            raise DBAPIError.instance(
+                compiled.sql,
+                bound,
+                exc,
+                dialect.loaded_dbapi.Error,
+                connection_invalidated=lost,
+                dialect=dialect,
+            ) from exc
+        finally:
+            if not conn.invalidated:
+                cursor.close()
