@@ -1,0 +1,99 @@
+"""The hot statements on the DBAPI cursor (tokenmem/direct.py) behave as
+``Connection.execute`` would: same rows written, same errors, lost
+connections invalidated and retried."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from sqlalchemy import bindparam, insert, text
+from sqlalchemy.exc import IntegrityError
+
+from tokenmem import Message, Store, TokenCounter
+from tokenmem.aio import AsyncStore
+from tokenmem.direct import Direct
+from tokenmem.models import MESSAGES, SESSIONS, session_uuid
+
+from .conftest import _pg_admin, async_twin, fresh_engine
+
+
+def test_direct_writes_what_core_writes(store: Store, o200k: TokenCounter) -> None:
+    store.append("s", [Message("human", "x")], o200k)
+    row = {
+        "session_id": session_uuid("", "s"),
+        "turn": 9,
+        "role": "ai",
+        "content": "héllo 你好",
+        "name": "bot",
+        "metadata": {"k": [1, "二", None]},
+        "created_at": datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc),
+        "encoding": "o200k_base",
+        "text_tokens": 3,
+        "newline_tokens": 0,
+        "chat_tokens": 5,
+        "cum_floor": 7,
+    }
+    with store.engine.begin() as conn:
+        Direct(insert(MESSAGES)).run(conn, [{**row, "position": 10}])
+        conn.execute(insert(MESSAGES), {**row, "position": 11})
+        raw = conn.execute(
+            text("SELECT * FROM tokenmem_messages WHERE position IN (10, 11) ORDER BY position")
+        ).all()
+    assert raw[0][2:] == raw[1][2:] and raw[0][0] == raw[1][0]
+    assert [m.metadata for m in store.history("s")][1:] == [row["metadata"]] * 2
+
+
+def test_errors_are_sqlalchemy_errors(store: Store, o200k: TokenCounter) -> None:
+    store.append("s", [Message("human", "x")], o200k)
+    row = {c.key: None for c in MESSAGES.c} | {"session_id": session_uuid("", "s")}
+    with store.engine.connect() as conn, pytest.raises(IntegrityError) as info:
+        Direct(insert(MESSAGES)).run(conn, {**row, "position": 0})
+    assert info.value.orig is not None and "INSERT INTO tokenmem_messages" in str(info.value)
+
+
+def test_statements_needing_execution_time_defaults_are_refused(store: Store) -> None:
+    with pytest.raises(TypeError, match="not a direct statement"):
+        # next_position and the other counters would take their Python-side defaults
+        Direct(insert(SESSIONS).values(id=bindparam("x"))).compiled(store.engine.dialect)
+
+
+def test_a_dropped_connection_is_retried(
+    tmp_path: Path, o200k: TokenCounter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pooled connection whose server went away fails its first (direct)
+    statement; the store invalidates it and runs the append again."""
+    with fresh_engine("postgresql", tmp_path) as engine:
+        store = Store(engine, upgrade=True)
+        store.append("s", [Message("human", "before")], o200k)
+        with store.engine.connect() as conn:
+            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        admin = _pg_admin()
+        with admin.begin() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        admin.dispose()
+        caplog.set_level(logging.INFO, "tokenmem.store")
+        store.append("s", [Message("human", "after")], o200k)
+        assert [m.content for m in store.history("s")] == ["before", "after"]
+        assert "retrying a transaction (attempt 2)" in caplog.text
+        caplog.clear()
+
+        async def async_turns() -> list[str]:
+            astore = AsyncStore(async_twin(engine))
+            await astore.append("a", [Message("human", "before")], o200k)
+            async with astore.engine.connect() as conn:
+                apid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+            admin = _pg_admin()
+            with admin.begin() as conn:
+                conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": apid})
+            admin.dispose()
+            await astore.append("a", [Message("human", "after")], o200k)
+            contents = [m.content for m in await astore.history_page("a")]
+            await astore.dispose()
+            return contents
+
+        assert asyncio.run(async_turns()) == ["before", "after"]
+        assert "retrying a transaction (attempt 2)" in caplog.text
