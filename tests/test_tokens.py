@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from tokenmem import ConfigurationError, EncodingUnavailable, TokenCounter
 from tokenmem.tokens import _BUNDLED, _bundled_file, get_encoding
-from tokenmem.window import count_message
+from tokenmem.window import count_message, newline_tokens
 
 URLS = {
     "cl100k_base": "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
@@ -159,3 +159,20 @@ def test_joined_lines_count_from_stored_counts(lines: list[tuple[str, str]], nam
     ]
     assert rendered == sum(costs) - counts[-1].newline_tokens
     assert all(c.floor <= cost for c, cost in zip(counts, costs, strict=True))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    content=st.one_of(
+        st.text(max_size=30),
+        st.text(alphabet="a1é\u0301\u0300 .?!。？…\n\r\t/:'’\"“)]}-_*#😀\u200d\ufe0f", max_size=10),
+        st.text(alphabet=st.characters(codec="utf-8"), max_size=8),
+    ),
+    name=st.sampled_from(sorted(URLS)),
+)
+def test_newline_tokens_from_the_tail(content: str, name: str) -> None:
+    """newline_tokens counts only the line's tail; it must agree with
+    counting the whole line with and without its newline."""
+    counter = TokenCounter(name)
+    line = " " + content
+    assert newline_tokens(counter, content) == counter.count(line + "\n") - counter.count(line)

@@ -13,6 +13,7 @@ text) may be :class:`Direct`; a step yields ``(Direct(statement), params)``,
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +44,7 @@ class Rows(list[tuple[Any, ...]]):
 @dataclass(frozen=True)
 class _Compiled:
     sql: str
-    positional: tuple[str, ...] | None  # names in order, for "qmark" drivers
+    positional: Callable[[dict[str, Any]], Any] | None  # the values in order, for "qmark"
     defaults: dict[str, Any]  # values bound in the statement itself
     processors: dict[str, Callable[[Any], Any]]
 
@@ -53,7 +54,15 @@ class _Compiled:
             values[name] = process(values[name])
         if self.positional is None:
             return values
-        return tuple(values[name] for name in self.positional)
+        ordered: Sequence[Any] = self.positional(values)
+        return ordered
+
+
+def _getter(names: Sequence[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    """A function of a dict returning the values of ``names``, as a tuple."""
+    if len(names) < 2:
+        return lambda values: tuple(values[name] for name in names)
+    return operator.itemgetter(*names)
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,7 +89,7 @@ class Direct:
                     processors[name] = process
             found = _Compiled(
                 sql=compiled.string,
-                positional=tuple(compiled.positiontup) if compiled.positional else None,
+                positional=_getter(compiled.positiontup) if compiled.positional else None,
                 defaults={
                     name: value
                     for name, value in compiled.construct_params(_check=False).items()

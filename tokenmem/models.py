@@ -12,6 +12,7 @@ session never needs a secondary index and two owners can never collide.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from datetime import datetime, timezone
 from typing import Any, cast
@@ -52,6 +53,7 @@ ROLES = ("human", "ai", "system")
 _SESSION_NAMESPACE = uuid.UUID("5b0f3a52-6d4e-4c1e-9a57-7f1d2e3c4b5a")
 
 
+@functools.lru_cache(maxsize=4096)  # SHA-1 per call: remembered for busy sessions
 def session_uuid(owner_id: str, name: str) -> uuid.UUID:
     """Return the primary key of the session ``name`` of ``owner_id``."""
     return uuid.uuid5(_SESSION_NAMESPACE, f"{len(owner_id)}:{owner_id}\x00{name}")

@@ -260,47 +260,58 @@ def bump_params(p: PreparedAppend, now: datetime) -> dict[str, object]:
     }
 
 
-_INSERT_MESSAGES = Direct(insert(MESSAGES))
+# Appends of up to this many messages insert them with one statement.
+_ONE_STATEMENT = 8
+
+
+@functools.cache
+def _insert_messages(n: int) -> Direct:
+    """The INSERT of ``n`` messages: one multi-row VALUES statement (one
+    round trip), or for long imports the one-row statement run as executemany."""
+    if n > _ONE_STATEMENT:
+        return Direct(insert(MESSAGES))
+    rows = [{c.key: bindparam(f"{c.key}_{i}", type_=c.type) for c in MESSAGES.c} for i in range(n)]
+    return Direct(insert(MESSAGES).values(rows))
 
 
 def append_op(dialect: str, p: PreparedAppend) -> Op[list[StoredMessage]]:
     """Append prepared turns: all of them or, on any error, none."""
     now = utcnow()
+    stored = [
+        StoredMessage(
+            type=msg.type,
+            content=msg.content,
+            name=msg.name,
+            metadata=msg.metadata,
+            created_at=p.created_at[i] or now,
+            encoding=p.encoding,
+            text_tokens=c.text_tokens,
+            chat_tokens=c.chat_tokens,
+            newline_tokens=c.newline_tokens,
+        )
+        for i, (msg, c) in enumerate(zip(p.messages, p.counts, strict=True))
+    ]
     bump, params = bump_session(dialect), bump_params(p, now)
     row = (yield bump, params).first()
     if row is None:  # counted with another encoding: recount, then bump
         yield from recount_op(p.key.id, p.counter)
         row = (yield bump, params).one()
     next_position, next_turn, floor_total = row
-    position, turn = next_position - len(p.messages), next_turn - p.turns
+    position, turn = next_position - len(stored), next_turn - p.turns
     cum = floor_total - p.floor
-    stored, rows = [], []
-    for i, (msg, c) in enumerate(zip(p.messages, p.counts, strict=True)):
-        stored.append(
-            StoredMessage(
-                type=msg.type,
-                content=msg.content,
-                name=msg.name,
-                metadata=msg.metadata,
-                position=position + i,
-                turn=turn + p.turn_of[i],
-                created_at=p.created_at[i] or now,
-                encoding=p.encoding,
-                text_tokens=c.text_tokens,
-                chat_tokens=c.chat_tokens,
-                newline_tokens=c.newline_tokens,
-            )
-        )
+    rows = []
+    for i, (msg, c) in enumerate(zip(stored, p.counts, strict=True)):
+        msg.position, msg.turn = position + i, turn + p.turn_of[i]
         rows.append(
             {
                 "session_id": p.key.id,
-                "position": position + i,
-                "turn": turn + p.turn_of[i],
+                "position": msg.position,
+                "turn": msg.turn,
                 "role": msg.type,
                 "content": msg.content,
                 "name": msg.name,
                 "metadata": msg.metadata,
-                "created_at": p.created_at[i] or now,
+                "created_at": msg.created_at,
                 "encoding": p.encoding,
                 "text_tokens": c.text_tokens,
                 "chat_tokens": c.chat_tokens,
@@ -309,7 +320,13 @@ def append_op(dialect: str, p: PreparedAppend) -> Op[list[StoredMessage]]:
             }
         )
         cum += c.floor
-    yield _INSERT_MESSAGES, rows
+    if len(rows) > _ONE_STATEMENT:
+        yield _insert_messages(len(rows)), rows
+    else:
+        yield (
+            _insert_messages(len(rows)),
+            {f"{k}_{i}": v for i, r in enumerate(rows) for k, v in r.items()},
+        )
     return stored
 
 
@@ -479,14 +496,16 @@ def window_op(key: SessionKey, rule: Rule, counter: TokenCounter) -> Op[list[Win
     rows: Sequence[Any] = (yield _window(rule.mode), params).all()
     if not rows:
         rows = yield from _window_recounting(key.id, rule, counter, prefix_tokens)
-    # Each row's cost: its running sum less the next (newer) row's.
-    newer = [r[5] for r in rows[1:]] + [0] if rows else []
-    return [
-        WindowMessage(position, turn, Message(role, content, name), running - after, bool(exact))
-        for (position, turn, role, content, name, running, exact), after in zip(
-            rows, newer, strict=True
-        )
-    ]
+    # Each row's cost: its running sum less the next (newer) row's. (Built
+    # with tuple.__new__: a load makes one per message, and NamedTuple's own
+    # __new__ is Python code.)
+    window, after = [], 0
+    for position, turn, role, content, name, running, exact in reversed(rows):
+        fields = (position, turn, Message(role, content, name), running - after, bool(exact))
+        window.append(tuple.__new__(WindowMessage, fields))
+        after = running
+    window.reverse()
+    return window
 
 
 def _window_recounting(

@@ -101,15 +101,38 @@ def count_message(counter: TokenCounter, role: str, content: str, name: str | No
         chat += counter.count_label(name) + TOKENS_PER_NAME
     text = counter.count(" " + content)
     return Counts(
-        text_tokens=text,
-        chat_tokens=chat,
-        newline_tokens=counter.count(" " + content + "\n") - text,
+        text_tokens=text, chat_tokens=chat, newline_tokens=newline_tokens(counter, content)
     )
 
 
 # The encodings whose pre-tokenizer patterns keep a newline that is followed
-# by a letter or digit out of the next piece (see the module docstring).
+# by a letter or digit out of the next piece (see the module docstring), and
+# end every piece that holds a letter or digit at one.
 _EXACT_ENCODINGS = frozenset({"cl100k_base", "o200k_base"})
+
+
+def newline_tokens(counter: TokenCounter, content: str) -> int:
+    """``tokens(" " + content + "\n") - tokens(" " + content)``, counted on the
+    line's tail: the characters after its last letter or digit. A piece that
+    holds a letter or digit ends at one (cl100k_base, o200k_base), so the
+    tail's pieces are the line's last ones, and the common tails ("", ".",
+    "?") are counted once per process. A mark in the tail (o200k_base's
+    words take marks) or a character Python's Unicode tables do not know
+    counts the whole line instead: rare, and never wrong."""
+    line = " " + content
+    start = len(line)
+    while start and unicodedata.category(line[start - 1])[0] not in "LN":
+        start -= 1
+    tail = line[start:]
+    if counter.encoding_name not in _EXACT_ENCODINGS or any(
+        unicodedata.category(c) in _UNSURE for c in tail
+    ):
+        tail = line
+    count = counter.count_label if len(tail) <= 8 else counter.count
+    return count(tail + "\n") - count(tail)
+
+
+_UNSURE = frozenset({"Mn", "Mc", "Me", "Cn"})
 
 
 @dataclass(frozen=True)
