@@ -47,6 +47,7 @@ class _Compiled:
     positional: Callable[[dict[str, Any]], Any] | None  # the values in order, for "qmark"
     defaults: dict[str, Any]  # values bound in the statement itself
     processors: dict[str, Callable[[Any], Any]]
+    returns_rows: bool
 
     def bind(self, given: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
         values = {**self.defaults, **given}
@@ -96,6 +97,8 @@ class Direct:
                     if not compiled.binds[name].required
                 },
                 processors=processors,
+                returns_rows=bool(compiled.effective_returning)
+                or not (compiled.isinsert or compiled.isupdate or compiled.isdelete),
             )
             self._compiled[type(dialect)] = found
         return found
@@ -117,7 +120,7 @@ class Direct:
                 cursor.executemany(compiled.sql, bound)
                 return Rows()
             cursor.execute(compiled.sql, bound)
-            return Rows(cursor.fetchall() if cursor.description else ())
+            return Rows(cursor.fetchall() if compiled.returns_rows else ())
         except dialect.loaded_dbapi.Error as exc:
             lost = dialect.is_disconnect(exc, dbapi.dbapi_connection, cursor)
             if lost:

@@ -33,6 +33,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    literal_column,
     or_,
     select,
     update,
@@ -227,9 +228,9 @@ def bump_session(dialect: str) -> Direct:
         next_position=n,
         next_turn=turns,
         floor_total=floor,
-        start_position=0,
-        start_floor=0,
-        next_call=0,
+        start_position=literal_column("0"),
+        start_floor=literal_column("0"),
+        next_call=literal_column("0"),
         created_at=now,
         updated_at=now,
     )
@@ -270,7 +271,12 @@ def _insert_messages(n: int) -> Direct:
     round trip), or for long imports the one-row statement run as executemany."""
     if n > _ONE_STATEMENT:
         return Direct(insert(MESSAGES))
-    rows = [{c.key: bindparam(f"{c.key}_{i}", type_=c.type) for c in MESSAGES.c} for i in range(n)]
+    m = MESSAGES.c  # one session and encoding for all rows: bound once
+    shared = {c.key: bindparam(f"{c.key}_all", type_=c.type) for c in (m.session_id, m.encoding)}
+    rows = [
+        {c.key: shared.get(c.key, bindparam(f"{c.key}_{i}", type_=c.type)) for c in MESSAGES.c}
+        for i in range(n)
+    ]
     return Direct(insert(MESSAGES).values(rows))
 
 
@@ -323,10 +329,10 @@ def append_op(dialect: str, p: PreparedAppend) -> Op[list[StoredMessage]]:
     if len(rows) > _ONE_STATEMENT:
         yield _insert_messages(len(rows)), rows
     else:
-        yield (
-            _insert_messages(len(rows)),
-            {f"{k}_{i}": v for i, r in enumerate(rows) for k, v in r.items()},
-        )
+        params = {"session_id_all": p.key.id, "encoding_all": p.encoding}
+        for i, r in enumerate(rows):
+            params.update((f"{k}_{i}", v) for k, v in r.items())
+        yield _insert_messages(len(rows)), params
     return stored
 
 

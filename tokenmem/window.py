@@ -44,7 +44,7 @@ import unicodedata
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import (
     BigInteger,
@@ -54,6 +54,7 @@ from sqlalchemy import (
     bindparam,
     case,
     func,
+    literal_column,
     select,
 )
 
@@ -188,17 +189,23 @@ def _cost_sql(mode: Mode) -> ColumnElement[int]:
     m = MESSAGES.c
     if mode == "text":
         per_role = case(
-            (m.role == "human", bindparam("w_prefix_human", type_=Integer)),
-            (m.role == "ai", bindparam("w_prefix_ai", type_=Integer)),
+            (m.role == _const("'human'"), bindparam("w_prefix_human", type_=Integer)),
+            (m.role == _const("'ai'"), bindparam("w_prefix_ai", type_=Integer)),
             else_=bindparam("w_prefix_system", type_=Integer),
         )
         return per_role + m.text_tokens + _newline(m.newline_tokens)
-    return m.chat_tokens + TOKENS_PER_MESSAGE
+    return m.chat_tokens + _const(str(TOKENS_PER_MESSAGE))
 
 
 def _newline(column: ColumnElement[int | None]) -> ColumnElement[int]:
     """``newline_tokens``, a row written before it existed counting as 1."""
-    return func.coalesce(column, 1)
+    return func.coalesce(column, _const("1"))
+
+
+def _const(sql: str) -> ColumnElement[Any]:
+    """A constant written into the statement rather than bound: the driver
+    then adapts only the parameters that vary."""
+    return literal_column(sql)
 
 
 def _starts_a_piece(prefix: str) -> bool:
@@ -251,7 +258,7 @@ def window_select(mode: Mode) -> Select[tuple[int, int, str, str, str | None, in
             select(_newline(n.newline_tokens))
             .where(n.session_id == bindparam("w_session"))
             .order_by(n.position.desc())
-            .limit(1)
+            .limit(_const("1"))
             .scalar_subquery()
         )
         budget = budget + newest
