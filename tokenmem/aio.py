@@ -27,12 +27,12 @@ from .errors import ConfigurationError, StoreError
 from .messages import Message, SessionInfo, StoredMessage
 from .models import utcnow
 from .ops import (
+    Attempt,
     Erased,
     Op,
     PreparedAppend,
     SessionStats,
     WindowMessage,
-    adrive,
     append_op,
     batches,
     clear_op,
@@ -46,6 +46,7 @@ from .ops import (
     session_op,
     session_stats_op,
     sessions_op,
+    transact,
     window_op,
 )
 from .store import (
@@ -138,16 +139,12 @@ class AsyncStore(StoreBase):
         if not self._ready:
             await self.check()
         for attempt in range(RETRIES):
-            committing = False
+            state = Attempt()
             try:
                 async with self.engine.connect() as conn:  # closing without commit rolls back
-                    transaction = await conn.begin()
-                    value = await adrive(conn, make())
-                    committing = True
-                    await transaction.commit()
-                    return value
+                    return await conn.run_sync(transact, make(), state)
             except SQLAlchemyError as exc:
-                if attempt + 1 < RETRIES and retryable(exc, committing=committing):
+                if attempt + 1 < RETRIES and retryable(exc, committing=state.committing):
                     await asyncio.sleep(retrying(exc, attempt))
                     continue
                 raise StoreError(f"database error: {exc}") from exc

@@ -83,7 +83,8 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
 
 
-_Json = JSON().with_variant(JSONB(), "postgresql")
+# No metadata is SQL NULL, not the JSON text 'null' (both read back as None).
+_Json = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
 
 class Base(DeclarativeBase):

@@ -2,9 +2,10 @@
 
 An operation is a generator: it yields ``(statement, parameters)`` steps and
 is sent back each step's ``Result``; it returns the operation's value. The
-sync :class:`~tokenmem.store.Store` drives it with :func:`drive` on a
-``Connection``, :class:`~tokenmem.aio.AsyncStore` with :func:`adrive` on an
-``AsyncConnection`` — one transaction per operation, the same SQL on both::
+sync :class:`~tokenmem.store.Store` runs it with :func:`transact` on a
+``Connection``, :class:`~tokenmem.aio.AsyncStore` runs the same function on an
+``AsyncConnection`` through ``run_sync`` — one transaction per operation, the
+same SQL and the same Python on both::
 
     def count_op() -> Op[int]:
         result = yield select(func.count()).select_from(MESSAGES), None
@@ -23,7 +24,7 @@ import uuid
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -47,10 +48,16 @@ from .models import MESSAGES, ROLES, SESSIONS, TURNS, session_uuid, utcnow
 from .tokens import TokenCounter
 from .window import Counts, Mode, Rule, count_message, fit, window_select
 
-if TYPE_CHECKING:  # sqlalchemy.ext.asyncio needs greenlet: the "async" extra
-    from sqlalchemy.ext.asyncio import AsyncConnection
-
-__all__ = ["Erased", "Op", "SessionKey", "WindowMessage", "adrive", "check_text", "drive"]
+__all__ = [
+    "Attempt",
+    "Erased",
+    "Op",
+    "SessionKey",
+    "WindowMessage",
+    "check_text",
+    "drive",
+    "transact",
+]
 
 T = TypeVar("T")
 Step = tuple[Executable | Direct, Any]
@@ -76,10 +83,22 @@ def drive(conn: Connection, op: Op[T]) -> T:
         return value
 
 
-async def adrive(conn: AsyncConnection, op: Op[T]) -> T:
-    """Run ``op`` on an async connection: :func:`drive`, in SQLAlchemy's
-    greenlet, where the async driver is called as a sync one."""
-    return await conn.run_sync(drive, op)
+class Attempt:
+    """One try of a transaction: whether it got as far as COMMIT (then a lost
+    connection may or may not have committed, and it must not run again)."""
+
+    committing = False
+
+
+def transact(conn: Connection, op: Op[T], attempt: Attempt) -> T:
+    """Run ``op`` in one transaction on ``conn`` and commit it. The async store
+    runs this same function in SQLAlchemy's greenlet (``run_sync``), where the
+    async driver is called as a sync one: one hop per transaction."""
+    transaction = conn.begin()
+    value = drive(conn, op)
+    attempt.committing = True
+    transaction.commit()
+    return value
 
 
 # --- validation ---------------------------------------------------------------

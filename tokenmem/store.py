@@ -41,6 +41,7 @@ from .messages import Message, SessionInfo, StoredMessage
 from .models import utcnow
 from .ops import (
     DEFAULT_OWNER,
+    Attempt,
     Erased,
     Op,
     PreparedAppend,
@@ -52,7 +53,6 @@ from .ops import (
     batches,
     clear_op,
     count_op,
-    drive,
     erase_op,
     erase_owner_op,
     history_page_op,
@@ -62,6 +62,7 @@ from .ops import (
     session_op,
     session_stats_op,
     sessions_op,
+    transact,
     window_op,
 )
 from .tokens import TokenCounter
@@ -308,16 +309,12 @@ class Store(StoreBase):
         if not self._ready:
             self.check()
         for attempt in range(RETRIES):
-            committing = False
+            state = Attempt()
             try:
                 with self.engine.connect() as conn:  # closing without commit rolls back
-                    transaction = conn.begin()
-                    value = drive(conn, make())
-                    committing = True
-                    transaction.commit()
-                    return value
+                    return transact(conn, make(), state)
             except SQLAlchemyError as exc:
-                if attempt + 1 < RETRIES and retryable(exc, committing=committing):
+                if attempt + 1 < RETRIES and retryable(exc, committing=state.committing):
                     time.sleep(retrying(exc, attempt))
                     continue
                 raise StoreError(f"database error: {exc}") from exc
