@@ -10,10 +10,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import bindparam, insert, text
+from sqlalchemy import bindparam, event, insert, text
 from sqlalchemy.exc import IntegrityError
 
-from tokenmem import Message, Store, TokenCounter
+from tokenmem import ConversationTokenBufferMemory, Message, Store, TokenCounter
 from tokenmem.aio import AsyncStore
 from tokenmem.direct import Direct
 from tokenmem.models import MESSAGES, SESSIONS, session_uuid
@@ -97,3 +97,34 @@ def test_a_dropped_connection_is_retried(
 
         assert asyncio.run(async_turns()) == ["before", "after"]
         assert "retrying a transaction (attempt 2)" in caplog.text
+
+
+def test_watched_engines_see_every_statement(store: Store, o200k: TokenCounter) -> None:
+    """With an event listener (a tracer, a logger) the hot statements go
+    through SQLAlchemy's execution, so the listener sees them."""
+    seen: list[str] = []
+
+    def record(*args: object) -> None:
+        seen.append(str(args[2]))
+
+    event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        memory = ConversationTokenBufferMemory(store=store, session_id="w", max_token_limit=50)
+        memory.save_context({"input": "hi"}, {"output": "there"})
+        assert memory.load_memory_variables({}) == {"history": "Human: hi\nAI: there"}
+    finally:
+        event.remove(store.engine, "before_cursor_execute", record)
+    assert any(s.startswith("INSERT INTO tokenmem_sessions") for s in seen)
+    assert any(s.startswith("INSERT INTO tokenmem_messages") for s in seen)
+    assert any(" OVER " in s for s in seen)
+    seen.clear()
+    memory.save_context({"input": "unwatched"}, {"output": "fast"})
+    assert seen == []
+
+
+def test_sql_logging_sees_every_statement(
+    store: Store, o200k: TokenCounter, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "sqlalchemy.engine")
+    store.append("logged", [Message("human", "hi")], o200k)
+    assert "INSERT INTO tokenmem_messages" in caplog.text

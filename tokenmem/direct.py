@@ -4,7 +4,9 @@ parameters put through SQLAlchemy's own bind processors, and errors raised as
 SQLAlchemy's ``DBAPIError`` (a lost connection invalidated), as
 ``Connection.execute`` would. What is skipped is its per-call machinery
 (cache keys, execution contexts, result objects): most of a turn's Python,
-and on SQLite the Python that runs while the write lock is held.
+and on SQLite the Python that runs while the write lock is held. An engine
+with event listeners or ``echo`` gets them through ``exec_driver_sql``
+instead, so that what watches it sees them.
 
 Only statements whose result columns need no type processing (integers and
 text) may be :class:`Direct`; a step yields ``(Direct(statement), params)``,
@@ -103,8 +105,12 @@ class Direct:
             self._compiled[type(dialect)] = found
         return found
 
-    def run(self, conn: Connection, params: Mapping[str, Any] | list[Mapping[str, Any]]) -> Rows:
-        """Execute on ``conn``'s DBAPI connection, in its transaction."""
+    def run(
+        self, conn: Connection, params: Mapping[str, Any] | list[Mapping[str, Any]]
+    ) -> Any:  # Rows, or a CursorResult: both have all(), first() and one()
+        """Execute on ``conn``'s DBAPI connection, in its transaction; through
+        ``exec_driver_sql`` when engine events or echo are watching, so
+        loggers and tracers (OpenTelemetry...) still see every statement."""
         dialect = conn.dialect
         compiled = self.compiled(dialect)
         many = isinstance(params, list)
@@ -113,6 +119,15 @@ class Direct:
             if isinstance(params, list)
             else compiled.bind(params)
         )
+        # (private attributes, read defensively: if they ever go, every
+        # statement takes the watched path, slower but never unseen)
+        if (
+            getattr(conn, "_has_events", True)
+            or getattr(conn.engine, "_has_events", True)
+            or getattr(conn, "_echo", True)
+        ):
+            result = conn.exec_driver_sql(compiled.sql, bound)
+            return result if compiled.returns_rows else Rows()
         dbapi = conn.connection
         cursor = dbapi.cursor()
         try:
