@@ -73,10 +73,12 @@ class Direct:
     """A Core statement to run on the DBAPI cursor (see the module docstring)."""
 
     statement: Executable
-    _compiled: dict[type[Dialect], _Compiled] = field(default_factory=dict, repr=False)
+    # per dialect class and parameter style (an engine may ask for another)
+    _compiled: dict[tuple[type[Dialect], str], _Compiled] = field(default_factory=dict, repr=False)
 
     def compiled(self, dialect: Dialect) -> _Compiled:
-        found = self._compiled.get(type(dialect))
+        key = (type(dialect), dialect.paramstyle)
+        found = self._compiled.get(key)
         if found is None:
             compiled = self.statement.compile(dialect=dialect)  # type: ignore[attr-defined]
             if (
@@ -102,7 +104,7 @@ class Direct:
                 returns_rows=bool(compiled.effective_returning)
                 or not (compiled.isinsert or compiled.isupdate or compiled.isdelete),
             )
-            self._compiled[type(dialect)] = found
+            self._compiled[key] = found
         return found
 
     def run(

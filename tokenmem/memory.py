@@ -14,6 +14,7 @@ saved, and the window is one SQL query::
 from __future__ import annotations
 
 import asyncio
+import operator
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
@@ -45,6 +46,9 @@ class ModelInfo(Protocol):
 _default_store: Store | None = None
 _stores: dict[object, Store] = {}
 _default_lock = threading.Lock()
+
+
+_exact = operator.attrgetter("exact")
 
 
 def _store(store: Store | AsyncStore | Engine | str | None) -> Store | AsyncStore:
@@ -152,7 +156,7 @@ class ConversationTokenBufferMemory:
         newline_tokens (window.py): then the string is counted again and the
         oldest lines are dropped while it is over the limit."""
         text = get_buffer_string([w.message for w in window], rule)
-        if rule.mode != "text" or (rule.exact_lines(self.counter) and all(w.exact for w in window)):
+        if rule.mode != "text" or (rule.exact_lines(self.counter) and all(map(_exact, window))):
             return window, text
         while window and self.counter.count(text) > rule.limit:
             window = window[1:]

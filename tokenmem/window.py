@@ -215,7 +215,7 @@ def _starts_a_piece(prefix: str) -> bool:
 def get_buffer_string(messages: Sequence[Message], rule: Rule) -> str:
     """Render messages as LangChain does: one ``"{prefix}: {content}"`` line each."""
     prefixes = {role: rule.prefix(role) + ": " for role in CHAT_ROLES}
-    return "\n".join(prefixes[m.type] + m.content for m in messages)
+    return "\n".join([prefixes[m.type] + m.content for m in messages])
 
 
 def chat_prompt_tokens(messages: Sequence[Mapping[str, str]], counter: TokenCounter) -> int:
