@@ -11,10 +11,10 @@ full (about 55 messages, 2,000 tokens), as in a conversation under way. The
 messages are English-like text of 9 to 58 o200k_base tokens from seeded
 ``random.Random`` generators.
 
-Three modes per backend, on the same sessions of the same database:
+Four modes per backend, on the same sessions of the same database:
 
-* **bare driver, threads** (the baseline): 32 threads, each with its own
-  psycopg (sync) or sqlite3 connection, issue per turn what tokenmem's SQL
+* **bare driver, threads** (the threads baseline): 32 threads, each with its
+  own psycopg (sync) or sqlite3 connection, issue per turn what tokenmem's SQL
   amounts to at minimum: one transaction that upserts the session's counters
   (``INSERT .. ON CONFLICT DO UPDATE .. RETURNING``) and inserts the two
   message rows in one statement, then the window ``SELECT`` (the statement of
@@ -24,6 +24,9 @@ Three modes per backend, on the same sessions of the same database:
   memory and calls ``save_context`` then ``load_memory_variables`` (which count
   the tokens themselves: the exchange's at save; at load, only when the
   rendered window must be counted again, which these prefixes never need);
+* **bare driver, asyncio** (the asyncio baseline): the same SQL from 32 tasks
+  on one event loop, each with its own psycopg ``AsyncConnection`` or
+  aiosqlite connection;
 * **tokenmem, asyncio**: 32 tasks on one event loop share one ``AsyncStore``
   (psycopg async; aiosqlite) and call ``asave_context`` then
   ``aload_memory_variables``.
@@ -35,12 +38,13 @@ no worker ever waits for one (SQLAlchemy's default pool holds 5 + 10). SQLite is
 file in a temporary directory, PostgreSQL a fresh schema, dropped at the end.
 
 Each mode runs ``--turns`` timed turns (default 3,000) in two rounds, the
-modes in order A B C then C B A so that drift on a shared machine hits them
+modes in order A B C D then D C B A so that drift on a shared machine hits them
 alike; every round first runs 8 untimed turns per worker. Save, load and the
 whole turn (save + load, the memory's construction included) are timed with
 ``time.perf_counter_ns``; turns/s is timed turns over the rounds' wall time.
-The table gives p50 and p99, and the ratio of each mode's turn p50 to the
-baseline's (goal: at most 2x). Below it: this process's CPU time per turn (all
+The table gives p50 and p99, and the ratio of each mode's turn p50 to its
+own model's baseline (goal: at most 2x); the goal line adds tokenmem asyncio
+against the threads baseline. Below it: this process's CPU time per turn (all
 threads; on SQLite it includes SQLite's own work), any error a turn raised,
 and the errors tokenmem's stores retried on their own (SQLite's "database is
 locked", PostgreSQL's serialization failures: counted by wrapping
@@ -99,6 +103,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import aiosqlite
 import psycopg
 from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.engine import URL
@@ -132,8 +137,11 @@ LIMIT = 2_000
 ENCODING = "o200k_base"
 SEED = 20_241_130
 GOAL = 2.0  # tokenmem's turn p50 at most this many times the bare driver's
-BARE, THREADS, ASYNCIO = "bare driver, threads", "tokenmem, threads", "tokenmem, asyncio"
-MODES = (BARE, THREADS, ASYNCIO)
+BARE, THREADS = "bare driver, threads", "tokenmem, threads"
+BARE_ASYNC, ASYNCIO = "bare driver, asyncio", "tokenmem, asyncio"
+MODES = (BARE, THREADS, BARE_ASYNC, ASYNCIO)
+BASELINE = {THREADS: BARE, ASYNCIO: BARE_ASYNC}  # each compared with its own model
+SQLITE_PRAGMAS = ("journal_mode=WAL", "busy_timeout=30000", "foreign_keys=ON")
 PROFILE = "profile (single thread)"
 TIMES = "\N{MULTIPLICATION SIGN}"
 
@@ -343,20 +351,17 @@ def _pyformat(sql: str) -> str:
     return re.sub(r":(\w+)", r"%(\1)s", sql)
 
 
-class BareWorker:
-    """The baseline: a turn as plain SQL on one DBAPI connection of its own."""
+class _Bare:
+    """The baseline's SQL and parameters: a turn as plain SQL on a DBAPI
+    connection of its own (:class:`BareWorker`, :class:`AsyncBareWorker`)."""
 
     def __init__(self, target: Target, prefix_tokens: Mapping[str, int]) -> None:
         self.sqlite = target.backend == "sqlite"
-        self.conn: Any
-        if self.sqlite:
-            self.conn = sqlite3.connect(target.dbapi, timeout=30, check_same_thread=False)
-            for pragma in ("journal_mode=WAL", "busy_timeout=30000", "foreign_keys=ON"):
-                self.conn.execute(f"PRAGMA {pragma}")
-            self.sql = (_BUMP, _INSERT, _WINDOW)
-        else:
-            self.conn = psycopg.connect(target.dbapi)
-            self.sql = (_pyformat(_BUMP), _pyformat(_INSERT), _pyformat(_WINDOW))
+        self.sql = (
+            (_BUMP, _INSERT, _WINDOW)
+            if self.sqlite
+            else (_pyformat(_BUMP), _pyformat(_INSERT), _pyformat(_WINDOW))
+        )
         self.window_params = {
             "encoding": ENCODING,
             "budget": LIMIT,
@@ -366,42 +371,62 @@ class BareWorker:
     def _sid(self, turn: Turn) -> object:
         return turn.sid.hex if self.sqlite else turn.sid  # how SQLAlchemy's Uuid stores it
 
-    def save(self, turn: Turn) -> None:
+    def bump_params(self, turn: Turn) -> dict[str, Any]:
         now = utcnow()
         # SQLAlchemy keeps SQLite datetimes as naive UTC text, in this format.
         when = now.replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f") if self.sqlite else now
-        sid, (h, a) = self._sid(turn), turn.counts
+        h, a = turn.counts
         floor = h.floor + a.floor
+        sid = self._sid(turn)
+        return {"sid": sid, "name": turn.name, "encoding": ENCODING, "floor": floor, "now": when}
+
+    def insert_params(self, turn: Turn, bump: dict[str, Any], row: Sequence[int]) -> dict[str, Any]:
+        next_position, next_turn, floor_total = row
+        h, a = turn.counts
+        position, cum = next_position - 2, floor_total - bump["floor"]
+        return {
+            "sid": bump["sid"],
+            "p0": position,
+            "p1": position + 1,
+            "turn": next_turn - 1,
+            "human": turn.human,
+            "ai": turn.ai,
+            "now": bump["now"],
+            "encoding": ENCODING,
+            "h_text": h.text_tokens,
+            "h_newline": h.newline_tokens,
+            "h_chat": h.chat_tokens,
+            "h_cum": cum,
+            "a_text": a.text_tokens,
+            "a_newline": a.newline_tokens,
+            "a_chat": a.chat_tokens,
+            "a_cum": cum + h.floor,
+        }
+
+    def load_params(self, turn: Turn) -> dict[str, Any]:
+        return {**self.window_params, "sid": self._sid(turn)}
+
+
+class BareWorker(_Bare):
+    """The threads baseline: sqlite3 or psycopg, one connection per worker."""
+
+    def __init__(self, target: Target, prefix_tokens: Mapping[str, int]) -> None:
+        super().__init__(target, prefix_tokens)
+        self.conn: Any
+        if self.sqlite:
+            self.conn = sqlite3.connect(target.dbapi, timeout=30, check_same_thread=False)
+            for pragma in SQLITE_PRAGMAS:
+                self.conn.execute(f"PRAGMA {pragma}")
+        else:
+            self.conn = psycopg.connect(target.dbapi)
+
+    def save(self, turn: Turn) -> None:
         bump, insert, _ = self.sql
+        params = self.bump_params(turn)
         cur = self.conn.cursor()
         try:
-            cur.execute(
-                bump,
-                {"sid": sid, "name": turn.name, "encoding": ENCODING, "floor": floor, "now": when},
-            )
-            next_position, next_turn, floor_total = cur.fetchone()
-            position, cum = next_position - 2, floor_total - floor
-            cur.execute(
-                insert,
-                {
-                    "sid": sid,
-                    "p0": position,
-                    "p1": position + 1,
-                    "turn": next_turn - 1,
-                    "human": turn.human,
-                    "ai": turn.ai,
-                    "now": when,
-                    "encoding": ENCODING,
-                    "h_text": h.text_tokens,
-                    "h_newline": h.newline_tokens,
-                    "h_chat": h.chat_tokens,
-                    "h_cum": cum,
-                    "a_text": a.text_tokens,
-                    "a_newline": a.newline_tokens,
-                    "a_chat": a.chat_tokens,
-                    "a_cum": cum + h.floor,
-                },
-            )
+            cur.execute(bump, params)
+            cur.execute(insert, self.insert_params(turn, params, cur.fetchone()))
         except BaseException:
             self.conn.rollback()
             raise
@@ -412,7 +437,7 @@ class BareWorker:
     def load(self, turn: Turn) -> list[str]:
         cur = self.conn.cursor()
         try:
-            cur.execute(self.sql[2], {**self.window_params, "sid": self._sid(turn)})
+            cur.execute(self.sql[2], self.load_params(turn))
             rows = cur.fetchall()
         finally:
             cur.close()
@@ -421,6 +446,50 @@ class BareWorker:
 
     def close(self) -> None:
         self.conn.close()
+
+
+class AsyncBareWorker(_Bare):
+    """The asyncio baseline: aiosqlite or psycopg's AsyncConnection, one per task."""
+
+    conn: Any
+
+    @classmethod
+    async def open(cls, target: Target, prefix_tokens: Mapping[str, int]) -> AsyncBareWorker:
+        self = cls(target, prefix_tokens)
+        if self.sqlite:
+            self.conn = await aiosqlite.connect(target.dbapi, timeout=30)
+            for pragma in SQLITE_PRAGMAS:
+                await self.conn.execute(f"PRAGMA {pragma}")
+        else:
+            self.conn = await psycopg.AsyncConnection.connect(target.dbapi)
+        return self
+
+    async def save(self, turn: Turn) -> None:
+        bump, insert, _ = self.sql
+        params = self.bump_params(turn)
+        cur = await self.conn.cursor() if self.sqlite else self.conn.cursor()
+        try:
+            await cur.execute(bump, params)
+            await cur.execute(insert, self.insert_params(turn, params, await cur.fetchone()))
+        except BaseException:
+            await self.conn.rollback()
+            raise
+        finally:
+            await cur.close()
+        await self.conn.commit()
+
+    async def load(self, turn: Turn) -> list[str]:
+        cur = await self.conn.cursor() if self.sqlite else self.conn.cursor()
+        try:
+            await cur.execute(self.sql[2], self.load_params(turn))
+            rows = await cur.fetchall()
+        finally:
+            await cur.close()
+        await self.conn.commit()
+        return [row[3] for row in rows]
+
+    async def close(self) -> None:
+        await self.conn.close()
 
 
 # --- running turns -------------------------------------------------------------
@@ -603,6 +672,20 @@ def _run_round(bench: Bench, mode: str, turns: list[Turn], warmup: list[Turn]) -
                 await store.dispose()
 
         warm, timed = asyncio.run(rounds())
+    elif mode == BARE_ASYNC:
+
+        async def bare_rounds() -> tuple[Tally, Tally]:
+            workers = [
+                await AsyncBareWorker.open(bench.target, bench.prefix_tokens)
+                for _ in range(WORKERS)
+            ]
+            try:
+                return await task_phase(workers, warmup), await task_phase(workers, turns)
+            finally:
+                for worker in workers:
+                    await worker.close()
+
+        warm, timed = asyncio.run(bare_rounds())
     elif mode == THREADS:
         workers = [MemoryWorker(bench.store) for _ in range(WORKERS)]
         warm, timed = thread_phase(workers, warmup), thread_phase(workers, turns)
@@ -905,14 +988,16 @@ def summary(tally: Tally) -> dict[str, float]:
 
 
 def table(bench: Bench, check: Check) -> str:
-    base = summary(bench.results[BARE])["turn_p50"]
+    """The results; each mode's p50 divided by its own model's bare driver
+    (threads by the threads baseline, asyncio by the asyncio one)."""
     lines = [
         "| mode | turns/s | turn p50 (ms) | turn p99 (ms) | save p50 (ms) | load p50 (ms) "
-        "| ratio p50 vs baseline | lost |",
+        "| p50 ÷ bare driver | lost |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mode in MODES:
         s = summary(bench.results[mode])
+        base = summary(bench.results[BASELINE.get(mode, mode)])["turn_p50"]
         lines.append(
             f"| {mode} | {s['turns_per_s']:,.0f} | {s['turn_p50']:.2f} | {s['turn_p99']:.2f} "
             f"| {s['save_p50']:.2f} | {s['load_p50']:.2f} | {s['turn_p50'] / base:.2f}{TIMES} "
@@ -922,11 +1007,16 @@ def table(bench: Bench, check: Check) -> str:
 
 
 def goal_line(backend: str, bench: Bench, check: Check) -> str:
-    base = summary(bench.results[BARE])["turn_p50"]
     parts = []
-    for mode in (THREADS, ASYNCIO):
-        ratio = summary(bench.results[mode])["turn_p50"] / base
-        parts.append(f"{mode} {ratio:.2f}{TIMES} {'met' if ratio <= GOAL else 'NOT met'}")
+    for mode, baseline in BASELINE.items():
+        ratio = (
+            summary(bench.results[mode])["turn_p50"] / summary(bench.results[baseline])["turn_p50"]
+        )
+        parts.append(
+            f"{mode} {ratio:.2f}{TIMES} the {baseline} ({'met' if ratio <= GOAL else 'NOT met'})"
+        )
+    across = summary(bench.results[ASYNCIO])["turn_p50"] / summary(bench.results[BARE])["turn_p50"]
+    parts.append(f"{ASYNCIO} {across:.2f}{TIMES} the {BARE}")
     lost = "nothing lost" if check.ok else "LOST OR INCONSISTENT DATA (see the check)"
     return f"Goal ({backend}): turn p50 within {GOAL:g}{TIMES} of the bare driver: " + (
         "; ".join(parts) + f"; {lost}."
