@@ -31,6 +31,26 @@ BACKENDS = ["sqlite", "postgresql"]
 
 
 @pytest.fixture(autouse=True)
+def _close_model_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Close the HTTP connections of every OpenAI model a test made (the SDK
+    keeps them pooled; left to the garbage collector they warn, at random
+    points of later tests)."""
+    import tokenmem.llm
+
+    made: list[tokenmem.llm.OpenAI] = []
+    original = tokenmem.llm.OpenAI.__init__
+
+    def init(self: tokenmem.llm.OpenAI, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+        made.append(self)
+
+    monkeypatch.setattr(tokenmem.llm.OpenAI, "__init__", init)
+    yield
+    for llm in made:
+        llm.close()
+
+
+@pytest.fixture(autouse=True)
 def _no_default_database(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Column, Engine, Integer, MetaData, Table, Text, create_engine, insert
 
-from tokenmem import ConversationChain, ConversationTokenBufferMemory, Message, OpenAI, Store
+from tokenmem import (
+    ConversationChain,
+    ConversationTokenBufferMemory,
+    Message,
+    OpenAI,
+    Store,
+    TokenCounter,
+)
 from tokenmem.cli import main
 
 from .openai_server import FakeOpenAI
@@ -78,6 +85,10 @@ def test_sessions_history_window_turns(filled: Store, capsys: pytest.CaptureFixt
     assert code == 0 and "outside the window (positions 0.." in out and "/40 tokens" in out
     window = json.loads(run(capsys, "--db", url, "--json", "window", "talk", "--limit", "40")[1])
     assert 0 < window["used"] <= 40 and window["fell_out"] == 12 - len(window["messages"])
+    rendered = "\n".join(
+        {"human": "Human", "ai": "AI"}[m["role"]] + ": " + m["content"] for m in window["messages"]
+    )
+    assert window["used"] == TokenCounter("o200k_base").count(rendered)
     assert [m["running"] for m in window["messages"]] == sorted(
         m["running"] for m in window["messages"]
     )

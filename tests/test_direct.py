@@ -13,10 +13,18 @@ import pytest
 from sqlalchemy import bindparam, event, insert, text
 from sqlalchemy.exc import IntegrityError
 
-from tokenmem import ConversationTokenBufferMemory, Message, Store, TokenCounter
+from tokenmem import (
+    ConversationTokenBufferMemory,
+    InvalidInputError,
+    Message,
+    Store,
+    StoredMessage,
+    TokenCounter,
+)
 from tokenmem.aio import AsyncStore
 from tokenmem.direct import Direct
 from tokenmem.models import MESSAGES, SESSIONS, session_uuid
+from tokenmem.store import make_engine
 
 from .conftest import _pg_admin, async_twin, fresh_engine
 
@@ -55,6 +63,22 @@ def test_errors_are_sqlalchemy_errors(store: Store, o200k: TokenCounter) -> None
     assert info.value.orig is not None and "INSERT INTO tokenmem_messages" in str(info.value)
 
 
+def test_errors_hide_parameters_when_asked(tmp_path: Path, o200k: TokenCounter) -> None:
+    store = Store(make_engine(f"sqlite:///{tmp_path}/h.sqlite3", hide_parameters=True))
+    store.upgrade()
+    store.append("s", [Message("human", "x")], o200k)
+    row = {c.key: None for c in MESSAGES.c} | {"session_id": session_uuid("", "s")}
+    with store.engine.connect() as conn, pytest.raises(IntegrityError) as info:
+        Direct(insert(MESSAGES)).run(conn, {**row, "position": 0, "content": "SECRET"})
+    assert "SECRET" not in str(info.value)
+
+
+def test_naive_timestamps_are_bad_input(store: Store, o200k: TokenCounter) -> None:
+    naive = StoredMessage("human", "x", created_at=datetime(2026, 1, 1))
+    with pytest.raises(InvalidInputError, match="timezone-aware"):
+        store.append("s", [naive], o200k)
+
+
 def test_statements_needing_execution_time_defaults_are_refused(store: Store) -> None:
     with pytest.raises(TypeError, match="not a direct statement"):
         # next_position and the other counters would take their Python-side defaults
@@ -67,13 +91,19 @@ def test_a_dropped_connection_is_retried(
     """A pooled connection whose server went away fails its first (direct)
     statement; the store invalidates it and runs the append again."""
     with fresh_engine("postgresql", tmp_path) as engine:
-        store = Store(engine, upgrade=True)
+        # More pooled connections than retries: after a server restart all of
+        # them are dead, and the first failure must invalidate the whole pool.
+        store = Store(make_engine(str(engine.url.render_as_string(False)), pool_size=10))
+        store.upgrade()
         store.append("s", [Message("human", "before")], o200k)
-        with store.engine.connect() as conn:
-            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        held = [store.engine.connect() for _ in range(10)]
+        pids = [c.execute(text("SELECT pg_backend_pid()")).scalar_one() for c in held]
+        for c in held:
+            c.close()
         admin = _pg_admin()
         with admin.begin() as conn:
-            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            for pid in pids:
+                conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
         admin.dispose()
         caplog.set_level(logging.INFO, "tokenmem.store")
         store.append("s", [Message("human", "after")], o200k)
@@ -97,6 +127,7 @@ def test_a_dropped_connection_is_retried(
 
         assert asyncio.run(async_turns()) == ["before", "after"]
         assert "retrying a transaction (attempt 2)" in caplog.text
+        store.engine.dispose()
 
 
 def test_watched_engines_see_every_statement(store: Store, o200k: TokenCounter) -> None:

@@ -229,10 +229,14 @@ def test_rows_written_before_0003(db: Engine, o200k: TokenCounter) -> None:
     assert rendered_fits()
     stats = store.session_stats()
     assert [s.uncounted for s in stats] == [24]
-    assert recount(store, o200k) == 1
+    # Filling in keeps each session's encoding (None: its own).
+    other = Store(db).owner("x")
+    other.append("cl", [Message("human", "kept in cl100k")], TokenCounter("cl100k_base"))
+    assert recount(store, None) == 1
     assert {m.newline_tokens is None for m in store.history("old")} == {False}
+    assert [m.encoding for m in other.history("cl")] == ["cl100k_base"]
     assert all(w.exact for w in memory.window())
     assert rendered_fits() == reference_text(messages, memory.rule, o200k)
-    assert recount(store, o200k) == 0  # nothing left to do
+    assert recount(store, None) == 0  # nothing left to do
     memory.save_context({"input": "and now?"}, {"output": "Counted."})
     assert store.session_stats()[0].uncounted == 0

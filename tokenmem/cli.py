@@ -223,6 +223,7 @@ def cmd_history(args: argparse.Namespace, store: Any, out: _Out) -> int:
 
 def cmd_window(args: argparse.Namespace, store: Any, out: _Out) -> int:
     from .memory import ConversationTokenBufferMemory
+    from .window import get_buffer_string
 
     counter = _counter(args)
     session = store.session(args.session, owner=args.owner)
@@ -248,8 +249,11 @@ def cmd_window(args: argparse.Namespace, store: Any, out: _Out) -> int:
                 "content": w.message.content,
             }
         )
-    # The rule's total: n lines joined by n - 1 newlines, or the reply priming.
-    used = (running - 1 if rule.mode == "text" else running + 3) if rows else 0
+    # The rule's total: the rendered string's tokens, or the chat formula's.
+    if rule.mode == "text":
+        used = counter.count(get_buffer_string([w.message for w in window], rule))
+    else:
+        used = running + 3 if rows else 0
     first = window[0].position if window else session.messages
     if out.as_json:
         out.json(
@@ -442,7 +446,9 @@ def cmd_export(args: argparse.Namespace, store: Any, out: _Out) -> int:
 def cmd_recount(args: argparse.Namespace, store: Any, out: _Out) -> int:
     from .transfer import recount
 
-    counter = _counter(args)
+    # Without --model/--encoding: only fill in rows from before migration 0003.
+    counter = _counter(args) if args.model or args.encoding else None
+    encoding = counter.encoding_name if counter else "each session's own encoding"
     total = sum(
         s.messages for s in store.session_stats(owner=args.owner, all_owners=args.owner is None)
     )
@@ -451,14 +457,16 @@ def cmd_recount(args: argparse.Namespace, store: Any, out: _Out) -> int:
         counter,
         owner=args.owner,
         session=args.session,
-        progress=_progress(total, f"recount to {counter.encoding_name}"),
+        progress=_progress(total, f"recount to {encoding}"),
     )
     if sys.stderr.isatty():
         sys.stderr.write("\n")
     if out.as_json:
-        out.json({"encoding": counter.encoding_name, "sessions_recounted": done})
+        out.json(
+            {"encoding": counter.encoding_name if counter else None, "sessions_recounted": done}
+        )
     else:
-        out.line(f"{done} session(s) recounted with {counter.encoding_name}")
+        out.line(f"{done} session(s) recounted with {encoding}")
     return 0
 
 
@@ -590,7 +598,12 @@ def _parser() -> argparse.ArgumentParser:
     owner(export)
     export.add_argument("-o", "--output", help="file (default: stdout)")
 
-    rec = command("recount", "count tokens for another encoding, resumable", cmd_recount)
+    rec = command(
+        "recount",
+        "count tokens for another encoding (none given: fill in rows from before "
+        "migration 0003), resumable",
+        cmd_recount,
+    )
     encoding(rec)
     rec.add_argument("--session")
     owner(rec)

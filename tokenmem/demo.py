@@ -113,8 +113,8 @@ def run(
         memory.save_context({"input": human}, {"output": ai})
         out(f"   save_context({{'input': {human!r}}}, {{'output': {ai!r}}})")
         out(f"   load_memory_variables({{}}) -> {memory.load_memory_variables({})}")
-    out("   The full stored history; cost = the line's tokens plus its joining newline,")
-    out("   the window = the newest run costing <= limit + 1:")
+    out("   The full stored history; cost = the line's tokens plus what its joining newline")
+    out("   adds; the window = the newest run costing <= limit + the newest's newline:")
     _table(memory, out)
 
     conversation = CONVERSATION[language]

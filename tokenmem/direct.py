@@ -1,27 +1,29 @@
 """The hot statements — the append's upsert and insert, the window — run on
-the DBAPI cursor: compiled once per dialect from their Core definitions, their
-parameters put through SQLAlchemy's own bind processors, and errors raised as
-SQLAlchemy's ``DBAPIError`` (a lost connection invalidated), as
-``Connection.execute`` would. What is skipped is its per-call machinery
-(cache keys, execution contexts, result objects): most of a turn's Python,
-and on SQLite the Python that runs while the write lock is held. An engine
-with event listeners or ``echo`` gets them through ``exec_driver_sql``
+the DBAPI cursor: compiled once per engine from their Core definitions, their
+parameters put through SQLAlchemy's own bind processors, errors handed to
+SQLAlchemy's own handling (wrapped as ``DBAPIError``, a lost connection
+invalidating the pool). What is skipped is ``Connection.execute``'s per-call
+machinery (cache keys, execution contexts, result objects): most of a turn's
+Python, and on SQLite the Python that runs while the write lock is held. An
+engine with event listeners or ``echo`` runs them through ``exec_driver_sql``
 instead, so that what watches it sees them.
 
-Only statements whose result columns need no type processing (integers and
-text) may be :class:`Direct`; a step yields ``(Direct(statement), params)``,
-``params`` a mapping or, for ``executemany``, a list of them.
+Only statements whose result columns need no type processing (integers,
+text, a boolean that SQLite returns as 0/1) may be :class:`Direct`; a step
+yields ``(Direct(statement), params)``, ``params`` a mapping or, for
+``executemany``, a list of them, and is sent back :class:`Rows`.
 """
 
 from __future__ import annotations
 
 import operator
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, Dialect, Executable
-from sqlalchemy.exc import DBAPIError, MultipleResultsFound, NoResultFound
+from sqlalchemy.exc import MultipleResultsFound, NoResultFound
 
 __all__ = ["Direct", "Rows"]
 
@@ -73,12 +75,14 @@ class Direct:
     """A Core statement to run on the DBAPI cursor (see the module docstring)."""
 
     statement: Executable
-    # per dialect class and parameter style (an engine may ask for another)
-    _compiled: dict[tuple[type[Dialect], str], _Compiled] = field(default_factory=dict, repr=False)
+    # per dialect instance: bind processors follow an engine's settings
+    # (json_serializer...), and a disposed engine's dialect may go
+    _compiled: weakref.WeakKeyDictionary[Dialect, _Compiled] = field(
+        default_factory=weakref.WeakKeyDictionary, repr=False
+    )
 
     def compiled(self, dialect: Dialect) -> _Compiled:
-        key = (type(dialect), dialect.paramstyle)
-        found = self._compiled.get(key)
+        found = self._compiled.get(dialect)
         if found is None:
             compiled = self.statement.compile(dialect=dialect)  # type: ignore[attr-defined]
             if (
@@ -104,52 +108,50 @@ class Direct:
                 returns_rows=bool(compiled.effective_returning)
                 or not (compiled.isinsert or compiled.isupdate or compiled.isdelete),
             )
-            self._compiled[key] = found
+            self._compiled[dialect] = found
         return found
 
     def run(
         self, conn: Connection, params: Mapping[str, Any] | list[Mapping[str, Any]]
     ) -> Any:  # Rows, or a CursorResult: both have all(), first() and one()
         """Execute on ``conn``'s DBAPI connection, in its transaction; through
-        ``exec_driver_sql`` when engine events or echo are watching, so
-        loggers and tracers (OpenTelemetry...) still see every statement."""
-        dialect = conn.dialect
-        compiled = self.compiled(dialect)
-        many = isinstance(params, list)
-        bound: Any = (
-            [compiled.bind(p) for p in params]
-            if isinstance(params, list)
-            else compiled.bind(params)
-        )
-        # (private attributes, read defensively: if they ever go, every
-        # statement takes the watched path, slower but never unseen)
-        if (
-            getattr(conn, "_has_events", True)
-            or getattr(conn.engine, "_has_events", True)
-            or getattr(conn, "_echo", True)
-        ):
+        ``exec_driver_sql`` when events or SQL logging watch the engine, so
+        that loggers and tracers (OpenTelemetry...) still see every statement."""
+        compiled = self.compiled(conn.dialect)
+        if _watched(conn):
+            bound = _bind_all(compiled, params)
             result = conn.exec_driver_sql(compiled.sql, bound)
             return result if compiled.returns_rows else Rows()
-        dbapi = conn.connection
-        cursor = dbapi.cursor()
+        cursor, bound = None, None
         try:
-            if many:
+            bound = _bind_all(compiled, params)
+            cursor = conn.connection.cursor()
+            if isinstance(params, list):
                 cursor.executemany(compiled.sql, bound)
-                return Rows()
-            cursor.execute(compiled.sql, bound)
-            return Rows(cursor.fetchall() if compiled.returns_rows else ())
-        except dialect.loaded_dbapi.Error as exc:
-            lost = dialect.is_disconnect(exc, dbapi.dbapi_connection, cursor)
-            if lost:
-                conn.invalidate(exc)
-            raise DBAPIError.instance(
-                compiled.sql,
-                bound,
-                exc,
-                dialect.loaded_dbapi.Error,
-                connection_invalidated=lost,
-                dialect=dialect,
-            ) from exc
-        finally:
-            if not conn.invalidated:
-                cursor.close()
+                rows = Rows()
+            else:
+                cursor.execute(compiled.sql, bound)
+                rows = Rows(cursor.fetchall() if compiled.returns_rows else ())
+            cursor.close()
+            return rows
+        except BaseException as exc:
+            # SQLAlchemy's own handling: wrapped as DBAPIError or StatementError
+            # (hide_parameters honoured), a lost connection invalidating the
+            # whole pool, handle_error events.
+            conn._handle_dbapi_exception(exc, compiled.sql, bound, cursor, None)
+
+
+def _bind_all(compiled: _Compiled, params: Mapping[str, Any] | list[Mapping[str, Any]]) -> Any:
+    return [compiled.bind(p) for p in params] if isinstance(params, list) else compiled.bind(params)
+
+
+def _watched(conn: Connection) -> bool:
+    """Whether events or echo watch ``conn``'s statements. (Private attributes,
+    read defensively: should they ever go, every statement takes the watched
+    path, slower but never unseen.)"""
+    return bool(
+        getattr(conn, "_has_events", True)
+        or getattr(conn.engine, "_has_events", True)
+        or getattr(conn.dialect, "_has_events", True)
+        or getattr(conn, "_echo", True)
+    )

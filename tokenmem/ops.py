@@ -1,7 +1,8 @@
 """Store operations, written once and run by both the sync and the async store.
 
 An operation is a generator: it yields ``(statement, parameters)`` steps and
-is sent back each step's ``Result``; it returns the operation's value. The
+is sent back each step's ``Result`` (:class:`~tokenmem.direct.Rows` for a
+:class:`~tokenmem.direct.Direct` statement); it returns the operation's value. The
 sync :class:`~tokenmem.store.Store` runs it with :func:`transact` on a
 ``Connection``, :class:`~tokenmem.aio.AsyncStore` runs the same function on an
 ``AsyncConnection`` through ``run_sync`` — one transaction per operation, the
@@ -61,7 +62,7 @@ __all__ = [
 
 T = TypeVar("T")
 Step = tuple[Executable | Direct, Any]
-# Sent back: the step's CursorResult (typed Any: rows are unpacked positionally).
+# Sent back: the step's CursorResult or Rows (typed Any: rows are unpacked positionally).
 Op = Generator[Step, Any, T]
 
 DEFAULT_OWNER = ""
@@ -205,6 +206,9 @@ def prepare_append(
         if msg.name is not None:
             _check_key(msg.name, f"message {i} name")
         _check_metadata(msg.metadata, f"message {i} metadata")
+        created = getattr(msg, "created_at", None)
+        if created is not None and (not isinstance(created, datetime) or created.tzinfo is None):
+            raise InvalidInputError(f"message {i} created_at must be a timezone-aware datetime")
     return PreparedAppend(
         key=key,
         encoding=counter.encoding_name,
@@ -284,14 +288,18 @@ def bump_params(p: PreparedAppend, now: datetime) -> dict[str, object]:
 _ONE_STATEMENT = 8
 
 
+_INSERT_ONE = Direct(insert(MESSAGES))
+_SHARED = ("session_id", "encoding")  # run as executemany for long imports
+
+
 @functools.cache
 def _insert_messages(n: int) -> Direct:
     """The INSERT of ``n`` messages: one multi-row VALUES statement (one
     round trip), or for long imports the one-row statement run as executemany."""
     if n > _ONE_STATEMENT:
-        return Direct(insert(MESSAGES))
+        return _INSERT_ONE
     m = MESSAGES.c  # one session and encoding for all rows: bound once
-    shared = {c.key: bindparam(f"{c.key}_all", type_=c.type) for c in (m.session_id, m.encoding)}
+    shared = {k: bindparam(f"{k}_all", type_=m[k].type) for k in _SHARED}
     rows = [
         {c.key: shared.get(c.key, bindparam(f"{c.key}_{i}", type_=c.type)) for c in MESSAGES.c}
         for i in range(n)
@@ -350,7 +358,7 @@ def append_op(dialect: str, p: PreparedAppend) -> Op[list[StoredMessage]]:
     else:
         params = {"session_id_all": p.key.id, "encoding_all": p.encoding}
         for i, r in enumerate(rows):
-            params.update((f"{k}_{i}", v) for k, v in r.items())
+            params.update((f"{k}_{i}", v) for k, v in r.items() if k not in _SHARED)
         yield _insert_messages(len(rows)), params
     return stored
 

@@ -290,7 +290,7 @@ def _add(
 
 def recount(
     store: Store,
-    counter: TokenCounter,
+    counter: TokenCounter | None,
     *,
     owner: str | None = None,
     session: str | None = None,
@@ -298,8 +298,10 @@ def recount(
 ) -> int:
     """Count every message again with ``counter``'s encoding, one session
     per transaction, skipping sessions already counted with it (so an
-    interrupted run resumes where it stopped), unless they hold messages
-    written before migration 0003 counted newlines. Returns sessions recounted."""
+    interrupted run resumes where it stopped) unless they hold messages
+    written before migration 0003 counted newlines. With ``counter=None``,
+    only fill those in, each session with its own encoding. Returns sessions
+    recounted."""
     if session is not None:
         targets = [s for s in store.session_stats(owner=owner) if s.session_id == session]
         if not targets:
@@ -308,8 +310,11 @@ def recount(
         targets = store.session_stats(owner=owner, all_owners=owner is None and not store.scoped)
     done = 0
     for info in targets:
-        if info.encoding not in (None, counter.encoding_name) or info.uncounted:
-            store.recount(info.session_id, counter, owner=info.owner_id)
+        use = counter
+        if use is None and info.uncounted and info.encoding is not None:
+            use = TokenCounter(info.encoding)
+        if use is not None and (info.encoding not in (None, use.encoding_name) or info.uncounted):
+            store.recount(info.session_id, use, owner=info.owner_id)
             done += 1
         if progress:
             progress(info.messages)

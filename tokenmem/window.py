@@ -118,15 +118,18 @@ def newline_tokens(counter: TokenCounter, content: str) -> int:
     holds a letter or digit ends at one (cl100k_base, o200k_base), so the
     tail's pieces are the line's last ones, and the common tails ("", ".",
     "?") are counted once per process. A mark in the tail (o200k_base's
-    words take marks) or a character Python's Unicode tables do not know
-    counts the whole line instead: rare, and never wrong."""
+    words take marks), a character Python's Unicode tables do not know, or a
+    last letter outside the long-encoded scripts (Python's and tiktoken's
+    tables may differ on it) counts the whole line instead: never wrong."""
     line = " " + content
     start = len(line)
     while start and unicodedata.category(line[start - 1])[0] not in "LN":
         start -= 1
     tail = line[start:]
-    if counter.encoding_name not in _EXACT_ENCODINGS or any(
-        unicodedata.category(c) in _UNSURE for c in tail
+    if (
+        counter.encoding_name not in _EXACT_ENCODINGS
+        or (start and not _settled(line[start - 1]))
+        or any(unicodedata.category(c) in _UNSURE for c in tail)
     ):
         tail = line
     count = counter.count_label if len(tail) <= 8 else counter.count
@@ -134,6 +137,18 @@ def newline_tokens(counter: TokenCounter, content: str) -> int:
 
 
 _UNSURE = frozenset({"Mn", "Mc", "Me", "Cn"})
+
+
+def _settled(c: str) -> bool:
+    """Whether ``c`` is a letter or digit to every Unicode table in use: of
+    the scripts encoded long ago (Latin, Greek, Cyrillic, kana, CJK, Hangul),
+    not one a newer Python might call a letter where tiktoken does not."""
+    return (
+        c < "\u0590"
+        or "\u3040" <= c <= "\u30ff"
+        or "\u4e00" <= c <= "\u9fef"
+        or "\uac00" <= c <= "\ud7a3"
+    )
 
 
 @dataclass(frozen=True)
