@@ -6,7 +6,8 @@ Create Date: 2026-11-29
 
 Older rows keep NULL, which the window counts as one token (the rule they
 were written with); a memory recounts the rendered string while any of them
-is in its window, and ``tokenmem recount`` fills them in.
+is in its window, and ``tokenmem recount`` (no model given: each session
+keeps its encoding) fills them in.
 """
 
 from __future__ import annotations
