@@ -333,18 +333,19 @@ SELECT position, turn, role, content, name FROM (
          SUM(CASE m.role WHEN 'human' THEN :prefix_human WHEN 'ai' THEN :prefix_ai
              ELSE :prefix_system END + m.text_tokens + COALESCE(m.newline_tokens, 1))
            OVER (ORDER BY m.position DESC ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
-           AS running
-  FROM tokenmem_sessions s JOIN tokenmem_messages m ON m.session_id = s.id
+           AS running,
+         :budget + newest.newline AS budget
+  FROM tokenmem_sessions s
+  JOIN (SELECT COALESCE(n.newline_tokens, 1) AS newline FROM tokenmem_messages n
+        WHERE n.session_id = :sid ORDER BY n.position DESC LIMIT 1) newest ON 1 = 1
+  JOIN tokenmem_messages m ON m.session_id = s.id
   WHERE s.id = :sid AND m.session_id = :sid AND s.encoding = :encoding
-    AND m.cum_floor >= CASE WHEN s.start_floor > s.floor_total - (:budget + (NEWEST))
-                            THEN s.start_floor ELSE s.floor_total - (:budget + (NEWEST)) END
+    AND m.cum_floor >= CASE WHEN s.start_floor > s.floor_total - (:budget + newest.newline)
+                            THEN s.start_floor
+                            ELSE s.floor_total - (:budget + newest.newline) END
 ) candidates
-WHERE running <= :budget + (NEWEST) ORDER BY position
-""".replace(
-    "NEWEST",
-    "SELECT COALESCE(n.newline_tokens, 1) FROM tokenmem_messages n "
-    "WHERE n.session_id = :sid ORDER BY n.position DESC LIMIT 1",
-)
+WHERE running <= budget ORDER BY position
+"""
 
 
 def _pyformat(sql: str) -> str:

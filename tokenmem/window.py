@@ -49,6 +49,7 @@ from typing import Any, Literal
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
+    FromClause,
     Integer,
     Select,
     bindparam,
@@ -56,6 +57,7 @@ from sqlalchemy import (
     func,
     literal_column,
     select,
+    true,
 )
 
 from .messages import Message
@@ -267,16 +269,18 @@ def window_select(mode: Mode) -> Select[tuple[int, int, str, str, str | None, in
     m = MESSAGES.c
     s = SESSIONS.c
     budget: ColumnElement[int] = bindparam("w_budget", type_=BigInteger)
-    if mode == "text":  # plus what the newest message's newline adds
-        n = MESSAGES.alias("newest").c
+    sources: FromClause = SESSIONS
+    if mode == "text":  # plus what the newest message's newline adds: read once
+        n = MESSAGES.alias("newest_message").c
         newest = (
-            select(_newline(n.newline_tokens))
+            select(_newline(n.newline_tokens).label("newline"))
             .where(n.session_id == bindparam("w_session"))
             .order_by(n.position.desc())
             .limit(_const("1"))
-            .scalar_subquery()
+            .subquery("newest")
         )
-        budget = budget + newest
+        sources = SESSIONS.join(newest, true())
+        budget = budget + newest.c.newline
     # The oldest message that could fit, or the start set by clear(): one
     # range on the (session_id, cum_floor) index.
     start = case(
@@ -294,8 +298,9 @@ def window_select(mode: Mode) -> Select[tuple[int, int, str, str, str | None, in
             .over(order_by=m.position.desc(), rows=(None, 0))
             .label("running"),
             m.newline_tokens.is_not(None).label("counted"),
+            budget.label("budget"),
         )
-        .select_from(SESSIONS)
+        .select_from(sources)
         .join(MESSAGES, m.session_id == s.id)
         .where(
             s.id == bindparam("w_session"),
@@ -308,6 +313,6 @@ def window_select(mode: Mode) -> Select[tuple[int, int, str, str, str | None, in
     c = candidates.c
     return (
         select(c.position, c.turn, c.role, c.content, c.name, c.running, c.counted)
-        .where(c.running <= budget)
+        .where(c.running <= c.budget)
         .order_by(c.position)
     )
