@@ -91,9 +91,7 @@ def _table(memory: ConversationTokenBufferMemory, out: Callable[[str], None]) ->
     prefix_tokens = rule.prefix_tokens(memory.counter)
     out(f"  {'pos':>3} {'turn':>4} {'role':<6} {'cost':>4}  window  content")
     for m in memory.history():
-        newline = 1 if m.newline_tokens is None else m.newline_tokens
-        counts = Counts(m.text_tokens, m.chat_tokens, newline)
-        cost = rule.cost(m.type, counts, prefix_tokens)
+        cost = rule.cost(m.type, Counts.stored(m), prefix_tokens)
         mark = "yes" if m.position in in_window else "-"
         out(f"  {m.position:>3} {m.turn:>4} {m.type:<6} {cost:>4}  {mark:^6}  {m.content!r}")
 

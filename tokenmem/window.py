@@ -60,7 +60,7 @@ from sqlalchemy import (
     true,
 )
 
-from .messages import Message
+from .messages import Message, StoredMessage
 from .models import MESSAGES, SESSIONS
 from .tokens import TokenCounter
 
@@ -89,6 +89,13 @@ class Counts:
     text_tokens: int
     chat_tokens: int
     newline_tokens: int = 1
+
+    @classmethod
+    def stored(cls, m: StoredMessage) -> Counts:
+        """A stored message's counts; a row from before newline_tokens
+        (migration 0003) counts its newline as 1, as the window query does."""
+        newline = 1 if m.newline_tokens is None else m.newline_tokens
+        return cls(m.text_tokens, m.chat_tokens, newline)
 
     @property
     def floor(self) -> int:
