@@ -105,13 +105,13 @@ from typing import Any, Protocol
 
 import aiosqlite
 import psycopg
-from sqlalchemy import Engine, create_engine, make_url, text
+from sqlalchemy import Engine, make_url, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 # The same English-like text and source digest as the window benchmark.
-from window_load import sentence_text, source_digest
+from window_load import pg_schema, sentence_text, source_digest
 
 import tokenmem.aio
 import tokenmem.store
@@ -212,22 +212,10 @@ def open_target(backend: str) -> Iterator[Target]:
             url = make_url(f"sqlite:///{path}")
             yield Target(backend, url, url.set(drivername="sqlite+aiosqlite"), str(path))
         return
-    admin = create_engine(PG_URL)
-    schema = f"load_{uuid.uuid4().hex[:12]}"
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    url = make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-    try:
-        yield Target(
-            backend,
-            url,
-            url,
-            url.set(drivername="postgresql").render_as_string(hide_password=False),
-        )
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+    with pg_schema(PG_URL, "load") as schema:
+        url = make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+        dbapi = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        yield Target(backend, url, url, dbapi)
 
 
 def sync_engine(target: Target) -> Engine:

@@ -156,20 +156,29 @@ def sqlite_engine() -> Iterator[Engine]:
 
 
 @contextmanager
-def postgres_engine(url: str) -> Iterator[Engine]:
-    """An engine whose search_path is a fresh schema, dropped afterwards."""
+def pg_schema(url: str, prefix: str) -> Iterator[str]:
+    """A fresh PostgreSQL schema's name, the schema dropped afterwards."""
     admin = create_engine(url)
-    schema = f"bench_{uuid.uuid4().hex[:12]}"
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with admin.begin() as conn:
         conn.execute(text(f"CREATE SCHEMA {schema}"))
-    engine = create_engine(url, connect_args={"options": f"-csearch_path={schema}"})
     try:
-        yield engine
+        yield schema
     finally:
-        engine.dispose()
         with admin.begin() as conn:
             conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
         admin.dispose()
+
+
+@contextmanager
+def postgres_engine(url: str) -> Iterator[Engine]:
+    """An engine whose search_path is a fresh schema, dropped afterwards."""
+    with pg_schema(url, "bench") as schema:
+        engine = create_engine(url, connect_args={"options": f"-csearch_path={schema}"})
+        try:
+            yield engine
+        finally:
+            engine.dispose()
 
 
 @contextmanager
