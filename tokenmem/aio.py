@@ -48,6 +48,7 @@ from .ops import (
     sessions_op,
     transact,
     window_op,
+    window_rows_op,
 )
 from .store import (
     RETRIES,
@@ -203,6 +204,12 @@ class AsyncStore(StoreBase):
     ) -> list[WindowMessage]:
         key = self._key(session_id, owner)
         return await self._run(lambda: window_op(key, rule, counter))
+
+    async def _window_rows(
+        self, session_id: str, rule: Rule, counter: TokenCounter, owner: str | None
+    ) -> Sequence[Any]:
+        key = self._key(session_id, owner)
+        return await self._run(lambda: window_rows_op(key, rule, counter))
 
     async def history_page(
         self,

@@ -14,20 +14,21 @@ saved, and the window is one SQL query::
 from __future__ import annotations
 
 import asyncio
+import functools
 import operator
 import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Engine
 
 from .errors import ConfigurationError, InvalidInputError
 from .messages import Message, StoredMessage
-from .ops import WindowMessage, check_text
+from .ops import WindowMessage, check_text, window_messages
 from .store import Store
 from .tokens import TokenCounter, encoding_for_model
-from .window import Rule, get_buffer_string
+from .window import Mode, Rule, get_buffer_string, render_rows
 
 if TYPE_CHECKING:
     from .aio import AsyncStore
@@ -48,7 +49,18 @@ _stores: dict[object, Store] = {}
 _default_lock = threading.Lock()
 
 
-_exact = operator.attrgetter("exact")
+_counted = operator.itemgetter(6)  # of a window row: its newline_tokens were counted
+
+
+@functools.lru_cache(maxsize=256)
+def _rule(limit: int, mode: Mode, human_prefix: str, ai_prefix: str) -> Rule:
+    """Rules, made once: a memory is made per request, and a rule remembers
+    what it derives (prefix tokens, line prefixes)."""
+    return Rule(limit=limit, mode=mode, human_prefix=human_prefix, ai_prefix=ai_prefix)
+
+
+def _messages(rows: Sequence[Any]) -> list[Message]:
+    return [Message(row[2], row[3], row[4]) for row in rows]
 
 
 def _store(store: Store | AsyncStore | Engine | str | None) -> Store | AsyncStore:
@@ -128,11 +140,11 @@ class ConversationTokenBufferMemory:
     def _rule(self, return_messages: bool | None, limit: int | None = None) -> Rule:
         if return_messages is None:
             return_messages = self.return_messages
-        return Rule(
-            limit=self.max_token_limit if limit is None else limit,
-            mode="messages" if return_messages else "text",
-            human_prefix=self.human_prefix,
-            ai_prefix=self.ai_prefix,
+        return _rule(
+            self.max_token_limit if limit is None else limit,
+            "messages" if return_messages else "text",
+            self.human_prefix,
+            self.ai_prefix,
         )
 
     @property
@@ -149,56 +161,56 @@ class ConversationTokenBufferMemory:
 
     # reading
 
-    def _fit(self, window: list[WindowMessage], rule: Rule) -> tuple[list[WindowMessage], str]:
-        """The window and its rendered string. The SQL counts the string
-        exactly in text mode unless a prefix does not start with a letter or
-        digit, the encoding is not cl100k_base or o200k_base, or a row predates
-        newline_tokens (window.py): then the string is counted again and the
-        oldest lines are dropped while it is over the limit."""
-        text = get_buffer_string([w.message for w in window], rule)
-        if rule.mode != "text" or (rule.exact_lines(self.counter) and all(map(_exact, window))):
-            return window, text
-        while window and self.counter.count(text) > rule.limit:
-            window = window[1:]
-            text = get_buffer_string([w.message for w in window], rule)
-        return window, text
+    def _fit(self, rows: Sequence[Any], rule: Rule) -> tuple[Sequence[Any], str]:
+        """The window statement's rows and their rendered string. The SQL
+        counts the string exactly in text mode unless a prefix does not start
+        with a letter or digit, the encoding is not cl100k_base or o200k_base,
+        or a row predates newline_tokens (window.py): then the string is
+        counted again and the oldest lines are dropped while it is over the limit."""
+        text = render_rows(rows, rule)
+        if rule.mode != "text" or (rule.exact_lines(self.counter) and all(map(_counted, rows))):
+            return rows, text
+        while rows and self.counter.count(text) > rule.limit:
+            rows = rows[1:]
+            text = render_rows(rows, rule)
+        return rows, text
 
     def _load(
         self, return_messages: bool | None = None, limit: int | None = None
-    ) -> tuple[list[WindowMessage], str]:
+    ) -> tuple[Sequence[Any], str]:
         rule = self._rule(return_messages, limit)
-        window = self._sync().window(self.session_id, rule, self.counter, owner=self.owner)
-        return self._fit(window, rule)
+        rows = self._sync()._window_rows(self.session_id, rule, self.counter, self.owner)
+        return self._fit(rows, rule)
 
     async def _aload(
         self, return_messages: bool | None = None, limit: int | None = None
-    ) -> tuple[list[WindowMessage], str]:
+    ) -> tuple[Sequence[Any], str]:
         if isinstance(self.store, Store):
             return await asyncio.to_thread(self._load, return_messages, limit)
         rule = self._rule(return_messages, limit)
-        window = await self.store.window(self.session_id, rule, self.counter, owner=self.owner)
-        return self._fit(window, rule)
+        rows = await self.store._window_rows(self.session_id, rule, self.counter, self.owner)
+        return self._fit(rows, rule)
 
     def window(
         self, *, return_messages: bool | None = None, limit: int | None = None
     ) -> list[WindowMessage]:
         """The window with its positions, oldest first; ``limit`` overrides
         ``max_token_limit`` for this load (the chain's model-derived budget)."""
-        return self._load(return_messages, limit)[0]
+        return window_messages(self._load(return_messages, limit)[0])
 
     async def awindow(
         self, *, return_messages: bool | None = None, limit: int | None = None
     ) -> list[WindowMessage]:
         """:meth:`window`, awaited (an AsyncStore, or a Store in a thread)."""
-        return (await self._aload(return_messages, limit))[0]
+        return window_messages((await self._aload(return_messages, limit))[0])
 
-    def _value(self, loaded: tuple[list[WindowMessage], str]) -> str | list[Message]:
-        return [w.message for w in loaded[0]] if self.return_messages else loaded[1]
+    def _value(self, loaded: tuple[Sequence[Any], str]) -> str | list[Message]:
+        return _messages(loaded[0]) if self.return_messages else loaded[1]
 
     @property
     def buffer_as_messages(self) -> list[Message]:
         """The window as messages, counted with the chat formula."""
-        return [w.message for w in self._load(True)[0]]
+        return _messages(self._load(True)[0])
 
     @property
     def buffer_as_str(self) -> str:

@@ -22,7 +22,7 @@ import functools
 import itertools
 import json
 import uuid
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
@@ -58,6 +58,8 @@ __all__ = [
     "check_text",
     "drive",
     "transact",
+    "window_messages",
+    "window_rows_op",
 ]
 
 T = TypeVar("T")
@@ -522,13 +524,26 @@ def _window(mode: Mode) -> Direct:
     return Direct(window_select(mode))
 
 
-def window_op(key: SessionKey, rule: Rule, counter: TokenCounter) -> Op[list[WindowMessage]]:
-    """The newest messages that fit ``rule``, oldest first: one query."""
+def window_rows_op(key: SessionKey, rule: Rule, counter: TokenCounter) -> Op[Sequence[Any]]:
+    """The newest messages that fit ``rule``, oldest first, as the window
+    statement's rows (position, turn, role, content, name, running, counted):
+    one query. A memory that only renders them needs no more (see
+    :func:`window_messages`)."""
     prefix_tokens = rule.prefix_tokens(counter)
     params = rule.params(key.id, counter.encoding_name, prefix_tokens)
     rows: Sequence[Any] = (yield _window(rule.mode), params).all()
     if not rows:
         rows = yield from _window_recounting(key.id, rule, counter, prefix_tokens)
+    return rows
+
+
+def window_op(key: SessionKey, rule: Rule, counter: TokenCounter) -> Op[list[WindowMessage]]:
+    """The newest messages that fit ``rule``, oldest first: one query."""
+    return window_messages((yield from window_rows_op(key, rule, counter)))
+
+
+def window_messages(rows: Sequence[Any]) -> list[WindowMessage]:
+    """The window's rows as messages with their positions and costs."""
     # Each row's cost: its running sum less the next (newer) row's. (Built
     # with tuple.__new__: a load makes one per message, and NamedTuple's own
     # __new__ is Python code.)
@@ -542,7 +557,7 @@ def window_op(key: SessionKey, rule: Rule, counter: TokenCounter) -> Op[list[Win
 
 
 def _window_recounting(
-    sid: uuid.UUID, rule: Rule, counter: TokenCounter, prefix_tokens: dict[str, int]
+    sid: uuid.UUID, rule: Rule, counter: TokenCounter, prefix_tokens: Mapping[str, int]
 ) -> Op[Sequence[Any]]:
     """The window of a session counted with another encoding (the model
     changed): count its newest messages in Python — no more than the limit,

@@ -64,6 +64,7 @@ from .ops import (
     sessions_op,
     transact,
     window_op,
+    window_rows_op,
 )
 from .tokens import TokenCounter
 from .window import Rule, window_select
@@ -397,6 +398,13 @@ class Store(StoreBase):
         """The newest messages that fit ``rule``, oldest first (one query)."""
         key = self._key(session_id, owner)
         return self._run(lambda: window_op(key, rule, counter))
+
+    def _window_rows(
+        self, session_id: str, rule: Rule, counter: TokenCounter, owner: str | None
+    ) -> Sequence[Any]:
+        """The window statement's rows, for a memory that only renders them."""
+        key = self._key(session_id, owner)
+        return self._run(lambda: window_rows_op(key, rule, counter))
 
     def explain_window(
         self, session_id: str, rule: Rule, counter: TokenCounter, *, owner: str | None = None

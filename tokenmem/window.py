@@ -183,12 +183,20 @@ class Rule:
     def exact_lines(self, counter: TokenCounter) -> bool:
         """Whether the stored counts give this rule's rendered window exactly
         (see the module docstring); if not, the memory recounts it."""
-        return counter.encoding_name in _EXACT_ENCODINGS and all(
-            _starts_a_piece(self.prefix(role)) for role in CHAT_ROLES
-        )
+        return counter.encoding_name in _EXACT_ENCODINGS and self._pieces_apart
 
-    def prefix_tokens(self, counter: TokenCounter) -> dict[str, int]:
-        return {role: counter.count_label(self.prefix(role) + ":") for role in CHAT_ROLES}
+    @functools.cached_property
+    def _pieces_apart(self) -> bool:
+        return all(_starts_a_piece(self.prefix(role)) for role in CHAT_ROLES)
+
+    def prefix_tokens(self, counter: TokenCounter) -> Mapping[str, int]:
+        """Each role's ``tokens(prefix + ":")`` (remembered: do not change it)."""
+        return _prefix_tokens(self, counter.encoding_name)
+
+    @functools.cached_property
+    def line_prefixes(self) -> Mapping[str, str]:
+        """Each role's ``prefix + ": "``, as lines are rendered."""
+        return {role: self.prefix(role) + ": " for role in CHAT_ROLES}
 
     def cost(self, role: str, counts: Counts, prefix_tokens: Mapping[str, int]) -> int:
         """A message's cost under this rule, in Python (the reference)."""
@@ -204,7 +212,9 @@ class Rule:
             "w_session": session_id,
             "w_encoding": encoding,
             "w_budget": self.budget(None),
-            **{f"w_prefix_{role}": n for role, n in prefix_tokens.items()},
+            "w_prefix_human": prefix_tokens["human"],
+            "w_prefix_ai": prefix_tokens["ai"],
+            "w_prefix_system": prefix_tokens["system"],
         }
 
 
@@ -236,10 +246,22 @@ def _starts_a_piece(prefix: str) -> bool:
     return bool(prefix) and unicodedata.category(prefix[0])[0] in "LN"
 
 
+@functools.lru_cache(maxsize=256)
+def _prefix_tokens(rule: Rule, encoding: str) -> Mapping[str, int]:
+    counter = TokenCounter(encoding)
+    return {role: counter.count_label(rule.prefix(role) + ":") for role in CHAT_ROLES}
+
+
 def get_buffer_string(messages: Sequence[Message], rule: Rule) -> str:
     """Render messages as LangChain does: one ``"{prefix}: {content}"`` line each."""
-    prefixes = {role: rule.prefix(role) + ": " for role in CHAT_ROLES}
+    prefixes = rule.line_prefixes
     return "\n".join([prefixes[m.type] + m.content for m in messages])
+
+
+def render_rows(rows: Sequence[Sequence[Any]], rule: Rule) -> str:
+    """:func:`get_buffer_string` of window rows (position, turn, role, content, ...)."""
+    prefixes = rule.line_prefixes
+    return "\n".join([prefixes[row[2]] + row[3] for row in rows])
 
 
 def chat_prompt_tokens(messages: Sequence[Mapping[str, str]], counter: TokenCounter) -> int:
