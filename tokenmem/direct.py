@@ -12,6 +12,11 @@ Only statements whose result columns need no type processing (integers,
 text, a boolean that SQLite returns as 0/1) may be :class:`Direct`; a step
 yields ``(Direct(statement), params)``, ``params`` a mapping or, for
 ``executemany``, a list of them, and is sent back :class:`Rows`.
+
+:class:`RawConnection` goes one step further for the sync store: a
+transaction on a pooled DBAPI connection without a ``Connection`` (nor its
+event dispatch, Transaction object and pool reset), which is made only if an
+operation runs a Core statement or an error needs SQLAlchemy's handling.
 """
 
 from __future__ import annotations
@@ -20,12 +25,29 @@ import operator
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn, Protocol
 
-from sqlalchemy import Connection, Dialect, Executable
+from sqlalchemy import Connection, Dialect, Engine, Executable, PoolProxiedConnection
+from sqlalchemy.engine import Result
 from sqlalchemy.exc import MultipleResultsFound, NoResultFound
 
-__all__ = ["Direct", "Rows"]
+__all__ = ["Direct", "RawConnection", "Rows", "connect"]
+
+
+class Conn(Protocol):
+    """What operations run on: a ``Connection``, or a :class:`RawConnection`."""
+
+    @property
+    def dialect(self) -> Dialect: ...
+
+    @property
+    def connection(self) -> PoolProxiedConnection: ...
+
+    def execute(self, statement: Executable, parameters: Any = None) -> Result[Any]: ...
+
+    def _handle_dbapi_exception(
+        self, e: BaseException, statement: str | None, parameters: Any, cursor: Any, context: Any
+    ) -> NoReturn: ...
 
 
 class Rows(list[tuple[Any, ...]]):
@@ -112,13 +134,13 @@ class Direct:
         return found
 
     def run(
-        self, conn: Connection, params: Mapping[str, Any] | list[Mapping[str, Any]]
+        self, conn: Conn, params: Mapping[str, Any] | list[Mapping[str, Any]]
     ) -> Any:  # Rows, or a CursorResult: both have all(), first() and one()
         """Execute on ``conn``'s DBAPI connection, in its transaction; through
         ``exec_driver_sql`` when events or SQL logging watch the engine, so
         that loggers and tracers (OpenTelemetry...) still see every statement."""
         compiled = self.compiled(conn.dialect)
-        if _watched(conn):
+        if isinstance(conn, Connection) and _watched(conn):
             bound = _bind_all(compiled, params)
             result = conn.exec_driver_sql(compiled.sql, bound)
             return result if compiled.returns_rows else Rows()
@@ -149,9 +171,77 @@ def _watched(conn: Connection) -> bool:
     """Whether events or echo watch ``conn``'s statements. (Private attributes,
     read defensively: should they ever go, every statement takes the watched
     path, slower but never unseen.)"""
-    return bool(
-        getattr(conn, "_has_events", True)
-        or getattr(conn.engine, "_has_events", True)
-        or getattr(conn.dialect, "_has_events", True)
-        or getattr(conn, "_echo", True)
+    return bool(getattr(conn, "_has_events", True) or getattr(conn, "_echo", True)) or (
+        _watched_engine(conn.engine)
     )
+
+
+def _watched_engine(engine: Engine) -> bool:
+    return bool(
+        getattr(engine, "_has_events", True)
+        or getattr(engine.dialect, "_has_events", True)
+        or engine._should_log_info()
+    )
+
+
+def connect(engine: Engine) -> Connection | RawConnection:
+    """A connection for one transaction: a :class:`RawConnection` unless
+    events or SQL logging watch ``engine`` (then every statement must go
+    through a ``Connection``, where they see it)."""
+    return engine.connect() if _watched_engine(engine) else RawConnection(engine)
+
+
+class RawConnection:
+    """One transaction on a pooled DBAPI connection, for :class:`Direct`
+    statements; a ``Connection`` on the same DBAPI connection (same
+    transaction) is made only for a Core statement or to handle an error.
+    Used like ``Connection``: ``with connect(engine) as conn``, ``conn.begin()``
+    and ``commit()``; closing without a commit rolls back."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect
+        try:
+            self.connection: PoolProxiedConnection = engine.raw_connection()
+        except BaseException as exc:  # as engine.connect() would raise it
+            Connection._handle_dbapi_exception_noconnection(exc, engine.dialect, engine)
+        self._wrapped: Connection | None = None
+
+    def _connection(self) -> Connection:
+        if self._wrapped is None:
+            self._wrapped = Connection(self.engine, self.connection)
+        return self._wrapped
+
+    def execute(self, statement: Executable, parameters: Any = None) -> Result[Any]:
+        return self._connection().execute(statement, parameters)
+
+    def _handle_dbapi_exception(
+        self, e: BaseException, statement: str | None, parameters: Any, cursor: Any, context: Any
+    ) -> NoReturn:
+        self._connection()._handle_dbapi_exception(e, statement, parameters, cursor, context)
+        raise AssertionError("unreachable")  # it raises
+
+    def begin(self) -> RawConnection:
+        return self
+
+    def commit(self) -> None:
+        if self._wrapped is not None:
+            self._wrapped.commit()
+            return
+        try:
+            self.connection.commit()
+        except BaseException as exc:
+            self._handle_dbapi_exception(exc, None, None, None, None)
+
+    def close(self) -> None:
+        """Back to the pool, which rolls back what was not committed."""
+        if self._wrapped is not None:
+            self._wrapped.close()
+        else:
+            self.connection.close()
+
+    def __enter__(self) -> RawConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -42,7 +42,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from .direct import Direct
+from .direct import Conn, Direct, RawConnection
 from .errors import ConfigurationError, InvalidInputError, SessionNotFound
 from .messages import Message, SessionInfo, StoredMessage
 from .models import MESSAGES, ROLES, SESSIONS, TURNS, session_uuid, utcnow
@@ -72,7 +72,7 @@ _RECOUNT_BATCH = 1000
 _MAX_KEY = 255
 
 
-def drive(conn: Connection, op: Op[T]) -> T:
+def drive(conn: Conn, op: Op[T]) -> T:
     """Run ``op`` on a sync connection."""
     try:
         stmt, params = next(op)
@@ -93,7 +93,7 @@ class Attempt:
     committing = False
 
 
-def transact(conn: Connection, op: Op[T], attempt: Attempt) -> T:
+def transact(conn: Connection | RawConnection, op: Op[T], attempt: Attempt) -> T:
     """Run ``op`` in one transaction on ``conn`` and commit it. The async store
     runs this same function in SQLAlchemy's greenlet (``run_sync``), where the
     async driver is called as a sync one: one hop per transaction."""
@@ -290,8 +290,8 @@ def bump_params(p: PreparedAppend, now: datetime) -> dict[str, object]:
 _ONE_STATEMENT = 8
 
 
-_INSERT_ONE = Direct(insert(MESSAGES))
-_SHARED = ("session_id", "encoding")  # run as executemany for long imports
+_INSERT_ONE = Direct(insert(MESSAGES))  # run as executemany for long imports
+_SHARED = ("session_id", "encoding")
 
 
 @functools.cache
@@ -310,7 +310,9 @@ def _insert_messages(n: int) -> Direct:
 
 
 def append_op(dialect: str, p: PreparedAppend) -> Op[list[StoredMessage]]:
-    """Append prepared turns: all of them or, on any error, none."""
+    """Append prepared turns: all of them or, on any error, none. The rows
+    are made ready before the session row is locked; only their positions
+    are filled in while it is (on SQLite, while the database is)."""
     now = utcnow()
     stored = [
         StoredMessage(
@@ -326,43 +328,44 @@ def append_op(dialect: str, p: PreparedAppend) -> Op[list[StoredMessage]]:
         )
         for i, (msg, c) in enumerate(zip(p.messages, p.counts, strict=True))
     ]
+    # One multi-row statement (row i's parameters named by _row_names(i)),
+    # or for long imports a parameter set per row.
+    insert = _insert_messages(len(stored))
+    one = insert is not _INSERT_ONE
+    shared = {"session_id": p.key.id, "encoding": p.encoding}
+    values: Any = {f"{k}_all": v for k, v in shared.items()} if one else []
+    rows = [values if one else dict(shared) for _ in stored]
+    names = [_row_names(i if one else -1) for i in range(len(stored))]
+    for msg, row, name in zip(stored, rows, names, strict=True):
+        row[name["role"]], row[name["content"]] = msg.type, msg.content
+        row[name["name"]], row[name["metadata"]] = msg.name, msg.metadata
+        row[name["created_at"]], row[name["text_tokens"]] = msg.created_at, msg.text_tokens
+        row[name["chat_tokens"]] = msg.chat_tokens
+        row[name["newline_tokens"]] = msg.newline_tokens
+    if not one:
+        values.extend(rows)
     bump, params = bump_session(dialect), bump_params(p, now)
-    row = (yield bump, params).first()
-    if row is None:  # counted with another encoding: recount, then bump
+    bumped = (yield bump, params).first()
+    if bumped is None:  # counted with another encoding: recount, then bump
         yield from recount_op(p.key.id, p.counter)
-        row = (yield bump, params).one()
-    next_position, next_turn, floor_total = row
+        bumped = (yield bump, params).one()
+    next_position, next_turn, floor_total = bumped
     position, turn = next_position - len(stored), next_turn - p.turns
     cum = floor_total - p.floor
-    rows = []
-    for i, (msg, c) in enumerate(zip(stored, p.counts, strict=True)):
+    for i, (msg, c, row, name) in enumerate(zip(stored, p.counts, rows, names, strict=True)):
         msg.position, msg.turn = position + i, turn + p.turn_of[i]
-        rows.append(
-            {
-                "session_id": p.key.id,
-                "position": msg.position,
-                "turn": msg.turn,
-                "role": msg.type,
-                "content": msg.content,
-                "name": msg.name,
-                "metadata": msg.metadata,
-                "created_at": msg.created_at,
-                "encoding": p.encoding,
-                "text_tokens": c.text_tokens,
-                "chat_tokens": c.chat_tokens,
-                "newline_tokens": c.newline_tokens,
-                "cum_floor": cum,
-            }
-        )
+        row[name["position"]], row[name["turn"]] = msg.position, msg.turn
+        row[name["cum_floor"]] = cum
         cum += c.floor
-    if len(rows) > _ONE_STATEMENT:
-        yield _insert_messages(len(rows)), rows
-    else:
-        params = {"session_id_all": p.key.id, "encoding_all": p.encoding}
-        for i, r in enumerate(rows):
-            params.update((f"{k}_{i}", v) for k, v in r.items() if k not in _SHARED)
-        yield _insert_messages(len(rows)), params
+    yield insert, values
     return stored
+
+
+@functools.cache
+def _row_names(i: int) -> dict[str, str]:
+    """Each column's parameter in row ``i`` of the one-statement INSERT
+    (``-1``: the one-row statement run as executemany)."""
+    return {c.key: c.key if i < 0 else f"{c.key}_{i}" for c in MESSAGES.c}
 
 
 def recount_op(sid: uuid.UUID, counter: TokenCounter) -> Op[None]:

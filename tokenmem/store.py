@@ -36,6 +36,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from . import migrate
 from .audit import TurnRecord, rebuild, record_turn_op, turn_op, turns_op
+from .direct import connect
 from .errors import ConfigurationError, SchemaError, StoreError
 from .messages import Message, SessionInfo, StoredMessage
 from .models import utcnow
@@ -312,7 +313,7 @@ class Store(StoreBase):
         for attempt in range(RETRIES):
             state = Attempt()
             try:
-                with self.engine.connect() as conn:  # closing without commit rolls back
+                with connect(self.engine) as conn:  # closing without commit rolls back
                     return transact(conn, make(), state)
             except SQLAlchemyError as exc:
                 if attempt + 1 < RETRIES and retryable(exc, committing=state.committing):
