@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from tokenmem import ConfigurationError, EncodingUnavailable, TokenCounter
 from tokenmem.tokens import _BUNDLED, _bundled_file, get_encoding
-from tokenmem.window import count_message, newline_tokens
+from tokenmem.window import count_message, newline_tokens, unspaced_tokens
 
 URLS = {
     "cl100k_base": "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
@@ -176,3 +176,21 @@ def test_newline_tokens_from_the_tail(content: str, name: str) -> None:
     counter = TokenCounter(name)
     line = " " + content
     assert newline_tokens(counter, content) == counter.count(line + "\n") - counter.count(line)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    content=st.one_of(
+        st.text(max_size=30),
+        st.text(alphabet="aA1é\u0301 .?!'’sdtlvrem\n\r\t/:😀人", max_size=10),
+        st.text(alphabet=st.characters(codec="utf-8"), max_size=8),
+        st.from_regex(r"[A-Za-z']{1,20}[ .,!?]?[A-Za-z ]{0,10}", fullmatch=True),
+    ),
+    name=st.sampled_from(sorted(URLS)),
+)
+def test_unspaced_tokens_from_the_spaced_count(content: str, name: str) -> None:
+    """The chat count is derived from the text count through the first piece
+    (window.unspaced_tokens): it must be tiktoken's count of the content."""
+    counter = TokenCounter(name)
+    spaced = counter.count(" " + content)
+    assert unspaced_tokens(counter, content, spaced) == counter.count(content)

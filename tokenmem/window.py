@@ -42,10 +42,11 @@ from __future__ import annotations
 import functools
 import unicodedata
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import regex
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
@@ -106,13 +107,46 @@ class Counts:
 
 
 def count_message(counter: TokenCounter, role: str, content: str, name: str | None) -> Counts:
-    chat = counter.count_label(CHAT_ROLES[role]) + counter.count(content)
+    text = counter.count(" " + content)
+    chat = counter.count_label(CHAT_ROLES[role]) + unspaced_tokens(counter, content, text)
     if name:
         chat += counter.count_label(name) + TOKENS_PER_NAME
-    text = counter.count(" " + content)
     return Counts(
         text_tokens=text, chat_tokens=chat, newline_tokens=newline_tokens(counter, content)
     )
+
+
+def unspaced_tokens(counter: TokenCounter, content: str, spaced: int) -> int:
+    """``tokens(content)``, given ``spaced = tokens(" " + content)``. tiktoken
+    splits text with a regex (no look-behind) and encodes each piece on its
+    own, so when the space only joins content's first piece (``" Hello"``
+    for ``"Hello"``) the two differ by that piece alone, counted once per
+    process. Otherwise, or when a character the split depends on is outside
+    the long-encoded scripts (Python's and tiktoken's Unicode tables may
+    differ on it), content is counted whole."""
+    match = _first_piece(counter.encoding_name)
+    if match is not None:
+        head, joined = match(content), match(" " + content)
+        if head and joined == " " + head and all(map(_settled, content[: len(head) + 1])):
+            count = counter.count_label if len(head) <= 16 else counter.count
+            return spaced - count(joined) + count(head)
+    return counter.count(content)
+
+
+@functools.cache
+def _first_piece(encoding: str) -> Callable[[str], str] | None:
+    """A function giving the first piece tiktoken splits a text into, for
+    the encodings whose patterns are known to have no look-behind."""
+    if encoding not in _EXACT_ENCODINGS:
+        return None
+    # Rust's "$" is the end of the text, Python's also before a final newline.
+    pattern = regex.compile(TokenCounter(encoding).encoding._pat_str.replace("$", r"\Z"))
+
+    def first(text: str) -> str:
+        found = pattern.match(text)
+        return found.group() if found else ""
+
+    return first
 
 
 # The encodings whose pre-tokenizer patterns keep a newline that is followed
