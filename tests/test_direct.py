@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import bindparam, event, insert, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from tokenmem import (
     ConversationTokenBufferMemory,
@@ -22,7 +22,7 @@ from tokenmem import (
     TokenCounter,
 )
 from tokenmem.aio import AsyncStore
-from tokenmem.direct import Direct
+from tokenmem.direct import Direct, RawConnection
 from tokenmem.models import MESSAGES, SESSIONS, session_uuid
 from tokenmem.store import make_engine
 
@@ -61,6 +61,41 @@ def test_errors_are_sqlalchemy_errors(store: Store, o200k: TokenCounter) -> None
     with store.engine.connect() as conn, pytest.raises(IntegrityError) as info:
         Direct(insert(MESSAGES)).run(conn, {**row, "position": 0})
     assert info.value.orig is not None and "INSERT INTO tokenmem_messages" in str(info.value)
+
+
+def test_raw_connection_is_one_transaction(store: Store, o200k: TokenCounter) -> None:
+    """Direct and Core statements on a RawConnection share one transaction:
+    committed together, or rolled back together when it closes uncommitted."""
+    store.append("s", [Message("human", "x")], o200k)
+    row = {c.key: None for c in MESSAGES.c} | {
+        "session_id": session_uuid("", "s"),
+        "turn": 1,
+        "role": "ai",
+        "content": "y",
+        "created_at": datetime(2026, 1, 2, tzinfo=timezone.utc),
+        "encoding": "o200k_base",
+        "text_tokens": 1,
+        "chat_tokens": 1,
+        "cum_floor": 1,
+    }
+    for commit in (False, True):
+        with RawConnection(store.engine) as conn:
+            Direct(insert(MESSAGES)).run(conn, {**row, "position": 1})
+            conn.execute(insert(MESSAGES), {**row, "position": 2})
+            if commit:
+                conn.commit()
+        assert len(list(store.history("s"))) == (3 if commit else 1)
+    with RawConnection(store.engine) as conn, pytest.raises(IntegrityError) as info:
+        Direct(insert(MESSAGES)).run(conn, {**row, "position": 1})
+    assert "INSERT INTO tokenmem_messages" in str(info.value)
+    assert store.engine.pool.checkedout() == 0
+
+
+def test_raw_connection_to_nowhere_is_a_sqlalchemy_error() -> None:
+    engine = make_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    with pytest.raises(OperationalError):
+        RawConnection(engine)
+    engine.dispose()
 
 
 def test_errors_hide_parameters_when_asked(tmp_path: Path, o200k: TokenCounter) -> None:
