@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from sqlalchemy import bindparam, event, insert, text
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from tokenmem import (
@@ -23,7 +24,7 @@ from tokenmem import (
 )
 from tokenmem.aio import AsyncStore
 from tokenmem.direct import Direct, RawConnection
-from tokenmem.models import MESSAGES, SESSIONS, session_uuid
+from tokenmem.models import MESSAGES, SESSIONS, UTCDateTime, session_uuid
 from tokenmem.store import make_engine
 
 from .conftest import _pg_admin, async_twin, fresh_engine
@@ -194,3 +195,22 @@ def test_sql_logging_sees_every_statement(
     caplog.set_level(logging.INFO, "sqlalchemy.engine")
     store.append("logged", [Message("human", "hi")], o200k)
     assert "INSERT INTO tokenmem_messages" in caplog.text
+
+
+def test_sqlite_timestamps_are_sqlalchemys_text() -> None:
+    """UTCDateTime writes SQLite's DATETIME text itself (one C call); it must
+    be what SQLAlchemy's own processor writes, so that old rows compare."""
+    dialect = sqlite.dialect()
+    ours = UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
+    theirs = sqlite.DATETIME().bind_processor(dialect)
+    assert ours is not None and theirs is not None
+    for value in (
+        datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc),
+        datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
+        datetime(1, 1, 1, tzinfo=timezone.utc),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc),
+    ):
+        assert ours(value) == theirs(value.replace(tzinfo=None))
+    shifted = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=8)))
+    assert ours(shifted) == "2026-01-01 19:04:05.000000"
+    assert ours(None) is None

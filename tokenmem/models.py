@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, cast
 
@@ -76,6 +77,19 @@ class UTCDateTime(TypeDecorator[datetime]):
             raise ValueError("tokenmem stores timezone-aware datetimes only")
         value = value.astimezone(timezone.utc)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def bind_processor(self, dialect: Dialect) -> Callable[[datetime | None], Any] | None:
+        if dialect.name != "sqlite":
+            return super().bind_processor(dialect)
+        utc = self.process_bind_param
+
+        def process(value: datetime | None) -> str | None:
+            # SQLAlchemy's SQLite text ("2026-01-02 03:04:05.000006") in one C
+            # call, not its %-format: each append binds three of these
+            naive = utc(value, dialect)
+            return None if naive is None else naive.isoformat(" ", "microseconds")
+
+        return process
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
