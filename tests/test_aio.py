@@ -114,6 +114,42 @@ def test_async_errors_and_sync_guard(db: Engine, o200k: TokenCounter) -> None:
     asyncio.run(run())
 
 
+N_CANCELS = 60
+
+
+def test_cancelled_appends_leave_nothing_half_done(db: Engine, o200k: TokenCounter) -> None:
+    """Appends cancelled at every point of their transaction write the
+    exchange whole or not at all, and give their connection back."""
+
+    async def run() -> tuple[int, int, list[str]]:
+        store = AsyncStore(async_twin(db))
+        await store.upgrade()
+        cancelled = 0
+        try:
+            for step in range(N_CANCELS):  # cancelled after 0 to 30 ms
+                task = asyncio.ensure_future(
+                    store.append("c", [Message("human", f"h{step}"), Message("ai", "a")], o200k)
+                )
+                await asyncio.sleep(step * 0.0005)
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    cancelled += 1
+            pool = store.engine.sync_engine.pool
+            checked_out = pool.checkedout()  # type: ignore[attr-defined]
+            history = await store.history_page("c", limit=1000)
+            return cancelled, checked_out, [m.content for m in history]
+        finally:
+            await store.dispose()
+
+    cancelled, checked_out, contents = asyncio.run(run())
+    assert cancelled > 0 and checked_out == 0
+    saved = contents[::2]
+    assert contents[1::2] == ["a"] * len(saved) and len(contents) == 2 * len(saved)
+    assert 0 < len(saved) < N_CANCELS
+
+
 def test_async_methods_on_a_sync_store(store: Store) -> None:
     memory = ConversationTokenBufferMemory(store=store)
 

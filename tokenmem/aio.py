@@ -13,16 +13,18 @@ Needs the ``async`` extra (``pip install 'tokenmem[async]'``)::
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from alembic.util import CommandError
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.util import greenlet_spawn
 
 from . import migrate
 from .audit import TurnRecord, rebuild, record_turn_op, turn_op, turns_op
+from .direct import connect
 from .errors import ConfigurationError, StoreError
 from .messages import Message, SessionInfo, StoredMessage
 from .models import utcnow
@@ -84,6 +86,24 @@ def make_async_engine(url: str, **options: Any) -> AsyncEngine:
     return engine
 
 
+async def _to_completion(cleanup: Awaitable[None]) -> None:
+    """Await ``cleanup`` in a task of its own, to its end even if the caller
+    is cancelled meanwhile (then re-raise the cancellation), as SQLAlchemy's
+    AsyncConnection closes: a connection is never abandoned half returned."""
+    task = asyncio.ensure_future(cleanup)
+    cancelled: asyncio.CancelledError | None = None
+    while True:
+        try:
+            await asyncio.shield(task)
+            break
+        except asyncio.CancelledError as exc:
+            if task.done():
+                raise
+            cancelled = exc
+    if cancelled is not None:
+        raise cancelled
+
+
 class AsyncStore(StoreBase):
     """tokenmem's tables in one database, for asyncio services.
 
@@ -142,8 +162,13 @@ class AsyncStore(StoreBase):
         for attempt in range(RETRIES):
             state = Attempt()
             try:
-                async with self.engine.connect() as conn:  # closing without commit rolls back
-                    return await conn.run_sync(transact, make(), state)
+                # One hop into SQLAlchemy's greenlet per step, as run_sync
+                # takes; no AsyncConnection (see direct.RawConnection).
+                conn = await greenlet_spawn(connect, self.engine.sync_engine)
+                try:
+                    return await greenlet_spawn(transact, conn, make(), state)
+                finally:  # closing without commit rolls back
+                    await _to_completion(greenlet_spawn(conn.close))
             except SQLAlchemyError as exc:
                 if attempt + 1 < RETRIES and retryable(exc, committing=state.committing):
                     await asyncio.sleep(retrying(exc, attempt))

@@ -21,6 +21,7 @@ operation runs a Core statement or an error needs SQLAlchemy's handling.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -145,16 +146,18 @@ class Direct:
             result = conn.exec_driver_sql(compiled.sql, bound)
             return result if compiled.returns_rows else Rows()
         cursor, bound = None, None
+        shared = isinstance(conn, RawConnection)  # one cursor for its transaction
         try:
             bound = _bind_all(compiled, params)
-            cursor = conn.connection.cursor()
+            cursor = conn.cursor() if isinstance(conn, RawConnection) else conn.connection.cursor()
             if isinstance(params, list):
                 cursor.executemany(compiled.sql, bound)
                 rows = Rows()
             else:
                 cursor.execute(compiled.sql, bound)
                 rows = Rows(cursor.fetchall() if compiled.returns_rows else ())
-            cursor.close()
+            if not shared:
+                cursor.close()
             return rows
         except BaseException as exc:
             # SQLAlchemy's own handling: wrapped as DBAPIError or StatementError
@@ -206,6 +209,20 @@ class RawConnection:
         except BaseException as exc:  # as engine.connect() would raise it
             Connection._handle_dbapi_exception_noconnection(exc, engine.dialect, engine)
         self._wrapped: Connection | None = None
+        # One cursor for the transaction: with aiosqlite, making and closing
+        # one is a trip to its thread each.
+        self._cursor: Any = None
+        self._committed = False
+
+    def cursor(self) -> Any:
+        if self._cursor is None:
+            self._cursor = self.connection.cursor()
+        return self._cursor
+
+    def _close_cursor(self) -> None:
+        cursor, self._cursor = self._cursor, None
+        if cursor is not None:
+            cursor.close()
 
     def _connection(self) -> Connection:
         if self._wrapped is None:
@@ -218,6 +235,8 @@ class RawConnection:
     def _handle_dbapi_exception(
         self, e: BaseException, statement: str | None, parameters: Any, cursor: Any, context: Any
     ) -> NoReturn:
+        if cursor is not None and cursor is self._cursor:
+            self._cursor = None  # SQLAlchemy closes it
         self._connection()._handle_dbapi_exception(e, statement, parameters, cursor, context)
         raise AssertionError("unreachable")  # it raises
 
@@ -225,20 +244,30 @@ class RawConnection:
         return self
 
     def commit(self) -> None:
-        if self._wrapped is not None:
-            self._wrapped.commit()
-            return
         try:
-            self.connection.commit()
+            self._close_cursor()
+            if self._wrapped is None:
+                self.connection.commit()
         except BaseException as exc:
             self._handle_dbapi_exception(exc, None, None, None, None)
+        if self._wrapped is not None:
+            self._wrapped.commit()
+        self._committed = True
 
     def close(self) -> None:
-        """Back to the pool, which rolls back what was not committed."""
-        if self._wrapped is not None:
-            self._wrapped.close()
-        else:
-            self.connection.close()
+        """Back to the pool, which rolls back what was not committed (and,
+        told so, does not roll back what was)."""
+        try:
+            with contextlib.suppress(Exception):  # the pool resets or discards the connection
+                self._close_cursor()
+        finally:
+            close_special = getattr(self.connection, "_close_special", None)
+            if self._wrapped is not None:
+                self._wrapped.close()
+            elif self._committed and close_special is not None:
+                close_special(transaction_reset=True)
+            else:
+                self.connection.close()
 
     def __enter__(self) -> RawConnection:
         return self
