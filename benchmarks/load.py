@@ -63,9 +63,9 @@ are counted too (read-your-writes).
 bare driver alternately, for their single-threaded medians and CPU time, then
 tokenmem under cProfile, and prints where a turn's time goes: exclusive time
 by component (tiktoken, SQLAlchemy, the driver, tokenmem itself...), and the
-inclusive time of the functions that matter (token counting at save, building
-the upsert, the window query, rendering the window, pool
-checkouts and their pre-pings, commits).
+inclusive time of the functions that matter (token counting at save, the
+window query, rendering the window, binding parameters, pool checkouts and
+check-ins, commits).
 
 Run from the repository root (the default is both backends; about four minutes
 on two cores with ``--profile``, ``--quick`` about one)::
@@ -852,18 +852,15 @@ def _component(key: tuple[str, int, str]) -> str:
 _KEY_FUNCTIONS = (  # (where the function is defined, its name, what it stands for)
     ("tokenmem/memory.py", "save_context", "save_context, total"),
     ("tokenmem/ops.py", "prepare_append", "  checking and counting the 2 messages"),
-    ("tokenmem/ops.py", "bump_session", "  building the upsert statement anew (bump_session)"),
     ("tokenmem/memory.py", "load_memory_variables", "load_memory_variables, total"),
-    ("tokenmem/store.py", "window", "  Store.window (the window query)"),
+    ("tokenmem/store.py", "_window_rows", "  the window query (Store._window_rows)"),
     ("tokenmem/memory.py", "_fit", "  rendering the window, and any recount (_fit)"),
-    ("tokenmem/window.py", "prefix_tokens", "  counting the prefixes (Rule.prefix_tokens)"),
     ("tokenmem/memory.py", "__init__", "a new memory per turn (__init__)"),
     ("tokenmem/tokens.py", "count", "all token counting (TokenCounter.count)"),
-    ("sqlalchemy/sql/elements.py", "_compile_w_cache", "SQLAlchemy: cache keys and lookups"),
-    ("sqlalchemy/pool/base.py", "_checkout", "pool checkouts, pre-ping included (2 a turn)"),
-    ("sqlalchemy/engine/default.py", "do_ping", "  the pre-pings"),
-    ("postgresql/_psycopg_common.py", "do_ping", "  the pre-pings"),
-    ("sqlalchemy/engine/base.py", "_commit_impl", "COMMITs (2 a turn; the log flush)"),
+    ("tokenmem/direct.py", "bind", "binding parameters (3 statements a turn)"),
+    ("sqlalchemy/pool/base.py", "_checkout", "pool checkouts (2 a turn)"),
+    ("sqlalchemy/pool/base.py", "_finalize_fairy", "pool check-ins (2 a turn)"),
+    ("tokenmem/direct.py", "commit", "COMMITs (2 a turn; the log flush)"),
 )
 
 
