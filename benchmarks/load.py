@@ -304,24 +304,29 @@ _BUMP = """
 INSERT INTO tokenmem_sessions (id, owner_id, name, encoding, next_position, next_turn,
     floor_total, start_position, start_floor, next_call, created_at, updated_at)
 VALUES (:sid, '', :name, :encoding, 2, 1, :floor, 0, 0, 0, :now, :now)
-ON CONFLICT (id) DO UPDATE SET next_position = tokenmem_sessions.next_position + 2,
+ON CONFLICT (id) DO UPDATE SET encoding = :encoding,
+    next_position = tokenmem_sessions.next_position + 2,
     next_turn = tokenmem_sessions.next_turn + 1,
     floor_total = tokenmem_sessions.floor_total + :floor, updated_at = :now
+  WHERE tokenmem_sessions.encoding = :encoding OR tokenmem_sessions.encoding IS NULL
 RETURNING next_position, next_turn, floor_total
 """
 _INSERT = """
-INSERT INTO tokenmem_messages (session_id, position, turn, role, content, created_at,
-    encoding, text_tokens, chat_tokens, newline_tokens, cum_floor)
-VALUES (:sid, :p0, :turn, 'human', :human, :now, :encoding, :h_text, :h_chat, :h_newline, :h_cum),
-       (:sid, :p1, :turn, 'ai', :ai, :now, :encoding, :a_text, :a_chat, :a_newline, :a_cum)
+INSERT INTO tokenmem_messages (session_id, position, turn, role, content, name, metadata,
+    created_at, encoding, text_tokens, chat_tokens, newline_tokens, cum_floor)
+VALUES (:sid, :p0, :turn, 'human', :human, NULL, NULL, :now, :encoding, :h_text, :h_chat,
+        :h_newline, :h_cum),
+       (:sid, :p1, :turn, 'ai', :ai, NULL, NULL, :now, :encoding, :a_text, :a_chat, :a_newline,
+        :a_cum)
 """
 _WINDOW = """
-SELECT position, turn, role, content, name FROM (
+SELECT position, turn, role, content, name, running, counted FROM (
   SELECT m.position, m.turn, m.role, m.content, m.name,
          SUM(CASE m.role WHEN 'human' THEN :prefix_human WHEN 'ai' THEN :prefix_ai
              ELSE :prefix_system END + m.text_tokens + COALESCE(m.newline_tokens, 1))
            OVER (ORDER BY m.position DESC ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
            AS running,
+         m.newline_tokens IS NOT NULL AS counted,
          :budget + newest.newline AS budget
   FROM tokenmem_sessions s
   JOIN (SELECT COALESCE(n.newline_tokens, 1) AS newline FROM tokenmem_messages n
