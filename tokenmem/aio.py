@@ -24,7 +24,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from . import migrate
 from .audit import TurnRecord, rebuild, record_turn_op, turn_op, turns_op
-from .direct import connect
+from .direct import RawConnection, connect
 from .errors import ConfigurationError, StoreError
 from .messages import Message, SessionInfo, StoredMessage
 from .models import utcnow
@@ -167,8 +167,12 @@ class AsyncStore(StoreBase):
                 conn = await greenlet_spawn(connect, self.engine.sync_engine)
                 try:
                     return await greenlet_spawn(transact, conn, make(), state)
-                finally:  # closing without commit rolls back
-                    await _to_completion(greenlet_spawn(conn.close))
+                finally:
+                    if isinstance(conn, RawConnection) and conn.committed:
+                        # Back to the pool with no I/O, so nothing to cancel.
+                        await greenlet_spawn(conn.close)
+                    else:  # a rollback: to its end, even if cancelled
+                        await _to_completion(greenlet_spawn(conn.close))
             except SQLAlchemyError as exc:
                 if attempt + 1 < RETRIES and retryable(exc, committing=state.committing):
                     await asyncio.sleep(retrying(exc, attempt))

@@ -212,7 +212,7 @@ class RawConnection:
         # One cursor for the transaction: with aiosqlite, making and closing
         # one is a trip to its thread each.
         self._cursor: Any = None
-        self._committed = False
+        self.committed = False
 
     def cursor(self) -> Any:
         if self._cursor is None:
@@ -252,7 +252,7 @@ class RawConnection:
             self._handle_dbapi_exception(exc, None, None, None, None)
         if self._wrapped is not None:
             self._wrapped.commit()
-        self._committed = True
+        self.committed = True
 
     def close(self) -> None:
         """Back to the pool, which rolls back what was not committed (and,
@@ -264,7 +264,7 @@ class RawConnection:
             close_special = getattr(self.connection, "_close_special", None)
             if self._wrapped is not None:
                 self._wrapped.close()
-            elif self._committed and close_special is not None:
+            elif self.committed and close_special is not None:
                 close_special(transaction_reset=True)
             else:
                 self.connection.close()
