@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
@@ -128,18 +128,19 @@ def cl100k() -> TokenCounter:
     return TokenCounter("cl100k_base")
 
 
-def async_twin(engine: Engine) -> AsyncEngine:
-    """An async engine on the same database (and PostgreSQL schema) as ``engine``."""
+def async_twin(engine: Engine, **options: Any) -> AsyncEngine:
+    """An async engine on the same database (and PostgreSQL schema) as
+    ``engine``; ``options`` go to ``create_async_engine``."""
     from sqlalchemy.ext.asyncio import create_async_engine
 
     from tokenmem.store import tune
 
     url = engine.url
     if url.get_backend_name() == "sqlite":
-        twin = create_async_engine(url.set(drivername="sqlite+aiosqlite"))
+        twin = create_async_engine(url.set(drivername="sqlite+aiosqlite"), **options)
         tune(twin.sync_engine)
         return twin
-    return create_async_engine(url)
+    return create_async_engine(url, **options)
 
 
 from .openai_server import openai_server  # noqa: E402, F401  (fixture)

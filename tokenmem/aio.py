@@ -24,7 +24,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from . import migrate
 from .audit import TurnRecord, rebuild, record_turn_op, turn_op, turns_op
-from .direct import RawConnection, connect
+from .direct import connect
 from .errors import ConfigurationError, StoreError
 from .messages import Message, SessionInfo, StoredMessage
 from .models import utcnow
@@ -86,15 +86,15 @@ def make_async_engine(url: str, **options: Any) -> AsyncEngine:
     return engine
 
 
-async def _to_completion(cleanup: Awaitable[None]) -> None:
-    """Await ``cleanup`` in a task of its own, to its end even if the caller
-    is cancelled meanwhile (then re-raise the cancellation), as SQLAlchemy's
-    AsyncConnection closes: a connection is never abandoned half returned."""
-    task = asyncio.ensure_future(cleanup)
+async def _to_completion(work: Awaitable[T]) -> T:
+    """Await ``work`` in a task of its own, to its end even if the caller is
+    cancelled meanwhile (then re-raise the cancellation), as SQLAlchemy's
+    AsyncConnection closes."""
+    task = asyncio.ensure_future(work)
     cancelled: asyncio.CancelledError | None = None
     while True:
         try:
-            await asyncio.shield(task)
+            result = await asyncio.shield(task)
             break
         except asyncio.CancelledError as exc:
             if task.done():
@@ -102,6 +102,7 @@ async def _to_completion(cleanup: Awaitable[None]) -> None:
             cancelled = exc
     if cancelled is not None:
         raise cancelled
+    return result
 
 
 class AsyncStore(StoreBase):
@@ -162,23 +163,26 @@ class AsyncStore(StoreBase):
         for attempt in range(RETRIES):
             state = Attempt()
             try:
-                # One hop into SQLAlchemy's greenlet per step, as run_sync
-                # takes; no AsyncConnection (see direct.RawConnection).
-                conn = await greenlet_spawn(connect, self.engine.sync_engine)
-                try:
-                    return await greenlet_spawn(transact, conn, make(), state)
-                finally:
-                    if isinstance(conn, RawConnection) and conn.committed:
-                        # Back to the pool with no I/O, so nothing to cancel.
-                        await greenlet_spawn(conn.close)
-                    else:  # a rollback: to its end, even if cancelled
-                        await _to_completion(greenlet_spawn(conn.close))
+                # A transaction, once begun, runs to its commit or rollback
+                # even if the caller is cancelled: a cancelled statement goes
+                # on in the driver (aiosqlite's thread), and abandoning it left
+                # connections holding SQLite's write lock.
+                return await _to_completion(self._transaction(make(), state))
             except SQLAlchemyError as exc:
                 if attempt + 1 < RETRIES and retryable(exc, committing=state.committing):
                     await asyncio.sleep(retrying(exc, attempt))
                     continue
                 raise StoreError(f"database error: {exc}") from exc
         raise AssertionError("unreachable")
+
+    async def _transaction(self, op: Op[T], state: Attempt) -> T:
+        # One hop into SQLAlchemy's greenlet per step, as run_sync takes; no
+        # AsyncConnection (see direct.RawConnection).
+        conn = await greenlet_spawn(connect, self.engine.sync_engine)
+        try:
+            return await greenlet_spawn(transact, conn, op, state)
+        finally:
+            await greenlet_spawn(conn.close)
 
     async def dispose(self) -> None:
         await self.engine.dispose()
