@@ -171,3 +171,33 @@ def test_async_methods_on_a_sync_store(store: Store) -> None:
         return await memory.aload_memory_variables({})
 
     assert asyncio.run(run()) == {"history": "Human: hi\nAI: there"}
+
+
+def test_work_runs_to_its_end_and_a_cancelled_caller_hears_so() -> None:
+    """_to_completion: the work finishes even when its caller is cancelled,
+    and that caller gets CancelledError whether the work returned or failed
+    (a failed append is then not retried for a caller that is gone)."""
+    from tokenmem.aio import _to_completion
+
+    async def run() -> list[str]:
+        done: list[str] = []
+
+        async def work(outcome: str) -> str:
+            await asyncio.sleep(0.02)
+            done.append(outcome)
+            if outcome == "fails":
+                raise ValueError(outcome)
+            return outcome
+
+        for outcome in ("returns", "fails"):
+            caller = asyncio.ensure_future(_to_completion(work(outcome)))
+            await asyncio.sleep(0.005)
+            caller.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+        assert await _to_completion(work("returns")) == "returns"
+        with pytest.raises(ValueError):
+            await _to_completion(work("fails"))
+        return done
+
+    assert asyncio.run(run()) == ["returns", "fails", "returns", "fails"]

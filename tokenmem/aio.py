@@ -88,21 +88,20 @@ def make_async_engine(url: str, **options: Any) -> AsyncEngine:
 
 async def _to_completion(work: Awaitable[T]) -> T:
     """Await ``work`` in a task of its own, to its end even if the caller is
-    cancelled meanwhile (then re-raise the cancellation), as SQLAlchemy's
-    AsyncConnection closes."""
+    cancelled meanwhile; then a cancelled caller gets its CancelledError
+    (whatever the work returned or raised), any other its result."""
     task = asyncio.ensure_future(work)
     cancelled: asyncio.CancelledError | None = None
-    while True:
+    while not task.done():
         try:
-            result = await asyncio.shield(task)
-            break
+            await asyncio.wait({task})  # being cancelled does not cancel the task
         except asyncio.CancelledError as exc:
-            if task.done():
-                raise
             cancelled = exc
     if cancelled is not None:
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller is told it was cancelled
         raise cancelled
-    return result
+    return task.result()
 
 
 class AsyncStore(StoreBase):
