@@ -128,8 +128,7 @@ def unspaced_tokens(counter: TokenCounter, content: str, spaced: int) -> int:
     if match is not None:
         head, joined = match(content), match(" " + content)
         if head and joined == " " + head and all(map(_settled, content[: len(head) + 1])):
-            count = counter.count_label if len(head) <= 16 else counter.count
-            return spaced - count(joined) + count(head)
+            return spaced - _piece_tokens(counter, joined) + _piece_tokens(counter, head)
     return counter.count(content)
 
 
@@ -175,8 +174,13 @@ def newline_tokens(counter: TokenCounter, content: str) -> int:
         or any(unicodedata.category(c) in _UNSURE for c in tail)
     ):
         tail = line
-    count = counter.count_label if len(tail) <= 8 else counter.count
-    return count(tail + "\n") - count(tail)
+    return _piece_tokens(counter, tail + "\n") - _piece_tokens(counter, tail)
+
+
+def _piece_tokens(counter: TokenCounter, text: str) -> int:
+    """Tokens of a line's first or last pieces: the short ones recur (words,
+    ".", "?") and are counted once per process, long ones each time."""
+    return counter.count_label(text) if len(text) <= 16 else counter.count(text)
 
 
 _UNSURE = frozenset({"Mn", "Mc", "Me", "Cn"})
