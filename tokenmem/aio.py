@@ -24,7 +24,6 @@ from sqlalchemy.util import greenlet_spawn
 
 from . import migrate
 from .audit import TurnRecord, rebuild, record_turn_op, turn_op, turns_op
-from .direct import connect
 from .errors import ConfigurationError, StoreError
 from .messages import Message, SessionInfo, StoredMessage
 from .models import utcnow
@@ -45,11 +44,11 @@ from .ops import (
     prepare_append,
     prune_op,
     recount_op,
+    run,
     session_op,
     session_stats_op,
     sessions_op,
-    transact,
-    window_op,
+    window_messages,
     window_rows_op,
 )
 from .store import (
@@ -166,22 +165,16 @@ class AsyncStore(StoreBase):
                 # even if the caller is cancelled: a cancelled statement goes
                 # on in the driver (aiosqlite's thread), and abandoning it left
                 # connections holding SQLite's write lock.
-                return await _to_completion(self._transaction(make(), state))
+                # The sync store's function, in one hop into SQLAlchemy's
+                # greenlet (no AsyncConnection: see direct.RawConnection).
+                transaction = greenlet_spawn(run, self.engine.sync_engine, make(), state)
+                return await _to_completion(transaction)
             except SQLAlchemyError as exc:
                 if attempt + 1 < RETRIES and retryable(exc, committing=state.committing):
                     await asyncio.sleep(retrying(exc, attempt))
                     continue
                 raise StoreError(f"database error: {exc}") from exc
         raise AssertionError("unreachable")
-
-    async def _transaction(self, op: Op[T], state: Attempt) -> T:
-        # One hop into SQLAlchemy's greenlet per step, as run_sync takes; no
-        # AsyncConnection (see direct.RawConnection).
-        conn = await greenlet_spawn(connect, self.engine.sync_engine)
-        try:
-            return await greenlet_spawn(transact, conn, op, state)
-        finally:
-            await greenlet_spawn(conn.close)
 
     async def dispose(self) -> None:
         await self.engine.dispose()
@@ -234,8 +227,7 @@ class AsyncStore(StoreBase):
     async def window(
         self, session_id: str, rule: Rule, counter: TokenCounter, *, owner: str | None = None
     ) -> list[WindowMessage]:
-        key = self._key(session_id, owner)
-        return await self._run(lambda: window_op(key, rule, counter))
+        return window_messages(await self._window_rows(session_id, rule, counter, owner))
 
     async def _window_rows(
         self, session_id: str, rule: Rule, counter: TokenCounter, owner: str | None

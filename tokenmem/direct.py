@@ -13,7 +13,7 @@ text, a boolean that SQLite returns as 0/1) may be :class:`Direct`; a step
 yields ``(Direct(statement), params)``, ``params`` a mapping or, for
 ``executemany``, a list of them, and is sent back :class:`Rows`.
 
-:class:`RawConnection` goes one step further for the sync store: a
+:class:`RawConnection` goes one step further for both stores: a
 transaction on a pooled DBAPI connection without a ``Connection`` (nor its
 event dispatch, Transaction object and pool reset), which is made only if an
 operation runs a Core statement or an error needs SQLAlchemy's handling.
@@ -146,17 +146,17 @@ class Direct:
             result = conn.exec_driver_sql(compiled.sql, bound)
             return result if compiled.returns_rows else Rows()
         cursor, bound = None, None
-        shared = isinstance(conn, RawConnection)  # one cursor for its transaction
+        raw = conn if isinstance(conn, RawConnection) else None  # one cursor a transaction
         try:
             bound = _bind_all(compiled, params)
-            cursor = conn.cursor() if isinstance(conn, RawConnection) else conn.connection.cursor()
+            cursor = raw.cursor() if raw else conn.connection.cursor()
             if isinstance(params, list):
                 cursor.executemany(compiled.sql, bound)
                 rows = Rows()
             else:
                 cursor.execute(compiled.sql, bound)
                 rows = Rows(cursor.fetchall() if compiled.returns_rows else ())
-            if not shared:
+            if raw is None:
                 cursor.close()
             return rows
         except BaseException as exc:

@@ -3,10 +3,10 @@
 An operation is a generator: it yields ``(statement, parameters)`` steps and
 is sent back each step's ``Result`` (:class:`~tokenmem.direct.Rows` for a
 :class:`~tokenmem.direct.Direct` statement); it returns the operation's value. The
-sync :class:`~tokenmem.store.Store` runs it with :func:`transact` on a
-``Connection``, :class:`~tokenmem.aio.AsyncStore` runs the same function on an
-``AsyncConnection`` through ``run_sync`` — one transaction per operation, the
-same SQL and the same Python on both::
+sync :class:`~tokenmem.store.Store` runs it with :func:`run`,
+:class:`~tokenmem.aio.AsyncStore` runs the same function in SQLAlchemy's
+greenlet — one transaction per operation, the same SQL and the same Python on
+both::
 
     def count_op() -> Op[int]:
         result = yield select(func.count()).select_from(MESSAGES), None
@@ -30,6 +30,7 @@ from typing import Any, NamedTuple, TypeVar
 from sqlalchemy import (
     BigInteger,
     Connection,
+    Engine,
     Executable,
     bindparam,
     delete,
@@ -42,7 +43,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from .direct import Conn, Direct, RawConnection
+from .direct import Conn, Direct, RawConnection, connect
 from .errors import ConfigurationError, InvalidInputError, SessionNotFound
 from .messages import Message, SessionInfo, StoredMessage
 from .models import MESSAGES, ROLES, SESSIONS, TURNS, session_uuid, utcnow
@@ -57,6 +58,7 @@ __all__ = [
     "WindowMessage",
     "check_text",
     "drive",
+    "run",
     "transact",
     "window_messages",
     "window_rows_op",
@@ -94,14 +96,21 @@ class Attempt:
 
 
 def transact(conn: Connection | RawConnection, op: Op[T], attempt: Attempt) -> T:
-    """Run ``op`` in one transaction on ``conn`` and commit it. The async store
-    runs this same function in SQLAlchemy's greenlet (``run_sync``), where the
-    async driver is called as a sync one: one hop per transaction."""
+    """Run ``op`` in one transaction on ``conn`` and commit it."""
     transaction = conn.begin()
     value = drive(conn, op)
     attempt.committing = True
     transaction.commit()
     return value
+
+
+def run(engine: Engine, op: Op[T], attempt: Attempt) -> T:
+    """Run ``op`` in one transaction on a connection of ``engine``'s pool
+    (closing it without a commit rolls back). The async store runs this same
+    function in SQLAlchemy's greenlet on its engine's ``sync_engine``, where
+    the async driver is called as a sync one: one hop per transaction."""
+    with connect(engine) as conn:
+        return transact(conn, op, attempt)
 
 
 # --- validation ---------------------------------------------------------------
@@ -300,10 +309,13 @@ def _insert_messages(n: int) -> Direct:
     round trip), or for long imports the one-row statement run as executemany."""
     if n > _ONE_STATEMENT:
         return _INSERT_ONE
-    m = MESSAGES.c  # one session and encoding for all rows: bound once
-    shared = {k: bindparam(f"{k}_all", type_=m[k].type) for k in _SHARED}
+    binds: dict[str, Any] = {}  # the shared parameters: one bind for all rows
     rows = [
-        {c.key: shared.get(c.key, bindparam(f"{c.key}_{i}", type_=c.type)) for c in MESSAGES.c}
+        {
+            c.key: binds.setdefault(name, bindparam(name, type_=c.type))
+            for c in MESSAGES.c
+            for name in [_row_names(i)[c.key]]
+        }
         for i in range(n)
     ]
     return Direct(insert(MESSAGES).values(rows))
@@ -332,18 +344,16 @@ def append_op(dialect: str, p: PreparedAppend) -> Op[list[StoredMessage]]:
     # or for long imports a parameter set per row.
     insert = _insert_messages(len(stored))
     one = insert is not _INSERT_ONE
-    shared = {"session_id": p.key.id, "encoding": p.encoding}
-    values: Any = {f"{k}_all": v for k, v in shared.items()} if one else []
-    rows = [values if one else dict(shared) for _ in stored]
+    values: Any = {} if one else [{} for _ in stored]
+    rows = [values] * len(stored) if one else values
     names = [_row_names(i if one else -1) for i in range(len(stored))]
     for msg, row, name in zip(stored, rows, names, strict=True):
+        row[name["session_id"]], row[name["encoding"]] = p.key.id, p.encoding
         row[name["role"]], row[name["content"]] = msg.type, msg.content
         row[name["name"]], row[name["metadata"]] = msg.name, msg.metadata
         row[name["created_at"]], row[name["text_tokens"]] = msg.created_at, msg.text_tokens
         row[name["chat_tokens"]] = msg.chat_tokens
         row[name["newline_tokens"]] = msg.newline_tokens
-    if not one:
-        values.extend(rows)
     bump, params = bump_session(dialect), bump_params(p, now)
     bumped = (yield bump, params).first()
     if bumped is None:  # counted with another encoding: recount, then bump
@@ -363,9 +373,12 @@ def append_op(dialect: str, p: PreparedAppend) -> Op[list[StoredMessage]]:
 
 @functools.cache
 def _row_names(i: int) -> dict[str, str]:
-    """Each column's parameter in row ``i`` of the one-statement INSERT
-    (``-1``: the one-row statement run as executemany)."""
-    return {c.key: c.key if i < 0 else f"{c.key}_{i}" for c in MESSAGES.c}
+    """Each column's parameter in row ``i`` of the one-statement INSERT, the
+    session and encoding shared by all rows (``-1``: the one-row statement
+    run as executemany)."""
+    if i < 0:
+        return {c.key: c.key for c in MESSAGES.c}
+    return {c.key: f"{c.key}_all" if c.key in _SHARED else f"{c.key}_{i}" for c in MESSAGES.c}
 
 
 def recount_op(sid: uuid.UUID, counter: TokenCounter) -> Op[None]:
@@ -530,19 +543,14 @@ def _window(mode: Mode) -> Direct:
 def window_rows_op(key: SessionKey, rule: Rule, counter: TokenCounter) -> Op[Sequence[Any]]:
     """The newest messages that fit ``rule``, oldest first, as the window
     statement's rows (position, turn, role, content, name, running, counted):
-    one query. A memory that only renders them needs no more (see
-    :func:`window_messages`)."""
+    one query. A memory that only renders them needs no more; the stores'
+    ``window()`` makes them :func:`window_messages`."""
     prefix_tokens = rule.prefix_tokens(counter)
     params = rule.params(key.id, counter.encoding_name, prefix_tokens)
     rows: Sequence[Any] = (yield _window(rule.mode), params).all()
     if not rows:
         rows = yield from _window_recounting(key.id, rule, counter, prefix_tokens)
     return rows
-
-
-def window_op(key: SessionKey, rule: Rule, counter: TokenCounter) -> Op[list[WindowMessage]]:
-    """The newest messages that fit ``rule``, oldest first: one query."""
-    return window_messages((yield from window_rows_op(key, rule, counter)))
 
 
 def window_messages(rows: Sequence[Any]) -> list[WindowMessage]:

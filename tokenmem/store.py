@@ -36,7 +36,6 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from . import migrate
 from .audit import TurnRecord, rebuild, record_turn_op, turn_op, turns_op
-from .direct import connect
 from .errors import ConfigurationError, SchemaError, StoreError
 from .messages import Message, SessionInfo, StoredMessage
 from .models import utcnow
@@ -60,11 +59,11 @@ from .ops import (
     prepare_append,
     prune_op,
     recount_op,
+    run,
     session_op,
     session_stats_op,
     sessions_op,
-    transact,
-    window_op,
+    window_messages,
     window_rows_op,
 )
 from .tokens import TokenCounter
@@ -313,8 +312,7 @@ class Store(StoreBase):
         for attempt in range(RETRIES):
             state = Attempt()
             try:
-                with connect(self.engine) as conn:  # closing without commit rolls back
-                    return transact(conn, make(), state)
+                return run(self.engine, make(), state)
             except SQLAlchemyError as exc:
                 if attempt + 1 < RETRIES and retryable(exc, committing=state.committing):
                     time.sleep(retrying(exc, attempt))
@@ -397,8 +395,7 @@ class Store(StoreBase):
         self, session_id: str, rule: Rule, counter: TokenCounter, *, owner: str | None = None
     ) -> list[WindowMessage]:
         """The newest messages that fit ``rule``, oldest first (one query)."""
-        key = self._key(session_id, owner)
-        return self._run(lambda: window_op(key, rule, counter))
+        return window_messages(self._window_rows(session_id, rule, counter, owner))
 
     def _window_rows(
         self, session_id: str, rule: Rule, counter: TokenCounter, owner: str | None
