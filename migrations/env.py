@@ -7,6 +7,8 @@ Run from the repository root (``alembic upgrade head``, URL from
 
 from __future__ import annotations
 
+from logging.config import fileConfig
+
 from alembic import context
 from sqlalchemy import Connection
 
@@ -40,6 +42,10 @@ elif context.is_offline_mode():
     with context.begin_transaction():
         context.run_migrations()
 else:
+    if (
+        context.config.config_file_name
+    ):  # the alembic command: log what it does, as alembic.ini says
+        fileConfig(context.config.config_file_name, disable_existing_loggers=False)
     engine = make_engine(context.config.get_main_option("sqlalchemy.url") or default_url())
     try:
         with engine.begin() as conn:

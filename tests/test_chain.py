@@ -10,6 +10,7 @@ from sqlalchemy import text
 
 from tokenmem import (
     ConfigurationError,
+    InvalidInputError,
     ConversationChain,
     ConversationTokenBufferMemory,
     ModelError,
@@ -362,3 +363,45 @@ def test_invoke_returns_the_history_used(openai_server: FakeOpenAI, store: Store
     result = text_chain.invoke({"input": "b"})
     assert result["history"] == "Human: a\nAI: hello"
     assert result["history"] in openai_server.requests[-1].body["prompt"]  # type: ignore[index]
+
+
+def test_a_long_prefix_and_model_name_are_recorded_on_every_backend(
+    openai_server: FakeOpenAI, store: Store
+) -> None:
+    """Issue 10.4: a 300-character prefix (accepted by the memory) once failed
+    on PostgreSQL when the call was recorded, after the model answered: the
+    reply was lost and nothing saved."""
+    prefix = "人" * 300
+    model = OpenAI(
+        base_url=openai_server.base_url,
+        api_key=KEY,
+        max_retries=0,
+        model="m" * 300,
+        encoding="o200k_base",
+    )
+    memory = ConversationTokenBufferMemory(
+        llm=model, max_token_limit=60, store=store, human_prefix=prefix, ai_prefix=prefix[:280]
+    )
+    chain = ConversationChain(llm=model, memory=memory)
+    openai_server.reply("kept")
+    assert chain.predict(input="hello") == "kept"
+    (turn,) = store.turns(memory.session_id)
+    assert (turn.outcome, turn.human_prefix, turn.ai_prefix, turn.model) == (
+        "ok",
+        prefix,
+        prefix[:280],
+        "m" * 300,
+    )
+    assert [m.content for m in memory.history()] == ["hello", "kept"]
+
+
+def test_a_model_name_that_cannot_be_stored_is_refused_before_the_call(
+    openai_server: FakeOpenAI, store: Store
+) -> None:
+    model = OpenAI(
+        base_url=openai_server.base_url, api_key=KEY, model="gpt\x00", encoding="o200k_base"
+    )
+    memory = ConversationTokenBufferMemory(llm=model, max_token_limit=60, store=store)
+    with pytest.raises(InvalidInputError, match="NUL"):
+        ConversationChain(llm=model, memory=memory)
+    assert openai_server.requests == []

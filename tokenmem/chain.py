@@ -89,6 +89,8 @@ class ConversationChain:
     ) -> None:
         if not isinstance(memory, ConversationTokenBufferMemory):
             raise ConfigurationError("memory must be a ConversationTokenBufferMemory")
+        # Checked now, not when the call is recorded after the model answered.
+        check_text(llm.model, "llm.model")
         self.llm = llm
         self.memory = memory
         self.prompt = prompt or PromptTemplate.default(

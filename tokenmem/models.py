@@ -195,12 +195,14 @@ class Turn(Base):
     )
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    model: Mapped[str] = mapped_column(String(255))
+    # Text, not String(255): what the memory and the model accepted must be
+    # recordable after the call on every backend (migration 0004).
+    model: Mapped[str] = mapped_column(Text)
     api: Mapped[str] = mapped_column(String(16))  # "chat" or "completions"
     system: Mapped[str | None] = mapped_column(Text)
     template: Mapped[str | None] = mapped_column(Text)
-    human_prefix: Mapped[str] = mapped_column(String(255))
-    ai_prefix: Mapped[str] = mapped_column(String(255))
+    human_prefix: Mapped[str] = mapped_column(Text)
+    ai_prefix: Mapped[str] = mapped_column(Text)
     input: Mapped[str] = mapped_column(Text)
     window_first: Mapped[int | None] = mapped_column(BigInteger)
     window_last: Mapped[int | None] = mapped_column(BigInteger)
@@ -210,7 +212,7 @@ class Turn(Base):
     api_completion_tokens: Mapped[int | None] = mapped_column(Integer)
     latency_ms: Mapped[float] = mapped_column(Float)
     outcome: Mapped[str] = mapped_column(String(16))  # "ok" or "error"
-    error_type: Mapped[str | None] = mapped_column(String(255))
+    error_type: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
     # The exchange saved by this call (tokenmem_messages.turn), when it succeeded.
     turn: Mapped[int | None] = mapped_column(BigInteger)
