@@ -49,6 +49,7 @@ def filled(store: Store, openai_server: FakeOpenAI) -> Store:
 
 def test_db_commands(db: Engine, capsys: pytest.CaptureFixture[str]) -> None:
     url = url_of(db)
+    db.connect().close()  # an empty database (SQLite: the file exists)
     code, out, _ = run(capsys, "--db", url, "db", "current")
     assert code == 0 and "(not migrated)" in out
     code, _, err = run(capsys, "--db", url, "db", "check")
@@ -59,7 +60,9 @@ def test_db_commands(db: Engine, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--db", url, "--json", "db", "check")
     assert code == 0 and json.loads(out)["at_head"] is True
     assert run(capsys, "--db", url, "db", "downgrade")[0] == 2
-    assert run(capsys, "--db", url, "db", "downgrade", "base")[0] == 0
+    code, _, err = run(capsys, "--db", url, "db", "downgrade", "base")
+    assert code == 2 and "without --yes" in err  # destructive: asks, like erase
+    assert run(capsys, "--db", url, "db", "downgrade", "base", "--yes")[0] == 0
     assert json.loads(run(capsys, "--db", url, "--json", "db", "current")[1])["current"] is None
 
 
@@ -99,9 +102,9 @@ def test_sessions_history_window_turns(filled: Store, capsys: pytest.CaptureFixt
 
     code, out, _ = run(capsys, "--db", url, "turns", "talk")
     assert code == 0 and out.count(" ok ") == 6
-    code, out, _ = run(capsys, "--db", url, "turns", "show", "talk", "5")
+    code, out, _ = run(capsys, "--db", url, "turns", "talk", "5")
     assert code == 0 and "[system]" in out and "[user] question 5 about something" in out
-    shown = json.loads(run(capsys, "--db", url, "--json", "turns", "show", "talk", "5")[1])
+    shown = json.loads(run(capsys, "--db", url, "--json", "turns", "talk", "5")[1])
     assert shown["prompt"] == filled.rebuild_prompt("talk", 5)
 
 
@@ -112,7 +115,7 @@ def test_errors_are_one_line_with_exit_codes(
     for argv, code in [
         (["history", "nope"], 3),
         (["window", "nope", "--limit", "5"], 3),
-        (["turns", "show", "talk", "99"], 3),
+        (["turns", "talk", "99"], 3),
         (["import", str(tmp_path / "missing.jsonl")], 2),
         (["erase", "talk"], 2),  # stdin is not a terminal and no --yes
     ]:

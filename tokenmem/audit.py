@@ -18,7 +18,7 @@ from typing import Literal
 
 from sqlalchemy import Insert, insert, select
 
-from .errors import SessionNotFound
+from .errors import SessionNotFound, TurnNotFound
 from .messages import Message
 from .models import SESSIONS, TURNS, utcnow
 from .ops import Op, PreparedAppend, SessionKey, _insert, append_op, messages_between_op
@@ -127,8 +127,10 @@ def turns_op(key: SessionKey, seq: int | None = None) -> Op[list[TurnRecord]]:
     rows = (yield query.order_by(t.seq), None).all()
     if not rows:
         found = (yield select(SESSIONS.c.id).where(SESSIONS.c.id == key.id), None).first()
-        if found is None or seq is not None:
-            raise SessionNotFound(key.name if seq is None else f"{key.name}#{seq}")
+        if found is None:
+            raise SessionNotFound(key.name)
+        if seq is not None:
+            raise TurnNotFound(key.name, seq)
     return [TurnRecord(*row) for row in rows]
 
 

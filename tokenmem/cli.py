@@ -18,22 +18,29 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 from datetime import datetime, timezone
 from typing import IO, Any
 
-from .errors import ConfigurationError, SchemaError, SessionNotFound, TokenmemError
+from .errors import (
+    ConfigurationError,
+    ModelError,
+    SchemaError,
+    SessionNotFound,
+    StoreError,
+    TokenmemError,
+)
 
 __all__ = ["main"]
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_SCHEMA, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 
 EXAMPLES = {
-    "db": "tokenmem --db postgresql+psycopg://127.0.0.1/app db upgrade",
+    "db": "tokenmem db upgrade --db postgresql+psycopg://127.0.0.1/app",
     "sessions": "tokenmem sessions --owner alice",
     "history": "tokenmem history chat-1 --format jsonl --since 2026-11-01T00:00:00Z",
     "window": "tokenmem window chat-1 --limit 2000 --model gpt-4o-mini",
-    "turns": "tokenmem turns chat-1        tokenmem turns show chat-1 3",
+    "turns": "tokenmem turns chat-1        tokenmem turns chat-1 3",
     "chat": "OPENAI_API_KEY=... tokenmem chat chat-1 --model gpt-4o-mini --limit 500",
     "import": "tokenmem import backup.jsonl    tokenmem import --from-langchain sqlite:///lc.db",
     "export": "tokenmem export chat-1 -o chat-1.jsonl",
@@ -99,6 +106,12 @@ def _when(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
+def _seq(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"SEQ must be a call's number, not {text!r}")
+    return int(text)
+
+
 def _progress(total: int | None, label: str) -> Callable[[int], None]:
     """A progress bar on stderr when it is a terminal; silent otherwise."""
     done = 0
@@ -130,19 +143,45 @@ def _counter(args: argparse.Namespace) -> Any:
     return TokenCounter.for_model(getattr(args, "model", None) or "gpt-4o-mini")
 
 
+def _confirm(what: str, args: argparse.Namespace) -> bool:
+    """Whether a destructive command may go on: ``--yes``, or "yes" typed at
+    a terminal; refused (an error) when nobody can be asked."""
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        raise ConfigurationError(f"refusing to {what} without --yes (stdin is not a terminal)")
+    return input(f"{what[0].upper()}{what[1:]}? Type 'yes': ").strip().lower() == "yes"
+
+
 def cmd_db(args: argparse.Namespace, store: Any, out: _Out) -> int:
     from . import migrate
 
+    before, head = store.current_revision(), migrate.head()
+    did = None
     if args.action == "upgrade":
         store.upgrade(args.revision or "head")
+        did = "upgraded"
     elif args.action == "downgrade":
         if not args.revision:
             raise ConfigurationError("db downgrade needs a revision (e.g. base)")
+        what = (
+            "drop every tokenmem table and all history"
+            if args.revision == "base"
+            else f"downgrade tokenmem's tables to {args.revision} (dropping what later "
+            "revisions added)"
+        )
+        if not _confirm(what, args):
+            out.line("nothing downgraded")
+            return 0
         store.downgrade(args.revision)
-    current, head = store.current_revision(), migrate.head()
+        did = "downgraded"
+    current = store.current_revision() if did else before
     if out.as_json:
-        out.json({"current": current, "head": head, "at_head": current == head})
+        out.json({"current": current, "head": head, "at_head": current == head, "before": before})
     else:
+        if did:
+            change = f"from {before or '(not migrated)'} to {current or '(not migrated)'}"
+            out.line(f"{did} {change}" if before != current else f"nothing to do: at {current}")
         out.line(f"current: {current or '(not migrated)'}  head: {head}")
     if args.action == "check":
         store.check()
@@ -223,10 +262,14 @@ def cmd_history(args: argparse.Namespace, store: Any, out: _Out) -> int:
 
 def cmd_window(args: argparse.Namespace, store: Any, out: _Out) -> int:
     from .memory import ConversationTokenBufferMemory
+    from .tokens import TokenCounter
     from .window import get_buffer_string
 
-    counter = _counter(args)
     session = store.session(args.session, owner=args.owner)
+    if args.model or args.encoding:
+        counter = _counter(args)
+    else:  # as the session was counted (a session with no message yet: the default)
+        counter = TokenCounter(session.encoding or _counter(args).encoding_name)
     memory = ConversationTokenBufferMemory(
         store=store,
         session_id=args.session,
@@ -236,24 +279,30 @@ def cmd_window(args: argparse.Namespace, store: Any, out: _Out) -> int:
         encoding=counter.encoding_name,
     )
     rule, window = memory.rule, memory.window()
+    # Each line's tokens: what it adds to what is sent. As a string, that is
+    # the rendered history's count with the line less the count without it
+    # (the newest line has no newline after it, and the sum is the string's
+    # count); as messages, the chat formula's cost, plus 3 for the reply priming.
     rows, running = [], 0
-    for w in window:
-        running += w.tokens
+    for i, w in enumerate(window):
+        if rule.mode == "text":
+            text = get_buffer_string([v.message for v in window[: i + 1]], rule)
+            tokens = counter.count(text) - running
+        else:
+            tokens = w.tokens
+        running += tokens
         rows.append(
             {
                 "position": w.position,
                 "turn": w.turn,
                 "role": w.message.type,
-                "tokens": w.tokens,
+                "tokens": tokens,
                 "running": running,
                 "content": w.message.content,
             }
         )
-    # The rule's total: the rendered string's tokens, or the chat formula's.
-    if rule.mode == "text":
-        used = counter.count(get_buffer_string([w.message for w in window], rule))
-    else:
-        used = running + 3 if rows else 0
+    priming = 3 if rule.mode == "messages" and rows else 0
+    used = running + priming
     first = window[0].position if window else session.messages
     if out.as_json:
         out.json(
@@ -262,6 +311,7 @@ def cmd_window(args: argparse.Namespace, store: Any, out: _Out) -> int:
                 "mode": rule.mode,
                 "encoding": counter.encoding_name,
                 "used": used,
+                "reply_priming": priming,
                 "messages": rows,
                 "fell_out": first,
             }
@@ -283,9 +333,10 @@ def cmd_window(args: argparse.Namespace, store: Any, out: _Out) -> int:
     )
     width = 40
     filled = round(width * min(used, args.limit) / args.limit)
+    how = f"{running} + 3 for the reply priming, " if priming else ""
     out.line(
         f"\n[{'#' * filled}{'.' * (width - filled)}] {used}/{args.limit} tokens "
-        f"({rule.mode}, {counter.encoding_name})"
+        f"({how}{rule.mode}, {counter.encoding_name})"
     )
     older = f" (positions 0..{first - 1})" if first else ""
     out.line(
@@ -296,16 +347,10 @@ def cmd_window(args: argparse.Namespace, store: Any, out: _Out) -> int:
 
 
 def cmd_turns(args: argparse.Namespace, store: Any, out: _Out) -> int:
-    if args.session == "show":
-        if len(args.rest) != 2:
-            raise ConfigurationError("usage: tokenmem turns show SESSION SEQ")
-        if not args.rest[1].isdigit():
-            raise ConfigurationError(f"SEQ must be a number, not {args.rest[1]!r}")
-        session, seq = args.rest[0], int(args.rest[1])
-        turn = next((t for t in store.turns(session, owner=args.owner) if t.seq == seq), None)
-        if turn is None:
-            raise SessionNotFound(f"{session}#{seq}")
-        prompt = store.rebuild_prompt(session, seq, owner=args.owner)
+    if args.seq is not None:
+        prompt = store.rebuild_prompt(args.session, args.seq, owner=args.owner)
+        (turn,) = (t for t in store.turns(args.session, owner=args.owner) if t.seq == args.seq)
+        turn = replace(turn, latency_ms=round(turn.latency_ms, 1))
         if out.as_json:
             out.json({"turn": turn, "prompt": prompt})
             return 0
@@ -321,7 +366,7 @@ def cmd_turns(args: argparse.Namespace, store: Any, out: _Out) -> int:
         return 0
     turns = store.turns(args.session, owner=args.owner)
     if out.as_json:
-        out.json(turns)
+        out.json([replace(t, latency_ms=round(t.latency_ms, 1)) for t in turns])
         return 0
     out.table(
         [
@@ -360,7 +405,14 @@ def cmd_chat(args: argparse.Namespace, store: Any, out: _Out) -> int:
     from .llm import OpenAI
     from .memory import ConversationTokenBufferMemory
 
-    llm = OpenAI(model=args.model, encoding=args.encoding)
+    llm = OpenAI(model=args.model, encoding=args.encoding, base_url=args.base_url)
+    try:
+        llm.client  # noqa: B018  (made now: a missing key is told before any input is read)
+    except ModelError as exc:
+        raise ConfigurationError(
+            "tokenmem chat needs an API key: set OPENAI_API_KEY (for a local "
+            "OpenAI-compatible server, any value, with --base-url or OPENAI_BASE_URL)"
+        ) from exc
     memory = ConversationTokenBufferMemory(
         llm=llm,
         store=store,
@@ -371,6 +423,8 @@ def cmd_chat(args: argparse.Namespace, store: Any, out: _Out) -> int:
     )
     chain = ConversationChain(llm=llm, memory=memory, language=args.language, verbose=args.verbose)
     interactive = sys.stdin.isatty()
+    if args.session is None:  # told even over a pipe: it is the only way back to this chat
+        print(f"tokenmem: new session {memory.session_id}", file=sys.stderr)
     if interactive:
         out.line(
             f"session {memory.session_id} · {llm.model} · {args.limit}-token window · "
@@ -478,15 +532,9 @@ def cmd_erase(args: argparse.Namespace, store: Any, out: _Out) -> int:
         if args.session
         else f"everything owner {args.owner!r} has"
     )
-    if not args.yes:
-        if not sys.stdin.isatty():
-            raise ConfigurationError(
-                f"refusing to erase {what} without --yes (stdin is not a terminal)"
-            )
-        answer = input(f"Erase {what} for good? Type 'yes': ")
-        if answer.strip().lower() != "yes":
-            out.line("nothing erased")
-            return 1
+    if not _confirm(f"erase {what} for good", args):
+        out.line("nothing erased")
+        return 0
     if args.session:
         deleted = store.erase(args.session, owner=args.owner)
         result = {"sessions": 1, "messages": deleted}
@@ -509,18 +557,50 @@ def cmd_demo(args: argparse.Namespace, store: Any, out: _Out) -> int:
 # --- parser ---------------------------------------------------------------------
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tokenmem")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors that name options by their metavar, not argparse's dest."""
+
+    def error(self, message: str) -> Any:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"tokenmem: {message}\n")
+
+
+def _global_options(parser: argparse.ArgumentParser, *, default: object) -> None:
+    """--db and --json, accepted before the command and after it (the
+    subcommands' copies default to SUPPRESS so they never undo the first)."""
+    parser.add_argument(
+        "--db",
+        metavar="URL",
+        default=default,
+        help="database URL (default: $TOKENMEM_DATABASE_URL or the embedded SQLite file)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=False if default is None else default,
+        help="machine-readable JSON output",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tokenmem",
         description="Persistent token-window conversation memory: operate and audit it.",
         epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 not found, 4 not migrated, 130 interrupted",
     )
-    parser.add_argument(
-        "--db",
-        metavar="URL",
-        help="database URL (default: $TOKENMEM_DATABASE_URL or the embedded SQLite file)",
-    )
-    parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    parser.add_argument("--version", action="version", version=f"tokenmem {_version()}")
+    _global_options(parser, default=None)
+    common = _Parser(add_help=False)
+    _global_options(common, default=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, handler: Callable[..., int]) -> argparse.ArgumentParser:
@@ -530,73 +610,96 @@ def _parser() -> argparse.ArgumentParser:
             description=help,
             epilog=f"example:\n  {EXAMPLES[name]}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
+            parents=[common],
         )
         sub.set_defaults(handler=handler)
         return sub
 
-    def owner(sub: argparse.ArgumentParser) -> None:
+    def owner(sub: argparse.ArgumentParser | Any) -> None:
         sub.add_argument("--owner", help="the owner (user or tenant) of the session")
 
-    def encoding(sub: argparse.ArgumentParser) -> None:
+    def encoding(sub: argparse.ArgumentParser, default: str) -> None:
         group = sub.add_mutually_exclusive_group()
-        group.add_argument("--model", help="count tokens as this model does (default gpt-4o-mini)")
+        group.add_argument("--model", help=f"count tokens as this model does (default: {default})")
         group.add_argument("--encoding", help="tiktoken encoding, e.g. o200k_base")
 
     db = command("db", "migrations: upgrade, downgrade REV, current, check", cmd_db)
-    db.add_argument("action", choices=["upgrade", "downgrade", "current", "check"])
+    db.add_argument(
+        "action",
+        metavar="ACTION",
+        choices=["upgrade", "downgrade", "current", "check"],
+        help="upgrade, downgrade, current or check",
+    )
     db.add_argument(
         "revision", nargs="?", help="target revision (upgrade: head; downgrade: e.g. base)"
     )
+    db.add_argument(
+        "--yes", action="store_true", help="downgrade without asking (it drops columns or tables)"
+    )
 
     sessions = command("sessions", "sessions with message count, tokens and activity", cmd_sessions)
-    owner(sessions)
-    sessions.add_argument("--all-owners", action="store_true", help="every owner's sessions")
+    scope = sessions.add_mutually_exclusive_group()
+    owner(scope)
+    scope.add_argument("--all-owners", action="store_true", help="every owner's sessions")
 
     history = command("history", "a session's full history, streamed", cmd_history)
-    history.add_argument("session")
+    history.add_argument("session", metavar="SESSION", help="the session id")
     owner(history)
-    history.add_argument("--format", choices=["table", "jsonl", "csv"], default="table")
+    history.add_argument(
+        "--format", choices=["table", "jsonl", "csv"], default="table", help="output format"
+    )
     history.add_argument("--since", type=_when, help="ISO 8601 time (UTC if no zone)")
     history.add_argument("--until", type=_when, help="ISO 8601 time, exclusive")
 
     window = command("window", "what the model would see now, token by token", cmd_window)
-    window.add_argument("session")
+    window.add_argument("session", metavar="SESSION", help="the session id")
     owner(window)
     window.add_argument("--limit", type=int, required=True, help="max_token_limit")
-    window.add_argument("--messages", action="store_true", help="count as chat messages")
-    encoding(window)
+    window.add_argument(
+        "--messages", action="store_true", help="count as chat messages (return_messages=True)"
+    )
+    encoding(window, "the encoding the session was counted with")
 
     turns = command(
-        "turns", "the turn audit log; `turns show SESSION SEQ` rebuilds a prompt", cmd_turns
+        "turns", "the turn audit log; with SEQ, one call and the prompt it sent", cmd_turns
     )
-    turns.add_argument("session", help="a session, or `show`")
-    turns.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+    turns.add_argument("session", metavar="SESSION", help="the session id")
+    turns.add_argument(
+        "seq", metavar="SEQ", nargs="?", type=_seq, help="a call's number: show its prompt"
+    )
     owner(turns)
 
     chat = command("chat", "talk through the chain, continuing or starting a session", cmd_chat)
-    chat.add_argument("session", nargs="?")
+    chat.add_argument(
+        "session", metavar="SESSION", nargs="?", help="the session id (default: a new one)"
+    )
     owner(chat)
-    chat.add_argument("--model", default="gpt-4o-mini")
+    chat.add_argument("--model", default="gpt-4o-mini", help="the OpenAI model")
     chat.add_argument("--encoding", help="tiktoken encoding, for models tiktoken does not know")
-    chat.add_argument("--limit", type=int, default=2000)
-    chat.add_argument("--language", choices=["en", "zh"], default="en")
+    chat.add_argument(
+        "--base-url",
+        metavar="URL",
+        help="an OpenAI-compatible server (default: $OPENAI_BASE_URL or OpenAI's)",
+    )
+    chat.add_argument("--limit", type=int, default=2000, help="max_token_limit (default 2000)")
+    chat.add_argument("--language", choices=["en", "zh"], default="en", help="prompt and prefixes")
     chat.add_argument("--verbose", action="store_true", help="print each prompt")
 
     imp = command(
         "import", "import JSONL, or LangChain's message_store table (idempotent)", cmd_import
     )
-    imp.add_argument("file", nargs="?")
+    imp.add_argument("file", metavar="FILE", nargs="?", help="a JSONL file written by export")
     imp.add_argument(
         "--from-langchain", metavar="URL", help="SQLAlchemy URL of LangChain's database"
     )
-    imp.add_argument("--table", default="message_store")
+    imp.add_argument("--table", default="message_store", help="LangChain's table")
     owner(imp)
-    encoding(imp)
+    encoding(imp, "each record's own encoding")
 
     export = command("export", "write sessions as JSONL that import reads back", cmd_export)
-    export.add_argument("sessions", nargs="*", help="sessions (default: all)")
+    export.add_argument("sessions", metavar="SESSION", nargs="*", help="sessions (default: all)")
     owner(export)
-    export.add_argument("-o", "--output", help="file (default: stdout)")
+    export.add_argument("-o", "--output", metavar="FILE", help="file (default: stdout)")
 
     rec = command(
         "recount",
@@ -604,27 +707,63 @@ def _parser() -> argparse.ArgumentParser:
         "migration 0003), resumable",
         cmd_recount,
     )
-    encoding(rec)
-    rec.add_argument("--session")
+    encoding(rec, "each session's own encoding")
+    rec.add_argument("--session", help="only this session")
     owner(rec)
 
     erase = command("erase", "hard-delete a session, or everything an owner has", cmd_erase)
-    erase.add_argument("session", nargs="?")
+    erase.add_argument("session", metavar="SESSION", nargs="?", help="the session id")
     owner(erase)
     erase.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
     demo = command("demo", "replay the reference notebook: window, chain, history", cmd_demo)
-    demo.add_argument("--language", choices=["en", "zh"], default="en")
+    demo.add_argument("--language", choices=["en", "zh"], default="en", help="en or zh")
     return parser
+
+
+# Commands that work on a database that exists: a typo'd SQLite path must not
+# create an empty file for them to find nothing in.
+_EXISTING = {"sessions", "history", "window", "turns", "export", "recount", "erase"}
+
+
+def _check_exists(args: argparse.Namespace) -> None:
+    from sqlalchemy import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    url = args.db or os.environ.get("TOKENMEM_DATABASE_URL")
+    if not url or not (args.command in _EXISTING or args.action in ("current", "check")):
+        return  # the embedded default is made on first use
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return  # the store reports a bad URL
+    path = parsed.database
+    sqlite_file = parsed.get_backend_name() == "sqlite" and path not in (None, "", ":memory:")
+    if sqlite_file and not os.path.exists(str(path)):
+        raise ConfigurationError(
+            f"no SQLite database at {path}: check the URL (`tokenmem db upgrade` creates one)"
+        )
+
+
+def _one_line(exc: TokenmemError) -> str:
+    """The error as one line: a database error's first line (SQLAlchemy adds
+    the statement and a link below it); any other message whole."""
+    text = str(exc)
+    if isinstance(exc, StoreError):
+        return text.splitlines()[0] if text else type(exc).__name__
+    return " ".join(line.strip() for line in text.splitlines())
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if not hasattr(args, "action"):
+        args.action = None
     out = _Out(args.json, sys.stdout)
     store = None
     try:
         from .store import Store
 
+        _check_exists(args)
         # `db` commands report the schema as it is: they never migrate by themselves.
         store = Store(args.db or None, upgrade=False if args.command == "db" else None)
         return int(args.handler(args, store, out))
@@ -634,17 +773,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except SessionNotFound as exc:
-        print(f"tokenmem: {exc}", file=sys.stderr)
-        return EXIT_NOT_FOUND
-    except SchemaError as exc:
-        print(f"tokenmem: {exc}", file=sys.stderr)
-        return EXIT_SCHEMA
-    except ConfigurationError as exc:
-        print(f"tokenmem: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except TokenmemError as exc:
-        print(f"tokenmem: {str(exc).splitlines()[0]}", file=sys.stderr)
+        print(f"tokenmem: {_one_line(exc)}", file=sys.stderr)
+        if isinstance(exc, SessionNotFound):
+            return EXIT_NOT_FOUND
+        if isinstance(exc, SchemaError):
+            return EXIT_SCHEMA
+        if isinstance(exc, ConfigurationError):
+            return EXIT_USAGE
         return EXIT_FAILURE
     finally:
         if store is not None:

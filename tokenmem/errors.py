@@ -8,6 +8,7 @@ service can catch one type::
     │   └── EncodingUnavailable a tiktoken encoding that cannot be loaded offline
     ├── InvalidInputError       a value that cannot be stored: not a string, NUL, lone surrogate
     ├── SessionNotFound         no such session (for this owner)
+    │   └── TurnNotFound        the session has no model call with that number
     ├── SchemaError             the database is not at tokenmem's migration head
     ├── StoreError              the database failed (wraps SQLAlchemy's error)
     └── ModelError              the model call failed (wraps the OpenAI SDK's error)
@@ -45,6 +46,15 @@ class SessionNotFound(TokenmemError, LookupError):
     def __init__(self, session_id: str) -> None:
         super().__init__(f"session {session_id!r} not found")
         self.session_id = session_id
+
+
+class TurnNotFound(SessionNotFound):
+    """The session exists but has no recorded model call numbered ``seq``."""
+
+    def __init__(self, session_id: str, seq: int) -> None:
+        LookupError.__init__(self, f"no turn {seq} in session {session_id!r}")
+        self.session_id = session_id
+        self.seq = seq
 
 
 class SchemaError(TokenmemError):

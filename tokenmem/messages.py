@@ -43,3 +43,4 @@ class SessionInfo:
     messages: int  # ever appended (positions used), pruned ones included
     created_at: datetime
     updated_at: datetime
+    encoding: str | None = None  # what its messages' token counts were made with

@@ -670,7 +670,7 @@ def session_op(key: SessionKey) -> Op[SessionInfo]:
     s = SESSIONS.c
     row = (
         yield (
-            select(s.owner_id, s.name, s.next_position, s.created_at, s.updated_at).where(
+            select(s.owner_id, s.name, s.next_position, s.created_at, s.updated_at, s.encoding).where(
                 s.id == key.id
             ),
             None,
@@ -701,7 +701,7 @@ def sessions_op(owner: str) -> Op[list[SessionInfo]]:
     s = SESSIONS.c
     rows = (
         yield (
-            select(s.owner_id, s.name, s.next_position, s.created_at, s.updated_at)
+            select(s.owner_id, s.name, s.next_position, s.created_at, s.updated_at, s.encoding)
             .where(s.owner_id == owner)
             .order_by(s.name),
             None,
