@@ -71,7 +71,7 @@ def test_sessions_history_window_turns(filled: Store, capsys: pytest.CaptureFixt
     code, out, _ = run(capsys, "--db", url, "sessions")
     assert code == 0 and "talk" in out and "12" in out
     stats = json.loads(run(capsys, "--db", url, "--json", "sessions")[1])
-    assert stats[0]["messages"] == 12 and stats[0]["tokens"] > 0
+    assert stats[0]["messages"] == 12 and stats[0]["text_tokens"] > 0
 
     code, out, _ = run(capsys, "--db", url, "history", "talk")
     assert code == 0 and out.count("question") == 12  # inputs and their echoes

@@ -55,7 +55,7 @@ def test_window_counts_with_the_sessions_encoding(
     assert [m["content"] for m in window["messages"]][-1] == "Answer 5.\nDone"
     # The running sum ends at the bar's total: the rendered string's tokens.
     assert window["messages"][-1]["running"] == window["used"] == cl100k.count(rendered)
-    assert sum(m["tokens"] for m in window["messages"]) == window["used"]
+    assert sum(m["cost"] for m in window["messages"]) == window["used"]
     # An explicit --model still wins.
     other = json.loads(
         run(capsys, "--db", url, "--json", "window", "gpt4", "--limit", "50", "--model", "gpt-4o")[
@@ -69,7 +69,7 @@ def test_window_counts_with_the_sessions_encoding(
     assert (
         chat["used"]
         == chat["messages"][-1]["running"] + 3
-        == chat["reply_priming"] + sum(m["tokens"] for m in chat["messages"])
+        == chat["reply_priming"] + sum(m["cost"] for m in chat["messages"])
     )
     code, out, _ = run(capsys, "--db", url, "window", "gpt4", "--limit", "50")
     assert f"{window['used']}/50 tokens (text, cl100k_base)" in out

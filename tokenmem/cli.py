@@ -67,7 +67,7 @@ class _Out:
     def table(self, headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
         cells = [[_cell(v) for v in row] for row in rows]
         widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
-        head = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+        head = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()
         self.line(f"\033[1m{head}\033[0m" if self.tty else head)
         for r in cells:
             self.line("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -194,13 +194,13 @@ def cmd_sessions(args: argparse.Namespace, store: Any, out: _Out) -> int:
         out.json(stats)
         return 0
     out.table(
-        ["owner", "session", "messages", "tokens", "encoding", "created", "last activity"],
+        ["owner", "session", "messages", "text_tokens", "encoding", "created", "last activity"],
         [
             (
                 s.owner_id or "-",
                 s.session_id,
                 s.messages,
-                s.tokens,
+                s.text_tokens,
                 s.encoding,
                 s.created_at,
                 s.updated_at,
@@ -251,10 +251,12 @@ def cmd_history(args: argparse.Namespace, store: Any, out: _Out) -> int:
                 ]
             )
     else:
-        out.line(f"{'pos':>6} {'turn':>5} {'role':<6} {'tokens':>6}  {'created':<19}  content")
+        out.line(
+            f"{'pos':>6} {'turn':>5} {'role':<6} {'text_tokens':>11}  {'created':<19}  content"
+        )
         for m in messages:
             out.line(
-                f"{m.position:>6} {m.turn:>5} {m.type:<6} {m.text_tokens:>6}  "
+                f"{m.position:>6} {m.turn:>5} {m.type:<6} {m.text_tokens:>11}  "
                 f"{_cell(m.created_at)}  {_short(m.content)}"
             )
     return 0
@@ -279,24 +281,26 @@ def cmd_window(args: argparse.Namespace, store: Any, out: _Out) -> int:
         encoding=counter.encoding_name,
     )
     rule, window = memory.rule, memory.window()
-    # Each line's tokens: what it adds to what is sent. As a string, that is
-    # the rendered history's count with the line less the count without it
-    # (the newest line has no newline after it, and the sum is the string's
-    # count); as messages, the chat formula's cost, plus 3 for the reply priming.
+    # Each message's cost: what it adds to what is sent. As a string, its line
+    # and the newline joining it to the next (the newest line has none): the
+    # count of the history from it on, less the count from the next line on,
+    # so the costs add up to the string's count whatever merges at the joins.
+    # As messages, the chat formula's cost (the reply priming adds 3).
+    costs = [w.tokens for w in window]
+    if rule.mode == "text":
+        after = 0
+        for i in reversed(range(len(window))):
+            total = counter.count(get_buffer_string([w.message for w in window[i:]], rule))
+            costs[i], after = total - after, total
     rows, running = [], 0
-    for i, w in enumerate(window):
-        if rule.mode == "text":
-            text = get_buffer_string([v.message for v in window[: i + 1]], rule)
-            tokens = counter.count(text) - running
-        else:
-            tokens = w.tokens
-        running += tokens
+    for w, cost in zip(window, costs, strict=True):
+        running += cost
         rows.append(
             {
                 "position": w.position,
                 "turn": w.turn,
                 "role": w.message.type,
-                "tokens": tokens,
+                "cost": cost,
                 "running": running,
                 "content": w.message.content,
             }
@@ -318,13 +322,13 @@ def cmd_window(args: argparse.Namespace, store: Any, out: _Out) -> int:
         )
         return 0
     out.table(
-        ["pos", "turn", "role", "tokens", "running", "content"],
+        ["pos", "turn", "role", "cost", "running", "content"],
         [
             (
                 r["position"],
                 r["turn"],
                 r["role"],
-                r["tokens"],
+                r["cost"],
                 r["running"],
                 _short(str(r["content"])),
             )

@@ -717,7 +717,7 @@ class SessionStats:
     owner_id: str
     session_id: str
     messages: int
-    tokens: int
+    text_tokens: int  # the sum of its messages' text_tokens
     encoding: str | None
     created_at: datetime
     updated_at: datetime
