@@ -405,3 +405,23 @@ def test_a_model_name_that_cannot_be_stored_is_refused_before_the_call(
     with pytest.raises(InvalidInputError, match="NUL"):
         ConversationChain(llm=model, memory=memory)
     assert openai_server.requests == []
+
+
+def test_ainvoke_is_invoke_awaited(openai_server: FakeOpenAI, store: Store) -> None:
+    """chain.py's error message pointed to an ``ainvoke`` that did not exist."""
+    chain = make_chain(openai_server, store)
+    openai_server.reply("first", "second")
+    sync = chain.invoke({"input": "one"})
+
+    async def run() -> dict[str, object]:
+        try:
+            return await chain.ainvoke({"input": "two"})
+        finally:
+            await chain.llm.aclose()  # type: ignore[attr-defined]
+
+    got = asyncio.run(run())
+    assert set(got) == set(sync) == {"input", "history", "response"}
+    assert got["input"] == "two" and got["response"] == "second"
+    assert [m.content for m in got["history"]] == ["one", "first"]  # type: ignore[attr-defined]
+    with pytest.raises(ConfigurationError, match="'input'"):
+        asyncio.run(chain.ainvoke({"question": "x"}))

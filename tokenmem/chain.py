@@ -243,13 +243,14 @@ class ConversationChain:
         Raises :class:`ModelError` (nothing saved) when the call fails."""
         return self._call(input)[1].text
 
-    def invoke(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        """``{input, history, response}`` like LangChain's chain.invoke; the
-        history is the window the prompt was built from (messages for a chat
-        model, the rendered string for a completion model)."""
+    def _invoke_input(self, inputs: Mapping[str, Any]) -> object:
         if not isinstance(inputs, Mapping) or self.input_key not in inputs:
             raise ConfigurationError(f"invoke needs a dict with the key {self.input_key!r}")
-        plan, reply = self._call(inputs[self.input_key])
+        return inputs[self.input_key]
+
+    def _invoke_result(
+        self, inputs: Mapping[str, Any], plan: _Plan, reply: Reply
+    ) -> dict[str, Any]:
         window = [w.message for w in plan.window]
         history: str | list[Message] = window
         if self.llm.api == "completions":
@@ -259,6 +260,13 @@ class ConversationChain:
             self.memory.memory_key: history,
             self.output_key: reply.text,
         }
+
+    def invoke(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """``{input, history, response}`` like LangChain's chain.invoke; the
+        history is the window the prompt was built from (messages for a chat
+        model, the rendered string for a completion model)."""
+        plan, reply = self._call(self._invoke_input(inputs))
+        return self._invoke_result(inputs, plan, reply)
 
     def stream(self, *, input: str) -> Iterator[str]:
         """Yield the reply in chunks; the exchange is saved when the stream
@@ -305,8 +313,7 @@ class ConversationChain:
         if reply:
             self._say(_VERBOSE[self.language][2])
 
-    async def apredict(self, *, input: str) -> str:
-        """:meth:`predict` with the async OpenAI client."""
+    async def _acall(self, input: object) -> tuple[_Plan, Reply]:
         plan = await self._aprepare(input)
         started = time.perf_counter()
         try:
@@ -315,7 +322,16 @@ class ConversationChain:
             await self._afinish(plan, started, None, exc)
             raise
         await self._afinish(plan, started, reply, None)
-        return reply.text
+        return plan, reply
+
+    async def apredict(self, *, input: str) -> str:
+        """:meth:`predict` with the async OpenAI client."""
+        return (await self._acall(input))[1].text
+
+    async def ainvoke(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """:meth:`invoke` with the async OpenAI client."""
+        plan, reply = await self._acall(self._invoke_input(inputs))
+        return self._invoke_result(inputs, plan, reply)
 
     async def astream(self, *, input: str) -> AsyncIterator[str]:
         """:meth:`stream` with the async OpenAI client."""
