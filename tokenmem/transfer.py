@@ -1,34 +1,67 @@
 """Moving conversations in and out: JSONL export/import, LangChain's
 ``SQLChatMessageHistory`` tables, and recounting tokens for another encoding.
 
-Exports and recounts stream, page by page; an import holds one session's
-records at a time. Imports are idempotent: records keep their positions and
-those a session already holds are skipped, so importing twice adds nothing
-and an interrupted import resumes::
+An export writes each session as its messages, one JSON object a line (the
+lines ``tokenmem history --format jsonl`` prints), then one session line
+(``"kind": "session"``) with what the messages do not say: where ``clear()``
+started the window, the next position and turn, the session's metadata. An
+import restores all of it, each session counted with the encoding its records
+name, so ``export | import | export`` into an empty database writes the same
+file again. Not carried: the turn audit log and the sessions' timestamps.
+
+Exports and recounts stream, page by page. An import reads its input twice
+(a stream is spooled to a temporary file): first to check every line, so a
+bad one fails it before anything is written, then to write, holding a batch of
+one session's records and a few numbers per session. A session's lines need
+not be consecutive. Imports are idempotent: records keep their positions (a
+record without one comes right after its session's previous record, the first
+at 0) and those a session already holds are skipped, once checked to be the
+same messages, so importing twice adds nothing and an interrupted import
+resumes::
 
     with open("backup.jsonl", "w") as out:
         export_jsonl(store, out)                   # every session of every owner
     with open("backup.jsonl") as src:
-        import_jsonl(other_store, src, TokenCounter("o200k_base"))
+        import_jsonl(other_store, src)             # each session in its own encoding
     import_langchain(store, "sqlite:///chat.db", TokenCounter("o200k_base"))
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
 from datetime import datetime
 from typing import IO, Any
 
-from sqlalchemy import MetaData, Table, create_engine, make_url, select
+from sqlalchemy import (
+    MetaData,
+    Table,
+    and_,
+    exists,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import SQLAlchemyError
 
-from .errors import InvalidInputError, SessionNotFound, StoreError
+from .errors import (
+    ConfigurationError,
+    InvalidInputError,
+    SessionNotFound,
+    StoreError,
+    TokenmemError,
+)
 from .messages import StoredMessage
-from .ops import SessionKey
-from .store import Store, parse_url
+from .models import MESSAGES, ROLES, SESSIONS
+from .ops import DEFAULT_OWNER, Op, SessionKey, check_text
+from .store import Store, source_engine
 from .tokens import TokenCounter
+from .urls import scrub, shown
 
 __all__ = [
     "ImportResult",
@@ -41,18 +74,34 @@ __all__ = [
 
 Progress = Callable[[int], None]
 _BATCH = 500
+# For records that name no encoding: gpt-4o-mini's, the default everywhere.
+_DEFAULT_ENCODING = "o200k_base"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ImportResult:
+    """What an import did: ``sessions`` it touched (distinct), messages
+    ``imported``, and messages ``skipped`` because the database already held
+    them (checked to be the same)."""
+
     sessions: int
     imported: int
     skipped: int
 
 
+def _sorted(value: Any) -> Any:
+    """JSON with its objects' keys sorted: PostgreSQL's JSONB keeps its own
+    order, so an export is the same whichever database it came from."""
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted(v) for v in value]
+    return value
+
+
 def to_record(owner: str, session_id: str, m: StoredMessage) -> dict[str, Any]:
-    """A stored message as one JSONL record (the export format; the token
-    counts are information: an import counts again)."""
+    """A stored message as one JSONL record (the export format; an import
+    counts again, with the record's ``encoding``, and gets the same counts)."""
     return {
         "owner": owner,
         "session_id": session_id,
@@ -61,12 +110,87 @@ def to_record(owner: str, session_id: str, m: StoredMessage) -> dict[str, Any]:
         "role": m.type,
         "content": m.content,
         "name": m.name,
-        "metadata": m.metadata,
+        "metadata": _sorted(m.metadata),
         "created_at": m.created_at.isoformat() if m.created_at else None,
         "encoding": m.encoding,
         "text_tokens": m.text_tokens,
         "chat_tokens": m.chat_tokens,
     }
+
+
+# --- the session row: what the messages do not say ------------------------------
+# Transfer's own two statements, run in the store's transactions (with its
+# retries and schema check).
+
+
+@dataclasses.dataclass(frozen=True)
+class _State:
+    next_position: int
+    next_turn: int
+    start_position: int
+    metadata: dict[str, Any] | None
+
+
+def _state_op(key: SessionKey) -> Op[_State | None]:
+    s = SESSIONS.c
+    row = (
+        yield (
+            select(s.next_position, s.next_turn, s.start_position, s["metadata"]).where(
+                s.id == key.id
+            ),
+            None,
+        )
+    ).first()
+    return None if row is None else _State(*row)
+
+
+def _restore_op(key: SessionKey, start: int | None, metadata: dict[str, Any] | None) -> Op[None]:
+    """Set the window's start to ``start`` (a position the session has
+    reached) as ``clear()`` would have, unless the session was cleared later
+    or that would bring messages back into the window; and the session's
+    metadata, if given."""
+    s, m = SESSIONS.c, MESSAGES.c
+    if start is not None:
+        floor = (
+            select(func.min(m.cum_floor))
+            .where(m.session_id == key.id, m.position >= start)
+            .scalar_subquery()
+        )
+        between = exists().where(
+            m.session_id == key.id, m.position >= start, m.position < s.start_position
+        )
+        yield (
+            update(SESSIONS)
+            .where(
+                s.id == key.id,
+                s.next_position >= start,
+                or_(s.start_position < start, and_(s.start_position > start, ~between)),
+            )
+            .values(start_position=start, start_floor=func.coalesce(floor, s.floor_total)),
+            None,
+        )
+    if metadata is not None:
+        yield update(SESSIONS).where(s.id == key.id).values({"metadata": metadata}), None
+
+
+def _state(store: Store, key: SessionKey) -> _State | None:
+    return store._run(lambda: _state_op(key))
+
+
+def _within(store: Store, owner: str | None) -> str | None:
+    """The owner an import or export is confined to: ``owner``, else a scoped
+    store's own; None: every owner."""
+    if owner is None:
+        return store.default_owner if store.scoped else None
+    owner = SessionKey.of("-", owner).owner
+    if store.scoped and owner != store.default_owner:
+        raise ConfigurationError(
+            f"this store is scoped to owner {store.default_owner!r}, not {owner!r}"
+        )
+    return owner
+
+
+# --- export ---------------------------------------------------------------------
 
 
 def export_jsonl(
@@ -77,138 +201,431 @@ def export_jsonl(
     sessions: Sequence[str] = (),
     progress: Progress | None = None,
 ) -> int:
-    """Write messages as JSON lines (one message each, in session order):
-    the named ``sessions`` of ``owner``, or every session (of ``owner``, or of
-    all owners when it is None). Returns how many lines were written."""
-    if sessions:
-        keys = [SessionKey.of(s, owner or "") for s in sessions]
-    else:
-        keys = [
-            SessionKey(s.owner_id, s.session_id)
-            for s in store.session_stats(owner=owner, all_owners=owner is None and not store.scoped)
-        ]
+    """Write sessions as JSON lines, each its messages in order and then its
+    session line: the named ``sessions`` of ``owner`` (default: the store's
+    owner), or every session (of ``owner``, or of all owners when it is None
+    and the store is not scoped). Returns how many messages were written.
+
+    Raises :class:`SessionNotFound`, before writing anything, if a named
+    session does not exist."""
+    scope = _within(store, owner)
+    named: list[tuple[SessionKey, _State | None]] = []
+    for name in sessions:
+        key = SessionKey.of(name, store.default_owner if scope is None else scope)
+        state = _state(store, key)
+        if state is None:
+            raise SessionNotFound(key.name)
+        named.append((key, state))
+    if not sessions:
+        stats = store.session_stats(owner=scope, all_owners=scope is None)
+        named = [(SessionKey(s.owner_id, s.session_id), None) for s in stats]
     written = 0
-    for key in keys:
+    for key, known in named:
+        state = known or _state(store, key)
+        if state is None:  # erased since it was listed
+            continue
         for m in store.history(key.name, owner=key.owner):
+            if m.position >= state.next_position:  # appended since: the next export's
+                break
             out.write(json.dumps(to_record(key.owner, key.name, m), ensure_ascii=False) + "\n")
             written += 1
             if progress and written % _BATCH == 0:
                 progress(_BATCH)
+        out.write(json.dumps(_session_line(key, state), ensure_ascii=False) + "\n")
     if progress:
         progress(written % _BATCH)
     return written
 
 
-def _parse_lines(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+def _session_line(key: SessionKey, state: _State) -> dict[str, Any]:
+    return {
+        "kind": "session",
+        "owner": key.owner,
+        "session_id": key.name,
+        "next_position": state.next_position,
+        "next_turn": state.next_turn,
+        "window_start": state.start_position,
+        "metadata": _sorted(state.metadata),
+    }
+
+
+# --- reading JSONL --------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Line:
+    """A checked input line: a message (with its position) or a session line."""
+
+    where: str  # "line 12", for errors
+    key: SessionKey
+    record: dict[str, Any]
+    message: StoredMessage | None  # None: a session line
+    position: int = -1
+
+
+@dataclasses.dataclass
+class _Seen:
+    """What a reader remembers of a session: its last position, its encoding,
+    whether a session line came since (then another export of it may follow:
+    its positions start again and its encoding may be another)."""
+
+    position: int = -1
+    line: int = 0
+    encoding: str | None = None
+    encoding_line: int = 0
+    ended: bool = False
+
+
+_REQUIRED = ("session_id", "role", "content")
+
+
+class _Reader:
+    """Parses and checks JSONL lines, giving each message its position."""
+
+    def __init__(self, owner: str | None, counter: TokenCounter | None) -> None:
+        self.owner = owner
+        self.counter = counter
+        self.seen: dict[SessionKey, _Seen] = {}
+
+    def read(self, lines: Iterable[str]) -> Iterator[_Line]:
+        number, it = 0, iter(lines)
+        while True:
+            try:
+                text = next(it)
+            except StopIteration:
+                return
+            except UnicodeDecodeError as exc:
+                raise InvalidInputError(
+                    f"not UTF-8 text after line {number}: {exc.reason}"
+                ) from None
+            number += 1
+            if text.strip():
+                try:
+                    yield self._line(number, text)
+                except InvalidInputError as exc:
+                    raise InvalidInputError(f"line {number}: {exc}") from None
+
+    def _line(self, number: int, text: str) -> _Line:
         try:
-            record = json.loads(line)
+            record = json.loads(text.rstrip("\r\n"))
         except json.JSONDecodeError as exc:
-            raise InvalidInputError(f"line {number}: not JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or not {"session_id", "role", "content"} <= record.keys():
-            raise InvalidInputError(f"line {number}: needs session_id, role and content")
-        record["_line"] = number
-        yield record
+            raise InvalidInputError(f"not JSON: {exc.msg} at column {exc.colno}") from None
+        if not isinstance(record, dict):
+            raise InvalidInputError(f"a JSON object expected, not a {_json_type(record)}")
+        kind = record.get("kind", "message")
+        if kind not in ("message", "session"):
+            raise InvalidInputError(f"kind must be 'message' or 'session', not {kind!r}")
+        required = ("session_id",) if kind == "session" else _REQUIRED
+        missing = [k for k in required if k not in record]
+        if missing:
+            needs = " and ".join(filter(None, [", ".join(required[:-1]), required[-1]]))
+            raise InvalidInputError(f"missing {', '.join(missing)} (a {kind} needs {needs})")
+        key = SessionKey.of(record["session_id"], self._owner(record.get("owner")))
+        seen = self.seen.setdefault(key, _Seen())
+        if kind == "session":
+            for field in ("next_position", "next_turn", "window_start"):
+                _number(record.get(field), field)
+            _metadata(record.get("metadata"), "metadata")
+            seen.ended = True
+            return _Line(f"line {number}", key, record, None)
+        message = _message(record)
+        position = _number(record.get("position"), "position")
+        if position is None:
+            position = seen.position + 1
+        elif position <= seen.position and not seen.ended:
+            raise InvalidInputError(
+                f"position {position} of session {key.name!r} is not after position "
+                f"{seen.position} (line {seen.line}): a session's records go in order"
+            )
+        _number(record.get("turn"), "turn")
+        seen.position, seen.line = position, number
+        encoding = record.get("encoding")
+        if encoding is not None and self.counter is None:
+            if not isinstance(encoding, str):
+                raise InvalidInputError(f"encoding must be a str, not {_json_type(encoding)}")
+            if seen.encoding is None or seen.ended:
+                try:
+                    TokenCounter(encoding)  # one that cannot be loaded fails now
+                except TokenmemError as exc:
+                    raise InvalidInputError(str(exc)) from None
+                seen.encoding, seen.encoding_line = encoding, number
+            elif encoding != seen.encoding:
+                raise InvalidInputError(
+                    f"encoding {encoding!r} differs from {seen.encoding!r} (line "
+                    f"{seen.encoding_line}): a session is counted with one encoding; "
+                    "import with an explicit encoding (--encoding) to count them all with it"
+                )
+        seen.ended = False
+        return _Line(f"line {number}", key, record, message, position)
+
+    def _owner(self, named: object) -> str:
+        if self.owner is None:
+            return DEFAULT_OWNER if named is None else named  # type: ignore[return-value]
+        if named is None or named == self.owner:
+            return self.owner
+        raise InvalidInputError(
+            f"the record is owner {named!r}'s, but the import is into owner {self.owner!r}: "
+            "drop its owner field to import it there"
+        )
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
+def _number(value: object, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInputError(f"{what} must be a whole number >= 0, not {value!r}")
+    return value
+
+
+def _metadata(value: object, what: str) -> None:
+    if value is not None and not isinstance(value, dict):
+        raise InvalidInputError(f"{what} must be an object or null, not a {_json_type(value)}")
 
 
 def _message(record: dict[str, Any]) -> StoredMessage:
+    role = record["role"]
+    if role not in ROLES:
+        raise InvalidInputError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    check_text(record["content"], "content")
+    name = record.get("name")
+    if name is not None:
+        check_text(name, "name")
+    _metadata(record.get("metadata"), "metadata")
     created = record.get("created_at")
     try:
         created_at = datetime.fromisoformat(created) if created else None
     except (TypeError, ValueError):
-        raise InvalidInputError(f"line {record['_line']}: bad created_at {created!r}") from None
+        raise InvalidInputError(f"bad created_at {created!r}: not an ISO 8601 time") from None
     if created_at is not None and created_at.tzinfo is None:
-        raise InvalidInputError(f"line {record['_line']}: created_at needs a timezone")
+        raise InvalidInputError(f"created_at {created!r} needs a timezone")
     return StoredMessage(
-        type=record["role"],
+        type=role,
         content=record["content"],
-        name=record.get("name"),
+        name=name,
         metadata=record.get("metadata"),
         created_at=created_at,
     )
 
 
-def _turns(records: list[dict[str, Any]]) -> list[list[StoredMessage]]:
-    """Group consecutive records into turns: by their ``turn`` field when
-    present, else a human message and the AI reply after it form one."""
-    turns: list[list[StoredMessage]] = []
-    for i, record in enumerate(records):
-        message = _message(record)
-        if i and "turn" in record:
-            same = record["turn"] == records[i - 1].get("turn")
+@contextmanager
+def _twice(lines: Iterable[str]) -> Iterator[tuple[Iterable[str], Callable[[], Iterable[str]]]]:
+    """``lines`` to read now, and a function that gives them again: a list
+    as it is, a seekable file from where it was, anything else spooled to a
+    temporary file as it is read."""
+    if isinstance(lines, list | tuple):
+        yield lines, lambda: lines
+        return
+    if isinstance(lines, io.IOBase) and lines.seekable():
+        try:
+            start = lines.tell()
+        except OSError:  # a text file already iterated cannot tell
+            pass
         else:
-            same = bool(turns) and message.type == "ai" and turns[-1][-1].type == "human"
-        if same:
-            turns[-1].append(message)
+
+            def rewind() -> Iterable[str]:
+                lines.seek(start)
+                return lines
+
+            yield lines, rewind
+            return
+    with tempfile.TemporaryFile(
+        "w+", encoding="utf-8", errors="surrogateescape", newline="\n"
+    ) as spool:
+
+        def tee() -> Iterator[str]:
+            for line in lines:
+                spool.write(line if line.endswith("\n") else line + "\n")
+                yield line
+
+        def replay() -> Iterable[str]:
+            spool.seek(0)
+            return spool
+
+        yield tee(), replay
+
+
+# --- writing --------------------------------------------------------------------
+
+
+def _same_turn(previous: _Line, line: _Line) -> bool:
+    """Whether ``line`` continues ``previous``'s turn: by their ``turn`` field
+    when present, else a human message and the AI reply after it form one."""
+    if line.record.get("turn") is not None:
+        return bool(line.record["turn"] == previous.record.get("turn"))
+    return bool(line.record["role"] == "ai" and previous.record["role"] == "human")
+
+
+class _Importer:
+    """Writes checked lines, a batch of one session's records at a time (cut
+    between turns), skipping the records the session already holds."""
+
+    def __init__(
+        self,
+        store: Store,
+        counter: TokenCounter | None,
+        encoding_of: Callable[[SessionKey], str | None],
+        progress: Progress | None,
+    ) -> None:
+        self.store, self.counter = store, counter
+        self.encoding_of, self.progress = encoding_of, progress
+        self.imported = self.skipped = 0
+        self.batch: list[_Line] = []
+
+    def add(self, line: _Line) -> None:
+        if self.batch and (
+            line.key != self.batch[0].key
+            or line.message is None
+            or (len(self.batch) >= _BATCH and not _same_turn(self.batch[-1], line))
+        ):
+            self.flush()
+        if line.message is None:
+            self._restore(line)
         else:
-            turns.append([message])
-    return turns
+            self.batch.append(line)
+
+    def flush(self) -> None:
+        if self.batch:
+            self._write(self.batch)
+            if self.progress:
+                self.progress(len(self.batch))
+            self.batch = []
+
+    def _write(self, lines: list[_Line]) -> None:
+        key = lines[0].key
+        state = _state(self.store, key)
+        have = state.next_position if state else 0
+        turn = state.next_turn if state else 0
+        old = [line for line in lines if line.position < have]
+        if old:
+            self._verify(key, old)
+            self.skipped += len(old)
+        runs: list[list[_Line]] = []  # runs of consecutive positions
+        for line in lines[len(old) :]:
+            if runs and line.position == runs[-1][-1].position + 1:
+                runs[-1].append(line)
+            else:
+                runs.append([line])
+        counter = self.counter or TokenCounter(self.encoding_of(key) or _DEFAULT_ENCODING)
+        for run in runs:
+            first = run[0]
+            if first.position > have:  # a gap, as where the source was pruned
+                turn = max(turn, first.record.get("turn") or 0)
+                self.store.align(key.name, first.position, turn, owner=key.owner)
+            turns = _turns(run)
+            try:
+                self.imported += self.store.append_turns(key.name, turns, counter, owner=key.owner)
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"{first.where} to {run[-1].where}: {exc}") from None
+            have, turn = run[-1].position + 1, turn + len(turns)
+
+    def _verify(self, key: SessionKey, old: list[_Line]) -> None:
+        """Check that the session holds each of ``old`` (in position order)."""
+        i, after = 0, old[0].position - 1
+        while i < len(old):
+            page = self.store.history_page(key.name, owner=key.owner, after=after, limit=_BATCH)
+            for stored in page:
+                line = old[i]
+                if line.position < stored.position:
+                    break
+                if line.position == stored.position:
+                    _check_same(key, line, stored)
+                    i += 1
+                    if i == len(old):
+                        return
+            else:
+                if len(page) == _BATCH:
+                    after = page[-1].position
+                    continue
+            break
+        line = old[i]
+        raise InvalidInputError(
+            f"{line.where}: session {_label(key)} has no message at position "
+            f"{line.position}, though it is past it (pruned or erased there, or another "
+            "conversation): the record cannot be put back; erase the session to import it whole"
+        )
+
+    def _restore(self, line: _Line) -> None:
+        key, record = line.key, line.record
+        state = _state(self.store, key)
+        position = record.get("next_position")
+        if position is not None and (state is None or state.next_position < position):
+            turn = max(record.get("next_turn") or 0, state.next_turn if state else 0)
+            self.store.align(key.name, position, turn, owner=key.owner)
+        start, metadata = record.get("window_start"), record.get("metadata")
+        if start is not None or metadata is not None:
+            self.store._run(lambda: _restore_op(key, start, metadata))
 
 
-def _next_position(store: Store, key: SessionKey) -> int:
-    try:
-        return store.session(key.name, owner=key.owner).messages
-    except SessionNotFound:
-        return 0
+def _label(key: SessionKey) -> str:
+    return f"{key.name!r}" + (f" of owner {key.owner!r}" if key.owner else "")
 
 
-def _import_session(
-    store: Store, key: SessionKey, records: list[dict[str, Any]], counter: TokenCounter
-) -> tuple[int, int]:
-    """Append the records the session does not hold yet; (imported, skipped).
-
-    Records with a ``position`` keep it (the session's counter is moved up to
-    the first one, leaving a gap where the source was pruned) and are skipped
-    when the session is already past it; records without one are skipped by
-    count."""
-    have = _next_position(store, key)
-    if all(isinstance(r.get("position"), int) for r in records):
-        fresh = [r for r in records if r["position"] >= have]
-        if fresh and fresh[0]["position"] > have:
-            store.align(
-                key.name, fresh[0]["position"], int(fresh[0].get("turn") or 0), owner=key.owner
+def _check_same(key: SessionKey, line: _Line, stored: StoredMessage) -> None:
+    message = line.message
+    assert message is not None
+    for field, mine, theirs in (
+        ("role", message.type, stored.type),
+        ("content", message.content, stored.content),
+        ("name", message.name, stored.name),
+        ("metadata", message.metadata, stored.metadata),
+    ):
+        if mine != theirs:
+            raise InvalidInputError(
+                f"{line.where}: session {_label(key)} already holds a different message at "
+                f"position {line.position} (its {field} differs): the file is of another "
+                "conversation, or the session changed since"
             )
-    else:
-        fresh = records[have:]
-    if not fresh:
-        return 0, len(records)
-    written = store.append_turns(key.name, _turns(fresh), counter, owner=key.owner)
-    return written, len(records) - len(fresh)
+
+
+def _turns(lines: list[_Line]) -> list[list[StoredMessage]]:
+    turns: list[list[StoredMessage]] = []
+    for i, line in enumerate(lines):
+        assert line.message is not None
+        if i and _same_turn(lines[i - 1], line):
+            turns[-1].append(line.message)
+        else:
+            turns.append([line.message])
+    return turns
 
 
 def import_jsonl(
     store: Store,
     lines: Iterable[str],
-    counter: TokenCounter,
+    counter: TokenCounter | None = None,
     *,
+    owner: str | None = None,
     progress: Progress | None = None,
 ) -> ImportResult:
-    """Import JSON lines as written by :func:`export_jsonl` (``owner`` and
-    ``position`` optional; lines of one session must be consecutive and in
-    order). Idempotent: messages a session already holds are skipped."""
-    sessions = imported = skipped = 0
-    batch: list[dict[str, Any]] = []
-    current: SessionKey | None = None
+    """Import JSON lines as written by :func:`export_jsonl` (of a message,
+    only ``session_id``, ``role`` and ``content`` are required). Each session
+    is counted with the encoding its records name (``o200k_base`` if none),
+    or with ``counter``'s when given. Records go to their ``owner`` (default:
+    the default owner); with ``owner=``, or on a scoped store, to that owner,
+    and a record naming another is an error.
 
-    def flush() -> None:
-        nonlocal sessions, imported, skipped
-        if current is not None and batch:
-            done, passed = _import_session(store, current, batch, counter)
-            sessions, imported, skipped = sessions + 1, imported + done, skipped + passed
-            if progress:
-                progress(len(batch))
+    Every line is checked before anything is written; a bad one raises
+    :class:`InvalidInputError` naming it. Idempotent: records a session
+    already holds are skipped, and one it is past but does not hold, or holds
+    differently, is an error (naming the line): nothing is skipped that the
+    database does not hold."""
+    scope = _within(store, owner)
+    check = _Reader(scope, counter)
+    with _twice(lines) as (first, again):
+        for _ in check.read(first):
+            pass
+        importer = _Importer(store, counter, lambda key: check.seen[key].encoding, progress)
+        for line in _Reader(scope, counter).read(again()):
+            importer.add(line)
+        importer.flush()
+    return ImportResult(len(check.seen), importer.imported, importer.skipped)
 
-    for record in _parse_lines(lines):
-        key = SessionKey.of(record["session_id"], record.get("owner") or "")
-        if key != current:
-            flush()
-            current, batch = key, []
-        batch.append(record)
-    flush()
-    return ImportResult(sessions, imported, skipped)
 
+# --- LangChain ------------------------------------------------------------------
 
 _LC_TYPES = {"human": "human", "ai": "ai", "system": "system"}
 
@@ -216,76 +633,67 @@ _LC_TYPES = {"human": "human", "ai": "ai", "system": "system"}
 def import_langchain(
     store: Store,
     url: str,
-    counter: TokenCounter,
+    counter: TokenCounter | None = None,
     *,
     table: str = "message_store",
-    owner: str = "",
+    owner: str | None = None,
     progress: Progress | None = None,
 ) -> ImportResult:
     """Import LangChain's ``SQLChatMessageHistory`` table (``id``,
     ``session_id``, ``message``: the JSON of a message dict, ``{"type": ...,
-    "data": {"content": ...}}``) from any SQLAlchemy URL, in ``id`` order.
-    Idempotent, like :func:`import_jsonl`."""
-    engine = create_engine(parse_url(url))
+    "data": {"content": ...}}``) from any SQLAlchemy URL, in ``id`` order,
+    into ``owner`` (default: the store's owner), counted with ``counter``
+    (default ``o200k_base``). Idempotent, like :func:`import_jsonl`: a
+    session's n-th row is its message at position n."""
+    engine = source_engine(url)  # any sync SQLAlchemy URL; ConfigurationError if unusable
     try:
         source = Table(table, MetaData(), autoload_with=engine)
         c = source.c
-        records_by_session: dict[str, list[dict[str, Any]]] = {}
+        scope = _within(store, owner)
+        importer = _Importer(store, counter, lambda key: None, progress)
+        sessions, current, position = 0, None, 0
         with engine.connect() as conn:
             rows = conn.execution_options(stream_results=True, yield_per=_BATCH).execute(
                 select(c.id, c.session_id, c.message).order_by(c.session_id, c.id)
             )
-            result = ImportResult(0, 0, 0)
             for row_id, session_id, raw in rows:
-                records = records_by_session.setdefault(str(session_id), [])
-                records.append(_langchain_record(row_id, session_id, raw))
-                if len(records_by_session) > 1:  # a session ended: import it
-                    done_id, done = next(iter(records_by_session.items()))
-                    result = _add(result, store, done_id, done, owner, counter, progress)
-                    del records_by_session[done_id]
-            for session_id, records in records_by_session.items():
-                result = _add(result, store, session_id, records, owner, counter, progress)
-            return result
+                line = _langchain_line(table, row_id, session_id, raw, scope or DEFAULT_OWNER)
+                if line.key != current:
+                    sessions, current, position = sessions + 1, line.key, 0
+                importer.add(dataclasses.replace(line, position=position))
+                position += 1
+            importer.flush()
+        return ImportResult(sessions, importer.imported, importer.skipped)
     except SQLAlchemyError as exc:
-        shown = make_url(url).render_as_string(hide_password=True)
-        raise StoreError(f"cannot read {table!r} from {shown}: {exc}") from exc
+        where, why = shown(engine.url), scrub(str(exc), engine.url)
+        raise StoreError(f"cannot read {table!r} from {where}: {why}") from exc
     finally:
         engine.dispose()
 
 
-def _langchain_record(row_id: int, session_id: object, raw: object) -> dict[str, Any]:
+def _langchain_line(table: str, row_id: int, session_id: object, raw: object, owner: str) -> _Line:
+    where = f"{table} row {row_id} (session {session_id!r})"
     try:
         message: Any = json.loads(raw) if isinstance(raw, str | bytes) else raw
         kind, data = message["type"], message["data"]
         role = _LC_TYPES[kind]
-    except (ValueError, KeyError, TypeError):
+        content = data.get("content")
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise InvalidInputError(
-            f"message_store row {row_id} (session {session_id!r}): not a human, ai or "
-            "system message in LangChain's format"
+            f"{where}: not a human, ai or system message in LangChain's format"
         ) from None
-    return {
+    record = {
         "session_id": str(session_id),
         "role": role,
-        "content": data.get("content"),
+        "content": content,
         "name": data.get("name"),
         "metadata": {"langchain_id": row_id},
-        "_line": row_id,
     }
-
-
-def _add(
-    result: ImportResult,
-    store: Store,
-    session_id: str,
-    records: list[dict[str, Any]],
-    owner: str,
-    counter: TokenCounter,
-    progress: Progress | None,
-) -> ImportResult:
-    done, passed = _import_session(store, SessionKey.of(session_id, owner), records, counter)
-    if progress:
-        progress(len(records))
-    return ImportResult(result.sessions + 1, result.imported + done, result.skipped + passed)
+    try:
+        key = SessionKey.of(str(session_id), owner)
+        return _Line(where, key, record, _message(record))
+    except TokenmemError as exc:
+        raise InvalidInputError(f"{where}: {exc}") from None
 
 
 def recount(
