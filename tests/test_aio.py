@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from sqlalchemy import Engine
 from tokenmem import (
     ConfigurationError,
     ConversationTokenBufferMemory,
+    InvalidInputError,
     Message,
     Rule,
     SessionNotFound,
@@ -22,6 +24,7 @@ from tokenmem import (
 from tokenmem.aio import AsyncStore
 
 from .conftest import async_twin
+from .openai_server import FakeOpenAI
 
 EXCHANGES = [("hi", "whats up"), ("not much you", "not much"), ("你好", "最近怎么样")] * 4
 
@@ -201,3 +204,134 @@ def test_work_runs_to_its_end_and_a_cancelled_caller_hears_so() -> None:
         return done
 
     assert asyncio.run(run()) == ["returns", "fails", "returns", "fails"]
+
+
+def test_the_twins_have_the_same_methods() -> None:
+    """Every public method of Store is on AsyncStore, with the same
+    parameters, and both carry docstrings."""
+    import inspect
+
+    def public(cls: type) -> dict[str, Any]:
+        return {n: f for n, f in vars(cls).items() if callable(f) and not n.startswith("_")}
+
+    sync, async_ = public(Store), public(AsyncStore)
+    assert set(sync) <= set(async_), set(sync) - set(async_)
+    for name, method in sync.items():
+        twin = async_[name]
+        assert inspect.signature(method).parameters == inspect.signature(twin).parameters, name
+        assert inspect.iscoroutinefunction(twin) or inspect.isasyncgenfunction(twin), name
+        assert inspect.getdoc(method) and inspect.getdoc(twin), name
+
+
+def test_async_scopes_erasure_and_plan(db: Engine, o200k: TokenCounter) -> None:
+    async def run() -> None:
+        store = AsyncStore(async_twin(db))
+        await store.upgrade()
+        try:
+            await store.append("S", [Message("human", "alice's secret")], o200k, owner="alice")
+            await store.append("S", [Message("human", "default's")], o200k, owner="")
+            bob = store.owner("bob")
+            with pytest.raises(ConfigurationError, match="scoped to owner 'bob'"):
+                bob.owner("alice")
+            with pytest.raises(ConfigurationError, match="scoped to owner 'bob'"):
+                memory = ConversationTokenBufferMemory(store=bob, owner="alice", session_id="S")
+                await memory.aload_memory_variables({})
+            with pytest.raises(ConfigurationError, match="owner"):
+                await store.erase_owner(None)
+            with pytest.raises(ConfigurationError, match="owner"):
+                await store.prune(timedelta(0))
+            assert await store.count(all_owners=True) == 2
+
+            await store.align("T", 5, 2)
+            stored = await store.append("T", [Message("human", "x")], o200k)
+            assert (stored[0].position, stored[0].turn) == (5, 2)
+            plan = await store.explain_window("T", Rule(limit=100), o200k)
+            sync_plan = Store(db).explain_window("T", Rule(limit=100), o200k)
+            assert plan and plan == sync_plan
+        finally:
+            await store.dispose()
+
+    asyncio.run(run())
+
+
+class _FakeFastAPI:
+    """Enough of FastAPI to run the README's service (fastapi is not a
+    dependency): routes are plain functions, Depends gives the default."""
+
+    class HTTPException(Exception):
+        def __init__(self, status_code: int, detail: str = "") -> None:
+            super().__init__(status_code, detail)
+            self.status_code = status_code
+
+    class FastAPI:
+        def __init__(self, lifespan: Any = None) -> None:
+            self.lifespan = lifespan
+            self.routes: dict[tuple[str, str], Any] = {}
+
+        def _route(self, method: str, path: str) -> Any:
+            def add(f: Any) -> Any:
+                self.routes[method, path] = f
+                return f
+
+            return add
+
+        def post(self, path: str) -> Any:
+            return self._route("POST", path)
+
+        def delete(self, path: str) -> Any:
+            return self._route("DELETE", path)
+
+    @staticmethod
+    def Depends(dependency: Any) -> Any:
+        return dependency
+
+
+def test_the_readme_service_example(
+    db: Engine,
+    openai_server: FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The README's "Multi-user services" block, as written: it migrates its
+    database at startup, its authentication stub refuses, a user's chat and
+    erasure stay within that user, and no user (None) erases nothing."""
+    import re
+    import sys
+    import types
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Multi-user services") :]
+    code = re.search(r"```python\n(.*?)^```", section, re.S | re.M)
+    assert code is not None
+    example = 'AsyncStore("postgresql+psycopg://app@db/app")'
+    assert example in code.group(1)
+    url = db.url.render_as_string(hide_password=False)
+    fastapi = types.ModuleType("fastapi")
+    for name in ("FastAPI", "HTTPException", "Depends"):
+        setattr(fastapi, name, getattr(_FakeFastAPI, name))
+    monkeypatch.setitem(sys.modules, "fastapi", fastapi)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("OPENAI_BASE_URL", openai_server.base_url)
+    scope: dict[str, Any] = {}
+    exec(code.group(1).replace(example, f"AsyncStore({url!r})"), scope)
+    app, current_user = scope["app"], scope["current_user"]
+    chat, forget_me = app.routes["POST", "/chat/{session_id}"], app.routes["DELETE", "/me"]
+
+    async def run() -> None:
+        with pytest.raises(_FakeFastAPI.HTTPException) as refused:
+            current_user()
+        assert refused.value.status_code == 401
+        async with app.lifespan(app):  # startup migrates the (fresh) database
+            store = scope["store"]
+            openai_server.reply("hello alice", "hello default")
+            assert await chat("chat-1", "hi", user="alice") == {"reply": "hello alice"}
+            await store.append(
+                "chat-1", [Message("human", "default's")], TokenCounter("o200k_base"), owner=""
+            )
+            with pytest.raises(InvalidInputError, match="owner"):
+                await forget_me(user=None)  # a stub that returned None: nothing erased
+            assert await store.count(owner="") == 1
+            assert await forget_me(user="alice") == {"messages": 2}
+            assert await store.count(owner="") == 1 and await store.count(owner="alice") == 0
+
+    asyncio.run(run())

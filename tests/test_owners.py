@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import update
 
 from tokenmem import (
+    ConfigurationError,
     ConversationTokenBufferMemory,
     InvalidInputError,
     Message,
@@ -56,7 +57,7 @@ def test_one_owner_cannot_reach_another(store: Store, o200k: TokenCounter) -> No
         lambda: list(bob.history("no-such"))
     ).replace("no-such", "chat-1")
     assert missing_error(lambda: bob.turns("chat-1")) == "session 'chat-1' not found"
-    assert missing_error(lambda: bob.rebuild_prompt("chat-1", 0)) == "session 'chat-1#0' not found"
+    assert missing_error(lambda: bob.rebuild_prompt("chat-1", 0)) == "session 'chat-1' not found"
     assert bob.sessions() == []
 
     # Writing: bob's clear and erase do not touch alice's session...
@@ -119,7 +120,7 @@ def test_prune_by_age(store: Store, o200k: TokenCounter) -> None:
     assert [m.position for m in store.history("s", owner="alice")] == [2, 3]
     assert len(list(store.history("s", owner="bob"))) == 4
 
-    assert store.prune(timedelta(days=30)).messages == 0  # the default owner has none
+    assert store.prune(timedelta(days=30), owner="").messages == 0  # the default owner has none
     assert store.prune(timedelta(days=30), all_owners=True).messages == 2
     assert [m.content for m in store.history("s", owner="bob")] == ["new", "new reply"]
     memory = ConversationTokenBufferMemory(store=store, owner="bob", session_id="s")
@@ -153,3 +154,49 @@ def test_a_scoped_store_stays_in_its_scope(store: Store, o200k: TokenCounter) ->
     export_jsonl(bob, dump)
     assert "bob's secret" in dump.getvalue() and "alice" not in dump.getvalue()
     assert bob.erase_owner().messages == 1
+
+
+def test_a_scope_is_never_moved(store: Store, o200k: TokenCounter) -> None:
+    """A scoped store naming another owner raises, by .owner() too: bob's
+    store re-scoped to alice would read alice's messages."""
+    store.append("S", [Message("human", "alice's secret")], o200k, owner="alice")
+    bob = store.owner("bob")
+    for other in ("alice", ""):
+        with pytest.raises(ConfigurationError, match="scoped to owner 'bob'"):
+            bob.owner(other)
+        with pytest.raises(ConfigurationError, match="scoped to owner 'bob'"):
+            ConversationTokenBufferMemory(
+                store=bob, owner=other, session_id="S"
+            ).load_memory_variables({})
+    assert bob.owner("bob").sessions() == [] and bob.owner("bob").scoped
+    memory = ConversationTokenBufferMemory(store=bob.owner("bob"), owner="bob", session_id="S")
+    assert memory.buffer == ""
+    alice = store.owner("alice")
+    assert [m.content for m in alice.owner("alice").history("S")] == ["alice's secret"]
+    with pytest.raises(InvalidInputError, match="owner"):
+        bob.owner(None)  # type: ignore[arg-type]
+
+
+def test_none_never_selects_an_owner_to_erase(store: Store, o200k: TokenCounter) -> None:
+    """erase_owner(None) erased the default owner's data (a user id that came
+    back None); prune(older_than) pruned it. Both need the owner named, unless
+    the store is scoped to one."""
+    for owner in ("", "alice"):
+        store.append("s", [Message("human", "x"), Message("ai", "y")], o200k, owner=owner)
+    for call in (
+        lambda: store.erase_owner(None),
+        lambda: store.erase_owner(),
+        lambda: store.prune(timedelta(0)),
+        lambda: store.prune(timedelta(0), owner=None),
+        lambda: store.prune(timedelta(0), owner="alice", all_owners=True),
+    ):
+        with pytest.raises(ConfigurationError, match="owner"):
+            call()
+    assert store.count(owner="") == 2 and store.count(all_owners=True) == 4
+    assert store.owner("alice").prune(timedelta(0)).messages == 2  # its scope, named
+    assert store.prune(timedelta(0), owner="").messages == 2  # "" names the default owner
+    for owner in ("", "alice"):
+        store.append("t", [Message("human", "z")], o200k, owner=owner)
+    assert store.owner("").erase_owner().messages == 1
+    assert store.erase_owner("alice").sessions == 2
+    assert store.count(all_owners=True) == 0

@@ -154,7 +154,7 @@ def test_prune_then_encoding_switch_keeps_the_window(store: Store) -> None:
             .where(MESSAGES.c.position < 2)
             .values(created_at=utcnow() - timedelta(days=9))
         )
-    assert store.prune(timedelta(days=1)).messages == 2
+    assert store.prune(timedelta(days=1), owner="").messages == 2
     expected = "Human: q1\nAI: a1\nHuman: q2\nAI: a2\nHuman: q3\nAI: a3"
     assert old.buffer == expected
     new = ConversationTokenBufferMemory(

@@ -6,6 +6,8 @@ memory.save_context({"input": "hi"}, {"output": "whats up"})
 memory.load_memory_variables({})   # {'history': 'Human: hi\\nAI: whats up'}
 """
 
+from typing import TYPE_CHECKING
+
 from .audit import TurnRecord
 from .chain import ConversationChain
 from .errors import (
@@ -26,6 +28,9 @@ from .prompt import PromptTemplate
 from .store import Store
 from .tokens import TokenCounter
 from .window import Rule, get_buffer_string
+
+if TYPE_CHECKING:  # type checkers see the class; at run time it is imported on use
+    from .aio import AsyncStore
 
 
 def __getattr__(name: str) -> object:

@@ -670,9 +670,9 @@ def session_op(key: SessionKey) -> Op[SessionInfo]:
     s = SESSIONS.c
     row = (
         yield (
-            select(s.owner_id, s.name, s.next_position, s.created_at, s.updated_at, s.encoding).where(
-                s.id == key.id
-            ),
+            select(
+                s.owner_id, s.name, s.next_position, s.created_at, s.updated_at, s.encoding
+            ).where(s.id == key.id),
             None,
         )
     ).first()

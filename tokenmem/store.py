@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from alembic.util import CommandError
-from sqlalchemy import Connection, Engine, create_engine, event, make_url
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from . import migrate
 from .audit import TurnRecord, rebuild, record_turn_op, turn_op, turns_op
@@ -67,9 +67,10 @@ from .ops import (
     window_rows_op,
 )
 from .tokens import TokenCounter
+from .urls import missing_driver, parse_source_url, parse_url, scrub, shown
 from .window import Rule, window_select
 
-__all__ = ["DEFAULT_OWNER", "Store", "StoreBase", "default_url", "make_engine"]
+__all__ = ["DEFAULT_OWNER", "Store", "StoreBase", "default_url", "make_engine", "source_engine"]
 
 T = TypeVar("T")
 RETRIES = 6
@@ -94,34 +95,6 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def parse_url(url: str, *, asynchronous: bool = False) -> URL:
-    """Parse ``url`` and pick tokenmem's drivers: psycopg 3 for PostgreSQL,
-    aiosqlite for async SQLite."""
-    try:
-        parsed = make_url(url)
-    except Exception as exc:
-        raise ConfigurationError(f"not a database URL: {url!r}") from exc
-    backend = parsed.get_backend_name()
-    if backend == "postgresql" and parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    elif backend == "sqlite":
-        if asynchronous and parsed.drivername == "sqlite":
-            parsed = parsed.set(drivername="sqlite+aiosqlite")
-        if parsed.database not in (None, "", ":memory:"):
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    elif backend != "postgresql":
-        raise ConfigurationError(f"tokenmem supports SQLite and PostgreSQL, not {backend}")
-    return parsed
-
-
-def missing_driver(url: URL, exc: ModuleNotFoundError) -> ConfigurationError:
-    extra = "postgres" if url.get_backend_name() == "postgresql" else "async"
-    return ConfigurationError(
-        f"the driver for {url.drivername} is not installed ({exc.name}): "
-        f"pip install 'tokenmem[{extra}]'"
-    )
-
-
 def tune(engine: Engine) -> Engine:
     """Set SQLite's pragmas (WAL, busy timeout, foreign keys) on new connections."""
     if engine.dialect.name == "sqlite":
@@ -136,11 +109,23 @@ def make_engine(url: str, **options: Any) -> Engine:
     No pre-ping: a stale pooled connection fails its first statement and the
     store runs the transaction again on a fresh one, saving a round trip on
     every transaction."""
-    parsed = parse_url(url)
+    return tune(_create(parse_url(url), options))
+
+
+def source_engine(url: str) -> Engine:
+    """An engine for a database tokenmem only reads (an import's source): any
+    SQLAlchemy URL with a sync driver (see :func:`~tokenmem.urls.parse_source_url`)."""
+    return _create(parse_source_url(url), {})
+
+
+def _create(url: URL, options: Mapping[str, Any]) -> Engine:
     try:
-        return tune(create_engine(parsed, **options))
-    except ModuleNotFoundError as exc:
-        raise missing_driver(parsed, exc) from exc
+        return create_engine(url, **options)
+    except ImportError as exc:
+        raise missing_driver(url, exc) from exc
+    except ArgumentError as exc:  # an option create_engine does not take
+        message = scrub(str(exc), url)
+        raise ConfigurationError(f"cannot make an engine for {shown(url)}: {message}") from exc
 
 
 def retryable(exc: SQLAlchemyError, *, committing: bool = False) -> bool:
@@ -157,9 +142,9 @@ def retryable(exc: SQLAlchemyError, *, committing: bool = False) -> bool:
     return code in ("40001", "40P01") or "database is locked" in text or "busy" in text
 
 
-def retrying(exc: SQLAlchemyError, attempt: int) -> float:
-    """Log a retry and return how long to wait before it."""
-    logger.info("retrying a transaction (attempt %d) after: %s", attempt + 2, exc)
+def retrying(exc: SQLAlchemyError, attempt: int, url: URL) -> float:
+    """Log a retry (without ``url``'s secrets) and return how long to wait before it."""
+    logger.info("retrying a transaction (attempt %d) after: %s", attempt + 2, scrub(str(exc), url))
     return backoff(attempt)
 
 
@@ -188,6 +173,7 @@ def schema_error(current: str | None) -> SchemaError | None:
 
 
 Self = TypeVar("Self", bound="StoreBase")
+_NONE = "None never selects an owner; owner='' is the default, unnamed one"
 
 
 class StoreBase:
@@ -198,13 +184,21 @@ class StoreBase:
     scoped: bool = False
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.engine.url.render_as_string(hide_password=True)!r})"
+        scope = f", owner={self.default_owner!r}" if self.scoped else ""
+        return f"{type(self).__name__}({shown(self.engine.url)!r}{scope})"
 
     def owner(self: Self, owner: str) -> Self:
         """This store (same engine) confined to ``owner``: every call acts on
-        that owner's sessions only, and naming another owner is an error."""
+        that owner's sessions only, and naming another owner is an error.
+
+        On a store already scoped, ``owner`` must be its owner: a scope is
+        never widened nor moved (:class:`ConfigurationError`)."""
+        name = SessionKey.of("-", owner).owner
+        if self.scoped:
+            self._owner(name)
+            return self
         scoped = copy.copy(self)
-        scoped.default_owner = SessionKey.of("-", owner).owner
+        scoped.default_owner = name
         scoped.scoped = True
         return scoped
 
@@ -225,8 +219,38 @@ class StoreBase:
         if all_owners:
             if self.scoped:
                 raise ConfigurationError("a store scoped to one owner cannot reach all owners")
+            if owner is not None:
+                raise ConfigurationError("name an owner or all_owners=True, not both")
             return None
         return self._owner(owner)
+
+    def _erase_scope(self, owner: str | None) -> str:
+        """The owner ``erase_owner`` erases. ``None`` never selects one (a user
+        id that came back None must not erase the default owner's data),
+        except on a scoped store, whose owner was named."""
+        if owner is None and not self.scoped:
+            raise ConfigurationError(f"erase_owner needs the owner to erase ({_NONE})")
+        return self._owner(owner)
+
+    def _prune_scope(self, owner: str | None, all_owners: bool) -> str | None:
+        """The owner ``prune`` prunes (None: every owner); as :meth:`_erase_scope`."""
+        if owner is None and not all_owners and not self.scoped:
+            raise ConfigurationError(f"prune needs owner= or all_owners=True ({_NONE})")
+        return self._scope(owner, all_owners)
+
+    def _explain_sql(
+        self, session_id: str, rule: Rule, counter: TokenCounter, owner: str | None
+    ) -> str:
+        """``EXPLAIN`` of the window statement, with its parameters inlined."""
+        key = self._key(session_id, owner)
+        params = rule.params(key.id, counter.encoding_name, rule.prefix_tokens(counter))
+        stmt = window_select(rule.mode).params(params)
+        sql = str(stmt.compile(dialect=self.engine.dialect, compile_kwargs={"literal_binds": True}))
+        return ("EXPLAIN QUERY PLAN " if self.dialect == "sqlite" else "EXPLAIN ") + sql
+
+    def _error(self, what: str, exc: BaseException) -> StoreError:
+        """The driver's ``exc`` as a :class:`StoreError`, without the URL's secrets."""
+        return StoreError(f"{what}: {scrub(str(exc), self.engine.url)}")
 
     @property
     def dialect(self) -> str:
@@ -286,17 +310,18 @@ class Store(StoreBase):
             with self.engine.begin() as conn:
                 run(conn)
         except SQLAlchemyError as exc:
-            raise StoreError(f"migration failed: {exc}") from exc
+            raise self._error("migration failed", exc) from exc
         except CommandError as exc:  # an unknown revision, a database ahead of the code
             raise ConfigurationError(f"migration: {exc}") from exc
         self._ready = False
 
     def current_revision(self) -> str | None:
+        """The migration revision tokenmem's tables are at (None: not migrated)."""
         try:
             with self.engine.connect() as conn:
                 return migrate.current(conn)
         except SQLAlchemyError as exc:
-            raise StoreError(f"cannot read the schema version: {exc}") from exc
+            raise self._error("cannot read the schema version", exc) from exc
 
     def check(self) -> None:
         """Raise :class:`SchemaError` unless the database is at the migration head."""
@@ -315,9 +340,9 @@ class Store(StoreBase):
                 return run(self.engine, make(), state)
             except SQLAlchemyError as exc:
                 if attempt + 1 < RETRIES and retryable(exc, committing=state.committing):
-                    time.sleep(retrying(exc, attempt))
+                    time.sleep(retrying(exc, attempt, self.engine.url))
                     continue
-                raise StoreError(f"database error: {exc}") from exc
+                raise self._error("database error", exc) from exc
         raise AssertionError("unreachable")
 
     # writes
@@ -373,20 +398,23 @@ class Store(StoreBase):
         return self._run(lambda: erase_op(key))
 
     def erase_owner(self, owner: str | None = None) -> Erased:
-        """Delete everything ``owner`` (default: the scope's owner) has —
-        sessions, messages, turns — for good, in one transaction (the right to
-        be forgotten)."""
-        scope = self._owner(owner)
+        """Delete everything ``owner`` has — sessions, messages, turns — for
+        good, in one transaction (the right to be forgotten). On a scoped store
+        ``owner`` defaults to the scope's owner; on any other it must be named
+        (``""`` for the default owner): ``None`` raises :class:`ConfigurationError`."""
+        scope = self._erase_scope(owner)
         return self._run(lambda: erase_owner_op(scope))
 
     def prune(
         self, older_than: timedelta, *, owner: str | None = None, all_owners: bool = False
     ) -> Erased:
         """Retention: hard-delete messages and turn records older than
-        ``older_than``, of ``owner``'s sessions (default: the scope's owner),
-        or of every owner's with ``all_owners=True``. Turns whose window was
-        pruned can no longer be rebuilt."""
-        cutoff, scope = utcnow() - older_than, self._scope(owner, all_owners)
+        ``older_than``, of ``owner``'s sessions, or of every owner's with
+        ``all_owners=True``. On a scoped store ``owner`` defaults to the
+        scope's owner; on any other, one of the two must be given (``""`` for
+        the default owner), else :class:`ConfigurationError`. Turns whose
+        window was pruned can no longer be rebuilt."""
+        cutoff, scope = utcnow() - older_than, self._prune_scope(owner, all_owners)
         return self._run(lambda: prune_op(cutoff, scope))
 
     # reads
@@ -408,13 +436,9 @@ class Store(StoreBase):
         self, session_id: str, rule: Rule, counter: TokenCounter, *, owner: str | None = None
     ) -> str:
         """The database's query plan for this window's statement, as text."""
-        key = self._key(session_id, owner)
-        params = rule.params(key.id, counter.encoding_name, rule.prefix_tokens(counter))
-        stmt = window_select(rule.mode).params(params)
-        sql = str(stmt.compile(self.engine, compile_kwargs={"literal_binds": True}))
-        explain = "EXPLAIN QUERY PLAN " if self.dialect == "sqlite" else "EXPLAIN "
+        sql = self._explain_sql(session_id, rule, counter, owner)
         with self.engine.connect() as conn:
-            rows = conn.exec_driver_sql(explain + sql).all()
+            rows = conn.exec_driver_sql(sql).all()
         return "\n".join(" | ".join(str(v) for v in row) for row in rows)
 
     def history_page(
@@ -512,6 +536,7 @@ class Store(StoreBase):
         return self._run(lambda: session_stats_op(scope))
 
     def count(self, *, owner: str | None = None, all_owners: bool = False) -> int:
-        """How many messages the store holds (all sessions, all owners)."""
+        """How many messages ``owner`` holds (default: the scope's owner, or
+        the default, unnamed owner), or every owner with ``all_owners=True``."""
         scope = self._scope(owner, all_owners)
         return self._run(lambda: count_op(scope))
