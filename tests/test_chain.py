@@ -10,9 +10,9 @@ from sqlalchemy import text
 
 from tokenmem import (
     ConfigurationError,
-    InvalidInputError,
     ConversationChain,
     ConversationTokenBufferMemory,
+    InvalidInputError,
     ModelError,
     OpenAI,
     PromptTemplate,
@@ -318,7 +318,7 @@ def test_rebuild_after_prune_says_so(openai_server: FakeOpenAI, store: Store) ->
             .where(MESSAGES.c.position < 2)
             .values(created_at=utcnow() - timedelta(days=9))
         )
-    store.prune(timedelta(days=1))
+    store.prune(timedelta(days=1), owner="")
     with pytest.raises(SessionNotFound, match=r"messages 0\.\.1 \(pruned or erased\)"):
         store.rebuild_prompt(chain.memory.session_id, 1)
     assert (

@@ -309,7 +309,7 @@ def test_incremental_import_after_the_source_pruned(
             .where(MESSAGES.c.position < 2)
             .values(created_at=utcnow() - timedelta(days=9))
         )
-    store.prune(timedelta(days=1))
+    store.prune(timedelta(days=1), owner="")
     store.append("s", [Message("human", "q2"), Message("ai", "a2")], o200k)  # type: ignore[arg-type]
     run(capsys, "--db", url, "export", "-o", str(tmp_path / "2.jsonl"))
     code, out, _ = run(capsys, "--db", target, "import", str(tmp_path / "2.jsonl"))

@@ -72,7 +72,7 @@ def test_window_counts_with_the_sessions_encoding(
         == chat["reply_priming"] + sum(m["cost"] for m in chat["messages"])
     )
     code, out, _ = run(capsys, "--db", url, "window", "gpt4", "--limit", "50")
-    assert f"{window['used']}/50 tokens (text, cl100k_base)" in out
+    assert code == 0 and f"{window['used']}/50 tokens (text, cl100k_base)" in out
 
 
 def _cli(

@@ -453,7 +453,8 @@ def cmd_chat(args: argparse.Namespace, store: Any, out: _Out) -> int:
 def cmd_import(args: argparse.Namespace, store: Any, out: _Out) -> int:
     from .transfer import import_jsonl, import_langchain
 
-    counter = _counter(args)
+    # Without --model/--encoding each session keeps the encoding its records name.
+    counter = _counter(args) if args.model or args.encoding else None
     step = _progress(None, "imported")
     if args.from_langchain:
         result = import_langchain(
@@ -461,15 +462,18 @@ def cmd_import(args: argparse.Namespace, store: Any, out: _Out) -> int:
             args.from_langchain,
             counter,
             table=args.table,
-            owner=args.owner or "",
+            owner=args.owner,
             progress=step,
         )
     elif args.file:
         try:
-            with open(args.file, encoding="utf-8") as lines:
-                result = import_jsonl(store, lines, counter, progress=step)
+            # Bytes that are not UTF-8 reach the checks as lone surrogates, which
+            # fail the line they are on, by its number.
+            lines = open(args.file, encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
         except OSError as exc:
             raise ConfigurationError(f"cannot read {args.file}: {exc.strerror}") from None
+        with lines:
+            result = import_jsonl(store, lines, counter, owner=args.owner, progress=step)
     else:
         raise ConfigurationError("import needs a FILE or --from-langchain URL")
     if sys.stderr.isatty():
@@ -485,19 +489,51 @@ def cmd_import(args: argparse.Namespace, store: Any, out: _Out) -> int:
 
 
 def cmd_export(args: argparse.Namespace, store: Any, out: _Out) -> int:
+    import stat
+    import tempfile
+
     from .transfer import export_jsonl
 
-    try:
-        target = open(args.output, "w", encoding="utf-8") if args.output else out.stream  # noqa: SIM115
-    except OSError as exc:
-        raise ConfigurationError(f"cannot write {args.output}: {exc.strerror}") from None
-    try:
-        written = export_jsonl(store, target, owner=args.owner, sessions=args.sessions)
-    finally:
-        if args.output:
-            target.close()
-    if args.output:
-        print(f"{written} message(s) written to {args.output}", file=sys.stderr)
+    path = args.output
+    if not path or (os.path.exists(path) and not os.path.isfile(path)):  # stdout, a pipe
+        try:
+            target = open(path, "w", encoding="utf-8") if path else out.stream  # noqa: SIM115
+        except OSError as exc:
+            raise ConfigurationError(f"cannot write {path}: {exc.strerror}") from None
+        try:
+            written = export_jsonl(store, target, owner=args.owner, sessions=args.sessions)
+        finally:
+            if path:
+                target.close()
+    else:
+        # Written beside FILE and renamed over it once complete: a failed export
+        # leaves no file, and never a partial one in place of an earlier export.
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:  # a new file: as open() would make it
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        try:
+            fd, part = tempfile.mkstemp(
+                dir=os.path.dirname(os.path.abspath(path)),
+                prefix=f".{os.path.basename(path)}.",
+                suffix=".part",
+            )
+        except OSError as exc:
+            raise ConfigurationError(f"cannot write {path}: {exc.strerror}") from None
+        try:
+            with open(fd, "w", encoding="utf-8") as target:
+                written = export_jsonl(store, target, owner=args.owner, sessions=args.sessions)
+            os.chmod(part, mode)
+            os.replace(part, path)
+        except BaseException as exc:
+            os.unlink(part)
+            if isinstance(exc, OSError):
+                raise ConfigurationError(f"cannot write {path}: {exc.strerror}") from None
+            raise
+    if path:
+        print(f"{written} message(s) written to {path}", file=sys.stderr)
     return 0
 
 
@@ -739,7 +775,7 @@ def _check_exists(args: argparse.Namespace) -> None:
         return  # the embedded default is made on first use
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         return  # the store reports a bad URL
     path = parsed.database
     sqlite_file = parsed.get_backend_name() == "sqlite" and path not in (None, "", ":memory:")
