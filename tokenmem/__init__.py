@@ -19,6 +19,7 @@ from .errors import (
     SessionNotFound,
     StoreError,
     TokenmemError,
+    TurnNotFound,
 )
 from .llm import OpenAI, Reply
 from .memory import ConversationTokenBufferMemory
@@ -64,6 +65,7 @@ __all__ = [
     "StoredMessage",
     "TokenCounter",
     "TokenmemError",
+    "TurnNotFound",
     "TurnRecord",
     "get_buffer_string",
 ]
