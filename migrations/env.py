@@ -12,9 +12,9 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import Connection
 
-from tokenmem.migrate import VERSION_TABLE
+from tokenmem.engine import default_url, make_engine
+from tokenmem.migrate import VERSION_TABLE, schema
 from tokenmem.models import Base
-from tokenmem.store import default_url, make_engine
 
 
 def _run(connection: Connection) -> None:
@@ -22,6 +22,7 @@ def _run(connection: Connection) -> None:
         connection=connection,
         target_metadata=Base.metadata,
         version_table=VERSION_TABLE,
+        version_table_schema=schema(connection),
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
     )

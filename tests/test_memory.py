@@ -248,6 +248,6 @@ def test_a_database_failure_mid_exchange_writes_nothing(store: Store) -> None:
     with pytest.raises(StoreError, match="boom"):
         memory.save_context({"input": "kept?"}, {"output": "boom"})
     assert [m.content for m in memory.history()] == ["first", "fine"]
-    assert store.session("atomic").messages == 2  # the counters rolled back too
+    assert store.session("atomic").next_position == 2  # the counters rolled back too
     memory.save_context({"input": "next"}, {"output": "works"})
     assert [m.position for m in memory.history()] == [0, 1, 2, 3]

@@ -56,8 +56,8 @@ def test_sessions_listing(store: Store, o200k: TokenCounter) -> None:
     store.append("a", [Message("human", "x"), Message("ai", "y")], o200k)
     store.append("a", [Message("human", "z")], o200k, owner="alice")
     listed = store.sessions()
-    assert [(s.session_id, s.messages) for s in listed] == [("a", 2), ("b", 1)]
-    assert [(s.session_id, s.messages) for s in store.sessions(owner="alice")] == [("a", 1)]
+    assert [(s.session_id, s.next_position) for s in listed] == [("a", 2), ("b", 1)]
+    assert [(s.session_id, s.next_position) for s in store.sessions(owner="alice")] == [("a", 1)]
     assert listed[0].created_at.tzinfo is not None
 
 

@@ -111,7 +111,7 @@ def test_a_password_in_a_sqlite_url_query(tmp_path: Path) -> None:
 
 
 def test_a_driver_message_and_a_retry_log_are_scrubbed(caplog: pytest.LogCaptureFixture) -> None:
-    from tokenmem.store import retrying
+    from tokenmem.engine import retrying
     from tokenmem.urls import scrub
 
     url = make_url(f"postgresql+psycopg://u:{quote(ODD, safe='')}@db/app?sslpassword={PW}")

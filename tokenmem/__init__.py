@@ -24,11 +24,11 @@ from .errors import (
 from .llm import OpenAI, Reply
 from .memory import ConversationTokenBufferMemory
 from .messages import Message, SessionInfo, StoredMessage
-from .ops import Erased
 from .prompt import PromptTemplate
 from .store import Store
 from .tokens import TokenCounter
 from .window import Rule, get_buffer_string
+from .writes import Erased
 
 if TYPE_CHECKING:  # type checkers see the class; at run time it is imported on use
     from .aio import AsyncStore

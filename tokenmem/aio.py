@@ -1,4 +1,4 @@
-"""The async store: the same operations as :class:`~tokenmem.store.Store`, on
+"""The async store: :class:`~tokenmem.store.Store` for asyncio services, on
 SQLAlchemy's asyncio engines (aiosqlite; psycopg 3 for PostgreSQL).
 
 Needs the ``async`` extra (``pip install 'tokenmem[async]'``)::
@@ -8,11 +8,19 @@ Needs the ``async`` extra (``pip install 'tokenmem[async]'``)::
     memory = ConversationTokenBufferMemory(store=store, session_id="chat-1")
     await memory.asave_context({"input": "hi"}, {"output": "hello"})
     await memory.aload_memory_variables({})
+
+The same methods as :class:`~tokenmem.store.Store`, awaited, running the same
+operations: each in ``AsyncConnection.run_sync``, in one transaction that,
+once begun, runs to its commit or rollback even if its caller is cancelled (a
+cancelled statement goes on in the driver — aiosqlite's thread — and
+abandoning it left connections holding SQLite's write lock).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -20,47 +28,25 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from alembic.util import CommandError
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.util import greenlet_spawn
 
-from . import migrate
-from .audit import TurnRecord, rebuild, record_turn_op, turn_op, turns_op
+from . import audit, migrate, reads, writes
+from .audit import TurnRecord, rebuild
+from .engine import Attempt, default_url, retry_delay, schema_error, transaction, tune
 from .errors import ConfigurationError
 from .messages import Message, SessionInfo, StoredMessage
 from .models import utcnow
-from .ops import (
-    Attempt,
-    Erased,
-    Op,
-    PreparedAppend,
-    SessionStats,
-    WindowMessage,
-    align_op,
-    append_op,
-    batches,
-    clear_op,
-    count_op,
-    erase_op,
-    erase_owner_op,
-    history_page_op,
-    prepare_append,
-    prune_op,
-    recount_op,
-    run,
-    session_op,
-    session_stats_op,
-    sessions_op,
-    window_messages,
-    window_rows_op,
-)
-from .store import RETRIES, StoreBase, default_url, retryable, retrying, schema_error, tune
+from .reads import SessionStats, WindowMessage, window_messages
+from .store import StoreBase
 from .tokens import TokenCounter
 from .urls import missing_driver, parse_url
+from .validate import batches, prepare_append
 from .window import Rule
+from .writes import Erased
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-__all__ = ["AsyncStore"]
+__all__ = ["AsyncStore", "make_async_engine"]
 
 T = TypeVar("T")
 
@@ -113,14 +99,15 @@ class AsyncStore(StoreBase):
     """tokenmem's tables in one database, for asyncio services.
 
     ``url`` is a database URL or an existing ``AsyncEngine``. Behaves like
-    :class:`~tokenmem.store.Store` (same methods, awaited); the SQL is the
-    same, built once in :mod:`tokenmem.ops`.
+    :class:`~tokenmem.store.Store` (same methods, awaited): the embedded
+    default, or ``upgrade=True``, is migrated before the first operation.
     """
 
     def __init__(
         self,
         url: str | AsyncEngine | None = None,
         *,
+        upgrade: bool | None = None,
         engine_options: Mapping[str, Any] | None = None,
     ) -> None:
         _require_asyncio()
@@ -132,22 +119,32 @@ class AsyncStore(StoreBase):
             else make_async_engine(url or default_url(), **(engine_options or {}))
         )
         self._ready = False
+        if upgrade is None:  # only the embedded default migrates by itself
+            upgrade = url is None and not os.environ.get("TOKENMEM_DATABASE_URL")
+        self._upgrade_first = upgrade  # no I/O in a constructor: before the first operation
+
+    async def close(self) -> None:
+        """Close the engine's pooled connections (the engine stays usable)."""
+        await self.engine.dispose()
+
+    # migrations
 
     async def upgrade(self, revision: str = "head") -> None:
         """Run tokenmem's migrations up to ``revision``."""
-        await self._migration(lambda conn: migrate.upgrade(conn, revision))
+        await self._migration(functools.partial(migrate.upgrade, revision=revision))
 
     async def downgrade(self, revision: str) -> None:
         """Run tokenmem's migrations down to ``revision`` (``"base"``: drop all)."""
-        await self._migration(lambda conn: migrate.downgrade(conn, revision))
+        await self._migration(functools.partial(migrate.downgrade, revision=revision))
 
     async def _migration(self, run: Callable[[Connection], None]) -> None:
+        self._upgrade_first = False
         try:
             async with self.engine.begin() as conn:
                 await conn.run_sync(run)
         except SQLAlchemyError as exc:
             raise self._error("migration failed", exc) from exc
-        except CommandError as exc:
+        except CommandError as exc:  # an unknown revision, a database ahead of the code
             raise ConfigurationError(f"migration: {exc}") from exc
         self._ready = False
 
@@ -166,30 +163,37 @@ class AsyncStore(StoreBase):
             raise error
         self._ready = True
 
-    async def _run(self, make: Callable[[], Op[T]]) -> T:
+    async def run(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work(connection)`` in one transaction on a connection of the
+        store's engine, and return what it returns: committed if it returns,
+        rolled back if it raises. Retried (``work`` called again, on a fresh
+        transaction) after a lock timeout, a serialization failure or a stale
+        connection; a database error is raised as :class:`StoreError`. The
+        schema is checked first. Every method of the store is one such call.
+
+        ``work`` is a sync function (run with ``AsyncConnection.run_sync``), and
+        runs to its end even if the caller is cancelled."""
+        if self._upgrade_first:
+            await self.upgrade()
         if not self._ready:
             await self.check()
-        for attempt in range(RETRIES):
+        attempt = 0
+        while True:
             state = Attempt()
             try:
-                # A transaction, once begun, runs to its commit or rollback
-                # even if the caller is cancelled: a cancelled statement goes
-                # on in the driver (aiosqlite's thread), and abandoning it left
-                # connections holding SQLite's write lock.
-                # The sync store's function, in one hop into SQLAlchemy's
-                # greenlet (no AsyncConnection: see direct.RawConnection).
-                transaction = greenlet_spawn(run, self.engine.sync_engine, make(), state)
-                return await _to_completion(transaction)
+                return await _to_completion(self._transaction(work, state))
             except SQLAlchemyError as exc:
-                if attempt + 1 < RETRIES and retryable(exc, committing=state.committing):
-                    await asyncio.sleep(retrying(exc, attempt, self.engine.url))
-                    continue
-                raise self._error("database error", exc) from exc
-        raise AssertionError("unreachable")
+                delay = retry_delay(exc, attempt, state, self.engine.url)
+                if delay is None:
+                    raise self._error("database error", exc) from exc
+                await asyncio.sleep(delay)
+                attempt += 1
 
-    async def dispose(self) -> None:
-        """Close the engine's pooled connections (as :meth:`close`)."""
-        await self.engine.dispose()
+    async def _transaction(self, work: Callable[[Connection], T], state: Attempt) -> T:
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(transaction, work, state)
+
+    # writes
 
     async def append(
         self,
@@ -202,10 +206,8 @@ class AsyncStore(StoreBase):
         """Append ``messages`` as one turn, in one transaction: all or nothing.
 
         Returns them as stored, with positions and token counts."""
-        return await self._append(prepare_append(self._key(session_id, owner), [messages], counter))
-
-    async def _append(self, prepared: PreparedAppend) -> list[StoredMessage]:
-        return await self._run(lambda: append_op(self.dialect, prepared))
+        prepared = prepare_append(self._key(session_id, owner), [messages], counter)
+        return await self.run(functools.partial(writes.append, p=prepared))
 
     async def append_turns(
         self,
@@ -218,9 +220,11 @@ class AsyncStore(StoreBase):
     ) -> int:
         """Append many turns (imports, benchmarks), ``batch_size`` turns per
         transaction; return how many messages were written."""
-        key, written = self._key(session_id, owner), 0
+        key = self._key(session_id, owner)
+        written = 0
         for batch in batches(turns, batch_size):
-            written += len(await self._append(prepare_append(key, batch, counter)))
+            prepared = prepare_append(key, batch, counter)
+            written += len(await self.run(functools.partial(writes.append, p=prepared)))
         return written
 
     async def align(
@@ -229,26 +233,23 @@ class AsyncStore(StoreBase):
         """Let the next message be at ``position`` and turn ``turn`` (only ever
         forward): imports use it to keep their source's positions."""
         key = self._key(session_id, owner)
-        await self._run(lambda: align_op(self.dialect, key, position, turn))
+        await self.run(functools.partial(writes.align, key=key, position=position, turn=turn))
 
     async def clear(self, session_id: str, *, owner: str | None = None) -> None:
         """Start an empty window; every message stays in the history."""
-        key = self._key(session_id, owner)
-        await self._run(lambda: clear_op(key))
+        await self.run(functools.partial(writes.clear, key=self._key(session_id, owner)))
 
     async def erase(self, session_id: str, *, owner: str | None = None) -> int:
         """Delete the session and all its messages for good; return how many
         messages were deleted. Raises :class:`SessionNotFound`."""
-        key = self._key(session_id, owner)
-        return await self._run(lambda: erase_op(key))
+        return await self.run(functools.partial(writes.erase, key=self._key(session_id, owner)))
 
     async def erase_owner(self, owner: str | None = None) -> Erased:
         """Delete everything ``owner`` has — sessions, messages, turns — for
         good, in one transaction (the right to be forgotten). On a scoped store
         ``owner`` defaults to the scope's owner; on any other it must be named
         (``""`` for the default owner): ``None`` raises :class:`ConfigurationError`."""
-        scope = self._erase_scope(owner)
-        return await self._run(lambda: erase_owner_op(scope))
+        return await self.run(functools.partial(writes.erase_owner, owner=self._erase_scope(owner)))
 
     async def prune(
         self, older_than: timedelta, *, owner: str | None = None, all_owners: bool = False
@@ -260,27 +261,43 @@ class AsyncStore(StoreBase):
         the default owner), else :class:`ConfigurationError`. Turns whose
         window was pruned can no longer be rebuilt."""
         cutoff, scope = utcnow() - older_than, self._prune_scope(owner, all_owners)
-        return await self._run(lambda: prune_op(cutoff, scope))
+        return await self.run(functools.partial(writes.prune, before=cutoff, owner=scope))
+
+    async def recount(
+        self, session_id: str, counter: TokenCounter, *, owner: str | None = None
+    ) -> None:
+        """Count the session's messages again with ``counter``'s encoding, in
+        one transaction (appends do this by themselves when the encoding
+        changes; this does it ahead of time)."""
+        key = self._key(session_id, owner)
+        await self.run(functools.partial(writes.recount, sid=key.id, counter=counter))
+
+    # reads
 
     async def window(
         self, session_id: str, rule: Rule, counter: TokenCounter, *, owner: str | None = None
     ) -> list[WindowMessage]:
         """The newest messages that fit ``rule``, oldest first (one query)."""
-        return window_messages(await self._window_rows(session_id, rule, counter, owner))
+        return window_messages(await self.window_rows(session_id, rule, counter, owner=owner))
 
-    async def _window_rows(
-        self, session_id: str, rule: Rule, counter: TokenCounter, owner: str | None
+    async def window_rows(
+        self, session_id: str, rule: Rule, counter: TokenCounter, *, owner: str | None = None
     ) -> Sequence[Any]:
+        """The window statement's rows — position, turn, role, content, name,
+        running (the cost of the row and every newer one), counted — oldest
+        first: what :meth:`window` makes messages of, for a caller that only
+        renders them (the memory)."""
         key = self._key(session_id, owner)
-        return await self._run(lambda: window_rows_op(key, rule, counter))
+        return await self.run(
+            functools.partial(reads.window_rows, key=key, rule=rule, counter=counter)
+        )
 
     async def explain_window(
         self, session_id: str, rule: Rule, counter: TokenCounter, *, owner: str | None = None
     ) -> str:
         """The database's query plan for this window's statement, as text."""
         sql = self._explain_sql(session_id, rule, counter, owner)
-        async with self.engine.connect() as conn:
-            rows = (await conn.exec_driver_sql(sql)).all()
+        rows = await self.run(lambda conn: conn.exec_driver_sql(sql).all())
         return "\n".join(" | ".join(str(v) for v in row) for row in rows)
 
     async def history_page(
@@ -298,7 +315,8 @@ class AsyncStore(StoreBase):
 
         Raises :class:`SessionNotFound` for a session that does not exist."""
         key = self._key(session_id, owner)
-        return await self._run(lambda: history_page_op(key, after, limit, since, until))
+        page = functools.partial(reads.history_page, key=key, after=after, limit=limit)
+        return await self.run(functools.partial(page, since=since, until=until))
 
     async def history(
         self,
@@ -322,6 +340,28 @@ class AsyncStore(StoreBase):
                 return
             after = page[-1].position
 
+    async def session(self, session_id: str, *, owner: str | None = None) -> SessionInfo:
+        """One session's summary; :class:`SessionNotFound` if there is none."""
+        return await self.run(functools.partial(reads.session, key=self._key(session_id, owner)))
+
+    async def sessions(self, *, owner: str | None = None) -> list[SessionInfo]:
+        """The owner's sessions, by name."""
+        return await self.run(functools.partial(reads.sessions, owner=self._owner(owner)))
+
+    async def session_stats(
+        self, *, owner: str | None = None, all_owners: bool = False
+    ) -> list[SessionStats]:
+        """Sessions with message counts, tokens and activity (one owner, or all)."""
+        scope = self._scope(owner, all_owners)
+        return await self.run(functools.partial(reads.session_stats, owner=scope))
+
+    async def count(self, *, owner: str | None = None, all_owners: bool = False) -> int:
+        """How many messages ``owner`` holds (default: the scope's owner, or
+        the default, unnamed owner), or every owner with ``all_owners=True``."""
+        return await self.run(functools.partial(reads.count, owner=self._scope(owner, all_owners)))
+
+    # the turn audit log
+
     async def record_turn(
         self,
         session_id: str,
@@ -333,57 +373,18 @@ class AsyncStore(StoreBase):
     ) -> TurnRecord:
         """Record a model call and save its ``exchange`` (if any, counted with
         ``counter``) in one transaction. Returns the record with its ``seq``."""
-        key = self._key(session_id, owner)
-        if exchange and counter is None:
-            raise ConfigurationError("record_turn needs the counter to save an exchange")
-        prepared = prepare_append(key, [exchange], counter) if exchange and counter else None
-        return await self._run(lambda: record_turn_op(self.dialect, key, record, prepared))
+        key, prepared = self._turn(session_id, exchange, counter, owner)
+        work = functools.partial(audit.record_turn, key=key, record=record, exchange=prepared)
+        return await self.run(work)
 
     async def turns(self, session_id: str, *, owner: str | None = None) -> list[TurnRecord]:
         """The session's recorded model calls, oldest first."""
-        key = self._key(session_id, owner)
-        return await self._run(lambda: turns_op(key))
+        return await self.run(functools.partial(audit.turns, key=self._key(session_id, owner)))
 
     async def rebuild_prompt(
         self, session_id: str, seq: int, *, owner: str | None = None
     ) -> list[dict[str, str]] | str:
-        """The exact prompt call ``seq`` sent, rebuilt from the stored history."""
+        """The exact prompt call ``seq`` sent, rebuilt from the stored history.
+        Raises :class:`TurnNotFound` when the session has no such call."""
         key = self._key(session_id, owner)
-        record, window = await self._run(lambda: turn_op(key, seq))
-        return rebuild(record, window)
-
-    async def session(self, session_id: str, *, owner: str | None = None) -> SessionInfo:
-        """One session's summary; :class:`SessionNotFound` if there is none."""
-        key = self._key(session_id, owner)
-        return await self._run(lambda: session_op(key))
-
-    async def recount(
-        self, session_id: str, counter: TokenCounter, *, owner: str | None = None
-    ) -> None:
-        """Count the session's messages again with ``counter``'s encoding, in
-        one transaction (appends do this by themselves when the encoding
-        changes; this does it ahead of time)."""
-        key = self._key(session_id, owner)
-        await self._run(lambda: recount_op(key.id, counter))
-
-    async def sessions(self, *, owner: str | None = None) -> list[SessionInfo]:
-        """The owner's sessions, by name."""
-        key = self._key("-", owner)
-        return await self._run(lambda: sessions_op(key.owner))
-
-    async def session_stats(
-        self, *, owner: str | None = None, all_owners: bool = False
-    ) -> list[SessionStats]:
-        """Sessions with message counts, tokens and activity (one owner, or all)."""
-        scope = self._scope(owner, all_owners)
-        return await self._run(lambda: session_stats_op(scope))
-
-    async def count(self, *, owner: str | None = None, all_owners: bool = False) -> int:
-        """How many messages ``owner`` holds (default: the scope's owner, or
-        the default, unnamed owner), or every owner with ``all_owners=True``."""
-        scope = self._scope(owner, all_owners)
-        return await self._run(lambda: count_op(scope))
-
-    async def close(self) -> None:
-        """Close the engine's pooled connections."""
-        await self.engine.dispose()
+        return rebuild(*await self.run(functools.partial(audit.turn, key=key, seq=seq)))

@@ -16,16 +16,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from sqlalchemy import Insert, insert, select
+from sqlalchemy import Connection, insert, select
 
 from .errors import SessionNotFound, TurnNotFound
 from .messages import Message
 from .models import SESSIONS, TURNS, utcnow
-from .ops import Op, PreparedAppend, SessionKey, _insert, append_op, messages_between_op
 from .prompt import PromptTemplate
+from .reads import messages_between
+from .validate import PreparedAppend, SessionKey
 from .window import Rule, get_buffer_string
+from .writes import append, session_upsert
 
-__all__ = ["TurnRecord", "build_prompt", "rebuild", "record_turn_op", "turn_op", "turns_op"]
+__all__ = ["TurnRecord", "build_prompt", "rebuild", "record_turn", "turn", "turns"]
 
 
 @dataclass(frozen=True)
@@ -81,52 +83,46 @@ def rebuild(record: TurnRecord, window: list[Message]) -> list[dict[str, str]] |
     )
 
 
-def _bump_call(dialect: str, key: SessionKey) -> Insert:
-    """Reserve the next call number of the session (creating it if needed)."""
+def _bump_call(conn: Connection, key: SessionKey) -> int:
+    """Reserve the session's next call number (creating the session if needed)."""
     s, now = SESSIONS.c, utcnow()
-    stmt = _insert(dialect)(SESSIONS).values(
-        id=key.id,
-        owner_id=key.owner,
-        name=key.name,
-        encoding=None,
-        next_position=0,
-        next_turn=0,
-        floor_total=0,
-        start_position=0,
-        start_floor=0,
-        next_call=1,
-        created_at=now,
-        updated_at=now,
+    stmt = session_upsert(
+        conn.dialect.name,
+        {
+            "id": key.id,
+            "owner_id": key.owner,
+            "name": key.name,
+            "next_call": 1,
+            "created_at": now,
+            "updated_at": now,
+        },
+        {"next_call": s.next_call + 1, "updated_at": now},
     )
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[s.id], set_={"next_call": s.next_call + 1, "updated_at": now}
-    )
-    returning: Insert = stmt.returning(s.next_call)
-    return returning
+    return int(conn.execute(stmt.returning(s.next_call)).scalar_one()) - 1
 
 
-def record_turn_op(
-    dialect: str, key: SessionKey, record: TurnRecord, exchange: PreparedAppend | None
-) -> Op[TurnRecord]:
-    """Save ``exchange`` (if any) and record the call, in one transaction."""
+def record_turn(
+    conn: Connection, key: SessionKey, record: TurnRecord, exchange: PreparedAppend | None
+) -> TurnRecord:
+    """Save ``exchange`` (if any) and record the call, in the caller's transaction."""
     if exchange is not None:
-        stored = yield from append_op(dialect, exchange)
+        stored = append(conn, exchange)
         record = dataclasses.replace(record, turn=stored[0].turn)
-    seq = (yield _bump_call(dialect, key), None).scalar_one() - 1
+    seq = _bump_call(conn, key)
     record = dataclasses.replace(record, seq=seq, created_at=utcnow())
-    yield insert(TURNS).values(session_id=key.id, **dataclasses.asdict(record)), None
+    conn.execute(insert(TURNS).values(session_id=key.id, **dataclasses.asdict(record)))
     return record
 
 
-def turns_op(key: SessionKey, seq: int | None = None) -> Op[list[TurnRecord]]:
+def turns(conn: Connection, key: SessionKey, seq: int | None = None) -> list[TurnRecord]:
     """The session's recorded calls (or the one numbered ``seq``), oldest first."""
     t = TURNS.c
     query = select(*(t[name] for name in _FIELDS)).where(t.session_id == key.id)
     if seq is not None:
         query = query.where(t.seq == seq)
-    rows = (yield query.order_by(t.seq), None).all()
+    rows = conn.execute(query.order_by(t.seq)).all()
     if not rows:
-        found = (yield select(SESSIONS.c.id).where(SESSIONS.c.id == key.id), None).first()
+        found = conn.execute(select(SESSIONS.c.id).where(SESSIONS.c.id == key.id)).first()
         if found is None:
             raise SessionNotFound(key.name)
         if seq is not None:
@@ -134,10 +130,10 @@ def turns_op(key: SessionKey, seq: int | None = None) -> Op[list[TurnRecord]]:
     return [TurnRecord(*row) for row in rows]
 
 
-def turn_op(key: SessionKey, seq: int) -> Op[tuple[TurnRecord, list[Message]]]:
+def turn(conn: Connection, key: SessionKey, seq: int) -> tuple[TurnRecord, list[Message]]:
     """One recorded call and the window messages it sent."""
-    (record,) = yield from turns_op(key, seq)
+    (record,) = turns(conn, key, seq)
     window: list[Message] = []
     if record.window_first is not None and record.window_last is not None:
-        window = yield from messages_between_op(key, record.window_first, record.window_last)
+        window = messages_between(conn, key, record.window_first, record.window_last)
     return record, window

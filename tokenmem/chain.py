@@ -30,9 +30,10 @@ from .errors import ConfigurationError, ModelError
 from .llm import ChatModel, Prompt, Reply
 from .memory import ConversationTokenBufferMemory
 from .messages import Message
-from .ops import WindowMessage, check_text
 from .prompt import PromptTemplate, render_chat_text
+from .reads import WindowMessage
 from .store import Store
+from .validate import check_text
 from .window import chat_prompt_tokens, get_buffer_string
 
 __all__ = ["ConversationChain"]

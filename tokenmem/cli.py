@@ -307,7 +307,7 @@ def cmd_window(args: argparse.Namespace, store: Any, out: _Out) -> int:
         )
     priming = 3 if rule.mode == "messages" and rows else 0
     used = running + priming
-    first = window[0].position if window else session.messages
+    first = window[0].position if window else session.next_position
     if out.as_json:
         out.json(
             {

@@ -18,16 +18,17 @@ import functools
 import operator
 import threading
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Engine
 
 from .errors import ConfigurationError, InvalidInputError
 from .messages import Message, StoredMessage
-from .ops import WindowMessage, check_text, window_messages
+from .reads import WindowMessage, window_messages
 from .store import Store
 from .tokens import TokenCounter, encoding_for_model
+from .validate import check_text
 from .window import Mode, Rule, get_buffer_string, render_rows
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class ModelInfo(Protocol):
     def model(self) -> str: ...
 
 
+_PAGE = 500  # history rows read at a time
 _default_store: Store | None = None
 _stores: dict[object, Store] = {}
 _default_lock = threading.Lock()
@@ -179,7 +181,7 @@ class ConversationTokenBufferMemory:
         self, return_messages: bool | None = None, limit: int | None = None
     ) -> tuple[Sequence[Any], str]:
         rule = self._rule(return_messages, limit)
-        rows = self._sync()._window_rows(self.session_id, rule, self.counter, self.owner)
+        rows = self._sync().window_rows(self.session_id, rule, self.counter, owner=self.owner)
         return self._fit(rows, rule)
 
     async def _aload(
@@ -188,7 +190,7 @@ class ConversationTokenBufferMemory:
         if isinstance(self.store, Store):
             return await asyncio.to_thread(self._load, return_messages, limit)
         rule = self._rule(return_messages, limit)
-        rows = await self.store._window_rows(self.session_id, rule, self.counter, self.owner)
+        rows = await self.store.window_rows(self.session_id, rule, self.counter, owner=self.owner)
         return self._fit(rows, rule)
 
     def window(
@@ -228,11 +230,30 @@ class ConversationTokenBufferMemory:
     async def aload_memory_variables(
         self, inputs: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
+        """:meth:`load_memory_variables`, awaited (an AsyncStore, or a Store in a thread)."""
         return {self.memory_key: self._value(await self._aload())}
 
     def history(self) -> Iterator[StoredMessage]:
         """The session's full stored history, oldest first (nothing is pruned)."""
         return self._sync().history(self.session_id, owner=self.owner)
+
+    async def ahistory(self) -> AsyncIterator[StoredMessage]:
+        """:meth:`history`, awaited: one page at a time from an AsyncStore, or
+        from a Store in a thread."""
+        if isinstance(self.store, Store):
+            store, after = self.store, -1
+            while True:
+                page = await asyncio.to_thread(
+                    store.history_page, self.session_id, owner=self.owner, after=after, limit=_PAGE
+                )
+                for message in page:
+                    yield message
+                if len(page) < _PAGE:
+                    return
+                after = page[-1].position
+        else:
+            async for message in self.store.history(self.session_id, owner=self.owner):
+                yield message
 
     # writing
 
@@ -261,6 +282,7 @@ class ConversationTokenBufferMemory:
         self._sync().append(self.session_id, exchange, self.counter, owner=self.owner)
 
     async def asave_context(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
+        """:meth:`save_context`, awaited."""
         exchange = self._exchange(inputs, outputs)
         if isinstance(self.store, Store):
             await asyncio.to_thread(
@@ -274,6 +296,7 @@ class ConversationTokenBufferMemory:
         self._sync().clear(self.session_id, owner=self.owner)
 
     async def aclear(self) -> None:
+        """:meth:`clear`, awaited."""
         if isinstance(self.store, Store):
             await asyncio.to_thread(self.clear)
         else:
@@ -282,3 +305,9 @@ class ConversationTokenBufferMemory:
     def erase(self) -> int:
         """Delete this session's messages for good; return how many."""
         return self._sync().erase(self.session_id, owner=self.owner)
+
+    async def aerase(self) -> int:
+        """:meth:`erase`, awaited."""
+        if isinstance(self.store, Store):
+            return await asyncio.to_thread(self.erase)
+        return await self.store.erase(self.session_id, owner=self.owner)

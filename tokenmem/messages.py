@@ -40,7 +40,12 @@ class SessionInfo:
 
     owner_id: str
     session_id: str
-    messages: int  # ever appended (positions used), pruned ones included
+    # The position the next message gets: how many were ever appended,
+    # pruned ones included (positions are never reused).
+    next_position: int
     created_at: datetime
     updated_at: datetime
     encoding: str | None = None  # what its messages' token counts were made with
+    next_turn: int = 0
+    window_start: int = 0  # the position clear() last started the window at
+    metadata: dict[str, Any] | None = None

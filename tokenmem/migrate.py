@@ -17,7 +17,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection
 
-__all__ = ["VERSION_TABLE", "config", "current", "downgrade", "head", "upgrade"]
+__all__ = ["VERSION_TABLE", "config", "current", "downgrade", "head", "schema", "upgrade"]
 
 VERSION_TABLE = "tokenmem_alembic_version"
 
@@ -59,9 +59,25 @@ def head() -> str:
     return rev
 
 
+def schema(connection: Connection) -> str | None:
+    """The schema a host's ``schema_translate_map`` puts tokenmem's tables in."""
+    translate = connection.get_execution_options().get("schema_translate_map") or {}
+    found: str | None = translate.get(None)
+    return found
+
+
 def current(connection: Connection) -> str | None:
-    ctx = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
-    return ctx.get_current_revision()
+    opts = {"version_table": VERSION_TABLE, "version_table_schema": schema(connection)}
+    return MigrationContext.configure(connection, opts=opts).get_current_revision()
+
+
+def _in_schema(connection: Connection) -> None:
+    """Alembic's ALTERs name tables unqualified and a ``schema_translate_map``
+    does not reach them: on PostgreSQL the transaction's search_path does."""
+    name = schema(connection)
+    if name and connection.dialect.name == "postgresql":
+        quoted = connection.dialect.identifier_preparer.quote_schema(name)
+        connection.exec_driver_sql(f"SET LOCAL search_path TO {quoted}")
 
 
 def upgrade(connection: Connection, revision: str = "head") -> None:
@@ -71,9 +87,11 @@ def upgrade(connection: Connection, revision: str = "head") -> None:
     migrations), not from inside one of its migration scripts: alembic's
     ``op`` proxies are global."""
     _lock(connection)
+    _in_schema(connection)
     command.upgrade(config(connection), revision)
 
 
 def downgrade(connection: Connection, revision: str) -> None:
     _lock(connection)
+    _in_schema(connection)
     command.downgrade(config(connection), revision)

@@ -44,8 +44,9 @@ __all__ = [
     "SESSIONS",
     "TURNS",
     "Base",
-    "Message",
-    "Session",
+    "MessageRow",
+    "SessionRow",
+    "TurnRow",
     "session_uuid",
     "utcnow",
 ]
@@ -113,7 +114,7 @@ class Base(DeclarativeBase):
     )
 
 
-class Session(Base):
+class SessionRow(Base):
     """A conversation. Its counters are bumped, under a row lock, by every append."""
 
     __tablename__ = "tokenmem_sessions"
@@ -142,13 +143,13 @@ class Session(Base):
     __table_args__ = (Index(None, "owner_id", "name"),)
 
 
-class Message(Base):
+class MessageRow(Base):
     """One message, counted once at write time."""
 
     __tablename__ = "tokenmem_messages"
 
     session_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, ForeignKey(Session.id, ondelete="CASCADE"), primary_key=True
+        Uuid, ForeignKey(SessionRow.id, ondelete="CASCADE"), primary_key=True
     )
     position: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     turn: Mapped[int] = mapped_column(BigInteger)
@@ -176,11 +177,11 @@ class Message(Base):
 
 
 # The tables, for Core statements (the stores run Core, not ORM sessions).
-SESSIONS = cast(Table, Session.__table__)
-MESSAGES = cast(Table, Message.__table__)
+SESSIONS = cast(Table, SessionRow.__table__)
+MESSAGES = cast(Table, MessageRow.__table__)
 
 
-class Turn(Base):
+class TurnRow(Base):
     """One model call of a chain, for audit: enough to rebuild its exact prompt.
 
     The window it sent is the session's messages ``window_first`` to
@@ -191,7 +192,7 @@ class Turn(Base):
     __tablename__ = "tokenmem_turns"
 
     session_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, ForeignKey(Session.id, ondelete="CASCADE"), primary_key=True
+        Uuid, ForeignKey(SessionRow.id, ondelete="CASCADE"), primary_key=True
     )
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -220,4 +221,4 @@ class Turn(Base):
     __table_args__ = (CheckConstraint("outcome IN ('ok', 'error')", name="outcome"),)
 
 
-TURNS = cast(Table, Turn.__table__)
+TURNS = cast(Table, TurnRow.__table__)

@@ -9,167 +9,48 @@ it between memories (they are cheap to create per request)::
     for msg in alice.history("chat-1"):          # the full audit history, in pages
         print(msg.position, msg.type, msg.content)
 
-Appends are serialised per session by the row lock an ``INSERT .. ON CONFLICT
-DO UPDATE`` takes on the session row: positions stay gapless and each
-exchange's messages adjacent, and other sessions are never blocked. On SQLite
-(WAL, busy timeout) a "database is locked" error is retried a bounded number
-of times. The SQL itself lives in :mod:`tokenmem.ops`, shared with
-:class:`tokenmem.aio.AsyncStore`.
+Every method is one transaction: an operation of :mod:`tokenmem.writes` or
+:mod:`tokenmem.reads` run by :meth:`Store.run` through ``engine.connect()``
+and ``Connection.execute`` — public SQLAlchemy only, so a host's
+``schema_translate_map``, event listeners, echo and tracing see every
+statement. Appends are serialised per session by the row lock an ``INSERT ..
+ON CONFLICT DO UPDATE`` takes on the session row: positions stay gapless and
+each exchange's messages adjacent, and other sessions are never blocked. A
+"database is locked" (SQLite), a serialization failure or deadlock
+(PostgreSQL) or a stale pooled connection is retried a bounded number of
+times. :class:`tokenmem.aio.AsyncStore` is the same store for asyncio.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
+import functools
 import os
-import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any, TypeVar
 
 from alembic.util import CommandError
-from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.engine import URL
-from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 
-from . import migrate
-from .audit import TurnRecord, rebuild, record_turn_op, turn_op, turns_op
-from .errors import ConfigurationError, SchemaError, StoreError
+from . import audit, migrate, reads, writes
+from .audit import TurnRecord, rebuild
+from .engine import Attempt, default_url, make_engine, retry_delay, schema_error, transaction
+from .errors import ConfigurationError, StoreError
 from .messages import Message, SessionInfo, StoredMessage
 from .models import utcnow
-from .ops import (
-    DEFAULT_OWNER,
-    Attempt,
-    Erased,
-    Op,
-    PreparedAppend,
-    SessionKey,
-    SessionStats,
-    WindowMessage,
-    align_op,
-    append_op,
-    batches,
-    clear_op,
-    count_op,
-    erase_op,
-    erase_owner_op,
-    history_page_op,
-    prepare_append,
-    prune_op,
-    recount_op,
-    run,
-    session_op,
-    session_stats_op,
-    sessions_op,
-    window_messages,
-    window_rows_op,
-)
+from .reads import SessionStats, WindowMessage, window_messages
 from .tokens import TokenCounter
-from .urls import missing_driver, parse_source_url, parse_url, scrub, shown
+from .urls import scrub, shown
+from .validate import DEFAULT_OWNER, PreparedAppend, SessionKey, batches, prepare_append
 from .window import Rule, window_select
+from .writes import Erased
 
-__all__ = ["DEFAULT_OWNER", "Store", "StoreBase", "default_url", "make_engine", "source_engine"]
+__all__ = ["DEFAULT_OWNER", "Store", "StoreBase"]
 
 T = TypeVar("T")
-RETRIES = 6
-logger = logging.getLogger("tokenmem.store")
-
-
-def default_url() -> str:
-    """``TOKENMEM_DATABASE_URL``, else the embedded SQLite file
-    ``$XDG_DATA_HOME/tokenmem/tokenmem.sqlite3`` (``~/.local/share/...``)."""
-    url = os.environ.get("TOKENMEM_DATABASE_URL")
-    if url:
-        return url
-    data = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return f"sqlite:///{data / 'tokenmem' / 'tokenmem.sqlite3'}"
-
-
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
-
-
-def tune(engine: Engine) -> Engine:
-    """Set SQLite's pragmas (WAL, busy timeout, foreign keys) on new connections."""
-    if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
-    return engine
-
-
-def make_engine(url: str, **options: Any) -> Engine:
-    """Create an engine for ``url`` as tokenmem wants it (see :func:`parse_url`);
-    ``options`` go to :func:`sqlalchemy.create_engine` (``pool_size``, ...).
-
-    No pre-ping: a stale pooled connection fails its first statement and the
-    store runs the transaction again on a fresh one, saving a round trip on
-    every transaction."""
-    return tune(_create(parse_url(url), options))
-
-
-def source_engine(url: str) -> Engine:
-    """An engine for a database tokenmem only reads (an import's source): any
-    SQLAlchemy URL with a sync driver (see :func:`~tokenmem.urls.parse_source_url`)."""
-    return _create(parse_source_url(url), {})
-
-
-def _create(url: URL, options: Mapping[str, Any]) -> Engine:
-    try:
-        return create_engine(url, **options)
-    except ImportError as exc:
-        raise missing_driver(url, exc) from exc
-    except ArgumentError as exc:  # an option create_engine does not take
-        message = scrub(str(exc), url)
-        raise ConfigurationError(f"cannot make an engine for {shown(url)}: {message}") from exc
-
-
-def retryable(exc: SQLAlchemyError, *, committing: bool = False) -> bool:
-    """Whether the transaction can simply run again: SQLite's "database is
-    locked", PostgreSQL's serialization failure or deadlock (none of them
-    commits), or a dropped connection (a stale one from the pool) — but not
-    while committing, when the commit may or may not have happened."""
-    if not isinstance(exc, DBAPIError):
-        return False
-    if exc.connection_invalidated:
-        return not committing
-    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-    text = str(exc.orig).lower()
-    return code in ("40001", "40P01") or "database is locked" in text or "busy" in text
-
-
-def retrying(exc: SQLAlchemyError, attempt: int, url: URL) -> float:
-    """Log a retry (without ``url``'s secrets) and return how long to wait before it."""
-    logger.info("retrying a transaction (attempt %d) after: %s", attempt + 2, scrub(str(exc), url))
-    return backoff(attempt)
-
-
-def backoff(attempt: int) -> float:
-    return float(min(2.0, 0.02 * 2**attempt) * (0.5 + random.random()))
-
-
-def schema_error(current: str | None) -> SchemaError | None:
-    head = migrate.head()
-    if current == head:
-        return None
-    if current is not None and not migrate.known(current):
-        return SchemaError(
-            f"tokenmem's tables are at revision {current}, which this tokenmem does not "
-            f"know (its head is {head}): a newer tokenmem migrated them; upgrade tokenmem",
-            current=current,
-            head=head,
-        )
-    state = "not migrated" if current is None else f"at revision {current}"
-    return SchemaError(
-        f"tokenmem's tables are {state}, the code needs {head}: run "
-        "Store.upgrade(), `tokenmem db upgrade` or `alembic upgrade head`",
-        current=current,
-        head=head,
-    )
 
 
 Self = TypeVar("Self", bound="StoreBase")
@@ -248,6 +129,19 @@ class StoreBase:
         sql = str(stmt.compile(dialect=self.engine.dialect, compile_kwargs={"literal_binds": True}))
         return ("EXPLAIN QUERY PLAN " if self.dialect == "sqlite" else "EXPLAIN ") + sql
 
+    def _turn(
+        self,
+        session_id: str,
+        exchange: Sequence[Message] | None,
+        counter: TokenCounter | None,
+        owner: str | None,
+    ) -> tuple[SessionKey, PreparedAppend | None]:
+        """record_turn's session and its exchange, checked and counted."""
+        key = self._key(session_id, owner)
+        if exchange and counter is None:
+            raise ConfigurationError("record_turn needs the counter to save an exchange")
+        return key, prepare_append(key, [exchange], counter) if exchange and counter else None
+
     def _error(self, what: str, exc: BaseException) -> StoreError:
         """The driver's ``exc`` as a :class:`StoreError`, without the URL's secrets."""
         return StoreError(f"{what}: {scrub(str(exc), self.engine.url)}")
@@ -262,8 +156,8 @@ class Store(StoreBase):
     """tokenmem's tables in one database.
 
     ``url`` is a database URL or an existing :class:`~sqlalchemy.Engine`
-    (``None``: :func:`default_url`); ``engine_options`` go to
-    ``create_engine`` (e.g. ``{"pool_size": 32}`` for 32 worker threads).
+    (``None``: :func:`~tokenmem.engine.default_url`); ``engine_options`` go
+    to ``create_engine`` (e.g. ``{"pool_size": 32}`` for 32 worker threads).
     The embedded default is migrated on first use; any other database is
     migrated explicitly with :meth:`upgrade` (or ``upgrade=True``), and a
     store on a database behind the head raises :class:`SchemaError` instead
@@ -299,11 +193,11 @@ class Store(StoreBase):
 
     def upgrade(self, revision: str = "head") -> None:
         """Run tokenmem's migrations up to ``revision``."""
-        self._migration(lambda conn: migrate.upgrade(conn, revision))
+        self._migration(functools.partial(migrate.upgrade, revision=revision))
 
     def downgrade(self, revision: str) -> None:
         """Run tokenmem's migrations down to ``revision`` (``"base"``: drop all)."""
-        self._migration(lambda conn: migrate.downgrade(conn, revision))
+        self._migration(functools.partial(migrate.downgrade, revision=revision))
 
     def _migration(self, run: Callable[[Connection], None]) -> None:
         try:
@@ -330,20 +224,27 @@ class Store(StoreBase):
             raise error
         self._ready = True
 
-    def _run(self, make: Callable[[], Op[T]]) -> T:
-        """Run a fresh ``make()`` in one transaction, retrying on lock errors."""
+    def run(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work(connection)`` in one transaction on a connection of the
+        store's engine, and return what it returns: committed if it returns,
+        rolled back if it raises. Retried (``work`` called again, on a fresh
+        transaction) after a lock timeout, a serialization failure or a stale
+        connection; a database error is raised as :class:`StoreError`. The
+        schema is checked first. Every method of the store is one such call."""
         if not self._ready:
             self.check()
-        for attempt in range(RETRIES):
+        attempt = 0
+        while True:
             state = Attempt()
             try:
-                return run(self.engine, make(), state)
+                with self.engine.connect() as conn:
+                    return transaction(conn, work, state)
             except SQLAlchemyError as exc:
-                if attempt + 1 < RETRIES and retryable(exc, committing=state.committing):
-                    time.sleep(retrying(exc, attempt, self.engine.url))
-                    continue
-                raise self._error("database error", exc) from exc
-        raise AssertionError("unreachable")
+                delay = retry_delay(exc, attempt, state, self.engine.url)
+                if delay is None:
+                    raise self._error("database error", exc) from exc
+                time.sleep(delay)
+                attempt += 1
 
     # writes
 
@@ -358,10 +259,8 @@ class Store(StoreBase):
         """Append ``messages`` as one turn, in one transaction: all or nothing.
 
         Returns them as stored, with positions and token counts."""
-        return self._append(prepare_append(self._key(session_id, owner), [messages], counter))
-
-    def _append(self, prepared: PreparedAppend) -> list[StoredMessage]:
-        return self._run(lambda: append_op(self.dialect, prepared))
+        prepared = prepare_append(self._key(session_id, owner), [messages], counter)
+        return self.run(functools.partial(writes.append, p=prepared))
 
     def append_turns(
         self,
@@ -376,7 +275,7 @@ class Store(StoreBase):
         transaction; return how many messages were written."""
         key = self._key(session_id, owner)
         return sum(
-            len(self._append(prepare_append(key, batch, counter)))
+            len(self.run(functools.partial(writes.append, p=prepare_append(key, batch, counter))))
             for batch in batches(turns, batch_size)
         )
 
@@ -384,26 +283,23 @@ class Store(StoreBase):
         """Let the next message be at ``position`` and turn ``turn`` (only ever
         forward): imports use it to keep their source's positions."""
         key = self._key(session_id, owner)
-        self._run(lambda: align_op(self.dialect, key, position, turn))
+        self.run(functools.partial(writes.align, key=key, position=position, turn=turn))
 
     def clear(self, session_id: str, *, owner: str | None = None) -> None:
         """Start an empty window; every message stays in the history."""
-        key = self._key(session_id, owner)
-        self._run(lambda: clear_op(key))
+        self.run(functools.partial(writes.clear, key=self._key(session_id, owner)))
 
     def erase(self, session_id: str, *, owner: str | None = None) -> int:
         """Delete the session and all its messages for good; return how many
         messages were deleted. Raises :class:`SessionNotFound`."""
-        key = self._key(session_id, owner)
-        return self._run(lambda: erase_op(key))
+        return self.run(functools.partial(writes.erase, key=self._key(session_id, owner)))
 
     def erase_owner(self, owner: str | None = None) -> Erased:
         """Delete everything ``owner`` has — sessions, messages, turns — for
         good, in one transaction (the right to be forgotten). On a scoped store
         ``owner`` defaults to the scope's owner; on any other it must be named
         (``""`` for the default owner): ``None`` raises :class:`ConfigurationError`."""
-        scope = self._erase_scope(owner)
-        return self._run(lambda: erase_owner_op(scope))
+        return self.run(functools.partial(writes.erase_owner, owner=self._erase_scope(owner)))
 
     def prune(
         self, older_than: timedelta, *, owner: str | None = None, all_owners: bool = False
@@ -415,7 +311,14 @@ class Store(StoreBase):
         the default owner), else :class:`ConfigurationError`. Turns whose
         window was pruned can no longer be rebuilt."""
         cutoff, scope = utcnow() - older_than, self._prune_scope(owner, all_owners)
-        return self._run(lambda: prune_op(cutoff, scope))
+        return self.run(functools.partial(writes.prune, before=cutoff, owner=scope))
+
+    def recount(self, session_id: str, counter: TokenCounter, *, owner: str | None = None) -> None:
+        """Count the session's messages again with ``counter``'s encoding, in
+        one transaction (appends do this by themselves when the encoding
+        changes; this does it ahead of time)."""
+        key = self._key(session_id, owner)
+        self.run(functools.partial(writes.recount, sid=key.id, counter=counter))
 
     # reads
 
@@ -423,22 +326,24 @@ class Store(StoreBase):
         self, session_id: str, rule: Rule, counter: TokenCounter, *, owner: str | None = None
     ) -> list[WindowMessage]:
         """The newest messages that fit ``rule``, oldest first (one query)."""
-        return window_messages(self._window_rows(session_id, rule, counter, owner))
+        return window_messages(self.window_rows(session_id, rule, counter, owner=owner))
 
-    def _window_rows(
-        self, session_id: str, rule: Rule, counter: TokenCounter, owner: str | None
+    def window_rows(
+        self, session_id: str, rule: Rule, counter: TokenCounter, *, owner: str | None = None
     ) -> Sequence[Any]:
-        """The window statement's rows, for a memory that only renders them."""
+        """The window statement's rows — position, turn, role, content, name,
+        running (the cost of the row and every newer one), counted — oldest
+        first: what :meth:`window` makes messages of, for a caller that only
+        renders them (the memory)."""
         key = self._key(session_id, owner)
-        return self._run(lambda: window_rows_op(key, rule, counter))
+        return self.run(functools.partial(reads.window_rows, key=key, rule=rule, counter=counter))
 
     def explain_window(
         self, session_id: str, rule: Rule, counter: TokenCounter, *, owner: str | None = None
     ) -> str:
         """The database's query plan for this window's statement, as text."""
         sql = self._explain_sql(session_id, rule, counter, owner)
-        with self.engine.connect() as conn:
-            rows = conn.exec_driver_sql(sql).all()
+        rows = self.run(lambda conn: conn.exec_driver_sql(sql).all())
         return "\n".join(" | ".join(str(v) for v in row) for row in rows)
 
     def history_page(
@@ -456,7 +361,8 @@ class Store(StoreBase):
 
         Raises :class:`SessionNotFound` for a session that does not exist."""
         key = self._key(session_id, owner)
-        return self._run(lambda: history_page_op(key, after, limit, since, until))
+        page = functools.partial(reads.history_page, key=key, after=after, limit=limit)
+        return self.run(functools.partial(page, since=since, until=until))
 
     def history(
         self,
@@ -479,6 +385,26 @@ class Store(StoreBase):
                 return
             after = page[-1].position
 
+    def session(self, session_id: str, *, owner: str | None = None) -> SessionInfo:
+        """One session's summary; :class:`SessionNotFound` if there is none."""
+        return self.run(functools.partial(reads.session, key=self._key(session_id, owner)))
+
+    def sessions(self, *, owner: str | None = None) -> list[SessionInfo]:
+        """The owner's sessions, by name."""
+        return self.run(functools.partial(reads.sessions, owner=self._owner(owner)))
+
+    def session_stats(
+        self, *, owner: str | None = None, all_owners: bool = False
+    ) -> list[SessionStats]:
+        """Sessions with message counts, tokens and activity (one owner, or all)."""
+        scope = self._scope(owner, all_owners)
+        return self.run(functools.partial(reads.session_stats, owner=scope))
+
+    def count(self, *, owner: str | None = None, all_owners: bool = False) -> int:
+        """How many messages ``owner`` holds (default: the scope's owner, or
+        the default, unnamed owner), or every owner with ``all_owners=True``."""
+        return self.run(functools.partial(reads.count, owner=self._scope(owner, all_owners)))
+
     # the turn audit log
 
     def record_turn(
@@ -492,51 +418,18 @@ class Store(StoreBase):
     ) -> TurnRecord:
         """Record a model call and save its ``exchange`` (if any, counted with
         ``counter``) in one transaction. Returns the record with its ``seq``."""
-        key = self._key(session_id, owner)
-        if exchange and counter is None:
-            raise ConfigurationError("record_turn needs the counter to save an exchange")
-        prepared = prepare_append(key, [exchange], counter) if exchange and counter else None
-        return self._run(lambda: record_turn_op(self.dialect, key, record, prepared))
+        key, prepared = self._turn(session_id, exchange, counter, owner)
+        work = functools.partial(audit.record_turn, key=key, record=record, exchange=prepared)
+        return self.run(work)
 
     def turns(self, session_id: str, *, owner: str | None = None) -> list[TurnRecord]:
         """The session's recorded model calls, oldest first."""
-        key = self._key(session_id, owner)
-        return self._run(lambda: turns_op(key))
+        return self.run(functools.partial(audit.turns, key=self._key(session_id, owner)))
 
     def rebuild_prompt(
         self, session_id: str, seq: int, *, owner: str | None = None
     ) -> list[dict[str, str]] | str:
-        """The exact prompt call ``seq`` sent, rebuilt from the stored history."""
+        """The exact prompt call ``seq`` sent, rebuilt from the stored history.
+        Raises :class:`TurnNotFound` when the session has no such call."""
         key = self._key(session_id, owner)
-        record, window = self._run(lambda: turn_op(key, seq))
-        return rebuild(record, window)
-
-    def session(self, session_id: str, *, owner: str | None = None) -> SessionInfo:
-        """One session's summary; :class:`SessionNotFound` if there is none."""
-        key = self._key(session_id, owner)
-        return self._run(lambda: session_op(key))
-
-    def recount(self, session_id: str, counter: TokenCounter, *, owner: str | None = None) -> None:
-        """Count the session's messages again with ``counter``'s encoding, in
-        one transaction (appends do this by themselves when the encoding
-        changes; this does it ahead of time)."""
-        key = self._key(session_id, owner)
-        self._run(lambda: recount_op(key.id, counter))
-
-    def sessions(self, *, owner: str | None = None) -> list[SessionInfo]:
-        """The owner's sessions, by name."""
-        key = self._key("-", owner)
-        return self._run(lambda: sessions_op(key.owner))
-
-    def session_stats(
-        self, *, owner: str | None = None, all_owners: bool = False
-    ) -> list[SessionStats]:
-        """Sessions with message counts, tokens and activity (one owner, or all)."""
-        scope = self._scope(owner, all_owners)
-        return self._run(lambda: session_stats_op(scope))
-
-    def count(self, *, owner: str | None = None, all_owners: bool = False) -> int:
-        """How many messages ``owner`` holds (default: the scope's owner, or
-        the default, unnamed owner), or every owner with ``all_owners=True``."""
-        scope = self._scope(owner, all_owners)
-        return self._run(lambda: count_op(scope))
+        return rebuild(*self.run(functools.partial(audit.turn, key=key, seq=seq)))

@@ -32,7 +32,7 @@ import tiktoken.model
 
 from .errors import ConfigurationError, EncodingUnavailable
 
-__all__ = ["TokenCounter", "encoding_for_model", "get_encoding"]
+__all__ = ["TokenCounter", "encoding_for_model", "get_encoding", "split_pattern"]
 
 _ENDOFTEXT = "<|endoftext|>"
 _ENDOFPROMPT = "<|endofprompt|>"
@@ -151,6 +151,14 @@ def _load_with_tiktoken(name: str) -> tiktoken.Encoding:
     raise EncodingUnavailable(
         f"cannot load tiktoken encoding {name!r}: {box['exc']}; {hint}", encoding=name
     ) from box["exc"]
+
+
+def split_pattern(name: str) -> str | None:
+    """The regex tiktoken splits text with before merging, for the encodings
+    tokenmem ships (None for any other): the same string tiktoken's own
+    definition holds (tests/test_tokens.py compares them)."""
+    spec = _BUNDLED.get(name)
+    return spec.pat_str if spec else None
 
 
 def get_encoding(name: str) -> tiktoken.Encoding:

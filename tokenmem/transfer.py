@@ -29,6 +29,7 @@ resumes::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import tempfile
@@ -38,6 +39,7 @@ from datetime import datetime
 from typing import IO, Any
 
 from sqlalchemy import (
+    Connection,
     MetaData,
     Table,
     and_,
@@ -49,6 +51,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 
+from .engine import source_engine
 from .errors import (
     ConfigurationError,
     InvalidInputError,
@@ -56,12 +59,12 @@ from .errors import (
     StoreError,
     TokenmemError,
 )
-from .messages import StoredMessage
+from .messages import SessionInfo, StoredMessage
 from .models import MESSAGES, ROLES, SESSIONS
-from .ops import DEFAULT_OWNER, Op, SessionKey, check_text
-from .store import Store, source_engine
+from .store import Store
 from .tokens import TokenCounter
 from .urls import scrub, shown
+from .validate import DEFAULT_OWNER, SessionKey, check_text
 
 __all__ = [
     "ImportResult",
@@ -123,28 +126,9 @@ def to_record(owner: str, session_id: str, m: StoredMessage) -> dict[str, Any]:
 # retries and schema check).
 
 
-@dataclasses.dataclass(frozen=True)
-class _State:
-    next_position: int
-    next_turn: int
-    start_position: int
-    metadata: dict[str, Any] | None
-
-
-def _state_op(key: SessionKey) -> Op[_State | None]:
-    s = SESSIONS.c
-    row = (
-        yield (
-            select(s.next_position, s.next_turn, s.start_position, s["metadata"]).where(
-                s.id == key.id
-            ),
-            None,
-        )
-    ).first()
-    return None if row is None else _State(*row)
-
-
-def _restore_op(key: SessionKey, start: int | None, metadata: dict[str, Any] | None) -> Op[None]:
+def _restore(
+    conn: Connection, key: SessionKey, start: int | None, metadata: dict[str, Any] | None
+) -> None:
     """Set the window's start to ``start`` (a position the session has
     reached) as ``clear()`` would have, unless the session was cleared later
     or that would bring messages back into the window; and the session's
@@ -159,22 +143,24 @@ def _restore_op(key: SessionKey, start: int | None, metadata: dict[str, Any] | N
         between = exists().where(
             m.session_id == key.id, m.position >= start, m.position < s.start_position
         )
-        yield (
+        conn.execute(
             update(SESSIONS)
             .where(
                 s.id == key.id,
                 s.next_position >= start,
                 or_(s.start_position < start, and_(s.start_position > start, ~between)),
             )
-            .values(start_position=start, start_floor=func.coalesce(floor, s.floor_total)),
-            None,
+            .values(start_position=start, start_floor=func.coalesce(floor, s.floor_total))
         )
     if metadata is not None:
-        yield update(SESSIONS).where(s.id == key.id).values({"metadata": metadata}), None
+        conn.execute(update(SESSIONS).where(s.id == key.id).values({"metadata": metadata}))
 
 
-def _state(store: Store, key: SessionKey) -> _State | None:
-    return store._run(lambda: _state_op(key))
+def _state(store: Store, key: SessionKey) -> SessionInfo | None:
+    try:
+        return store.session(key.name, owner=key.owner)
+    except SessionNotFound:
+        return None
 
 
 def _within(store: Store, owner: str | None) -> str | None:
@@ -209,7 +195,7 @@ def export_jsonl(
     Raises :class:`SessionNotFound`, before writing anything, if a named
     session does not exist."""
     scope = _within(store, owner)
-    named: list[tuple[SessionKey, _State | None]] = []
+    named: list[tuple[SessionKey, SessionInfo | None]] = []
     for name in sessions:
         key = SessionKey.of(name, store.default_owner if scope is None else scope)
         state = _state(store, key)
@@ -237,14 +223,14 @@ def export_jsonl(
     return written
 
 
-def _session_line(key: SessionKey, state: _State) -> dict[str, Any]:
+def _session_line(key: SessionKey, state: SessionInfo) -> dict[str, Any]:
     return {
         "kind": "session",
         "owner": key.owner,
         "session_id": key.name,
         "next_position": state.next_position,
         "next_turn": state.next_turn,
-        "window_start": state.start_position,
+        "window_start": state.window_start,
         "metadata": _sorted(state.metadata),
     }
 
@@ -558,7 +544,7 @@ class _Importer:
             self.store.align(key.name, position, turn, owner=key.owner)
         start, metadata = record.get("window_start"), record.get("metadata")
         if start is not None or metadata is not None:
-            self.store._run(lambda: _restore_op(key, start, metadata))
+            self.store.run(functools.partial(_restore, key=key, start=start, metadata=metadata))
 
 
 def _label(key: SessionKey) -> str:

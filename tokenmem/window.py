@@ -63,7 +63,7 @@ from sqlalchemy import (
 
 from .messages import Message, StoredMessage
 from .models import MESSAGES, SESSIONS
-from .tokens import TokenCounter
+from .tokens import TokenCounter, split_pattern
 
 __all__ = [
     "CHAT_ROLES",
@@ -136,10 +136,11 @@ def unspaced_tokens(counter: TokenCounter, content: str, spaced: int) -> int:
 def _first_piece(encoding: str) -> Callable[[str], str] | None:
     """A function giving the first piece tiktoken splits a text into, for
     the encodings whose patterns are known to have no look-behind."""
-    if encoding not in _EXACT_ENCODINGS:
+    split = split_pattern(encoding) if encoding in _EXACT_ENCODINGS else None
+    if split is None:
         return None
     # Rust's "$" is the end of the text, Python's also before a final newline.
-    pattern = regex.compile(TokenCounter(encoding).encoding._pat_str.replace("$", r"\Z"))
+    pattern = regex.compile(split.replace("$", r"\Z"))
 
     def first(text: str) -> str:
         found = pattern.match(text)

@@ -1,0 +1,228 @@
+"""Every statement goes through public SQLAlchemy (``Connection.execute``):
+what a host sets on its engine — ``schema_translate_map``, event listeners,
+SQL logging, ``hide_parameters`` — applies to every one of them, the hot
+path included; lost connections are invalidated and retried; and no private
+name of SQLAlchemy, tiktoken or openai is used anywhere in tokenmem."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import logging
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.dialects import sqlite
+
+import tokenmem
+from tokenmem import (
+    ConversationTokenBufferMemory,
+    InvalidInputError,
+    Message,
+    Store,
+    StoredMessage,
+    StoreError,
+    TokenCounter,
+)
+from tokenmem.aio import AsyncStore
+from tokenmem.engine import make_engine
+from tokenmem.models import UTCDateTime
+
+from .conftest import PG_URL, _pg_admin, async_twin, fresh_engine
+
+PACKAGE = Path(tokenmem.__file__).parent
+
+
+def _watch(engine: object) -> list[str]:
+    seen: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *args: seen.append(str(args[2])))
+    return seen
+
+
+def test_event_listeners_see_the_hot_path(store: Store, o200k: TokenCounter) -> None:
+    """A tracer (OpenTelemetry's SQLAlchemy instrumentation listens to these
+    events) sees the append's and the window's statements, every time."""
+    seen = _watch(store.engine)
+    memory = ConversationTokenBufferMemory(store=store, session_id="w", max_token_limit=50)
+    for _ in range(2):
+        seen.clear()
+        memory.save_context({"input": "hi"}, {"output": "there"})
+        assert memory.load_memory_variables({})["history"].endswith("Human: hi\nAI: there")
+        assert any(s.startswith("INSERT INTO tokenmem_sessions") for s in seen)
+        assert any(s.startswith("INSERT INTO tokenmem_messages") for s in seen)
+        assert any(" OVER " in s for s in seen)
+
+
+def test_sql_logging_sees_every_statement(
+    store: Store, o200k: TokenCounter, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "sqlalchemy.engine")
+    store.append("logged", [Message("human", "hi")], o200k)
+    assert "INSERT INTO tokenmem_messages" in caplog.text
+
+
+def test_schema_translate_map_reaches_every_statement(o200k: TokenCounter) -> None:
+    """A host keeps tokenmem's tables in a schema of their own: one store,
+    one schema, for the hot path (append, window) and the rest alike. The
+    connection's search_path is an empty schema, so a statement that missed
+    the map would fail."""
+    schema, decoy = (f"tm_{uuid.uuid4().hex[:10]}" for _ in range(2))
+    admin = _pg_admin()
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+        conn.execute(text(f"CREATE SCHEMA {decoy}"))
+    migrated = create_engine(f"{PG_URL}?options=-csearch_path%3D{schema}")
+    base = create_engine(f"{PG_URL}?options=-csearch_path%3D{decoy}")
+    try:
+        # Migrated through the map too (alembic's ALTERs run in the schema).
+        store = Store(base.execution_options(schema_translate_map={None: schema}), upgrade=True)
+        memory = ConversationTokenBufferMemory(store=store, session_id="t", max_token_limit=50)
+        memory.save_context({"input": "hi"}, {"output": "there"})
+        assert memory.load_memory_variables({}) == {"history": "Human: hi\nAI: there"}
+        assert store.count() == 2 and [s.session_id for s in store.session_stats()] == ["t"]
+        assert [m.content for m in store.history("t")] == ["hi", "there"]
+        store.clear("t")
+        assert store.erase("t") == 2
+        assert Store(migrated).count(all_owners=True) == 0
+    finally:
+        migrated.dispose()
+        base.dispose()
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+            conn.execute(text(f"DROP SCHEMA {decoy} CASCADE"))
+        admin.dispose()
+
+
+def test_errors_hide_parameters_when_asked(tmp_path: Path, o200k: TokenCounter) -> None:
+    store = Store(make_engine(f"sqlite:///{tmp_path}/h.sqlite3", hide_parameters=True))
+    store.upgrade()
+    with store.engine.begin() as conn:  # a trigger makes the next insert fail
+        conn.exec_driver_sql(
+            "CREATE TRIGGER no BEFORE INSERT ON tokenmem_messages "
+            "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+    with pytest.raises(StoreError, match="refused") as info:
+        store.append("s", [Message("human", "SECRET")], o200k)
+    assert "SECRET" not in str(info.value)
+    assert store.session_stats() == []  # the session row went with the transaction
+
+
+def test_naive_timestamps_are_bad_input(store: Store, o200k: TokenCounter) -> None:
+    naive = StoredMessage("human", "x", created_at=datetime(2026, 1, 1))
+    with pytest.raises(InvalidInputError, match="timezone-aware"):
+        store.append("s", [naive], o200k)
+
+
+def test_a_dropped_connection_is_retried(
+    tmp_path: Path, o200k: TokenCounter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pooled connection whose server went away fails its first statement;
+    SQLAlchemy invalidates the pool and the store runs the append again."""
+    with fresh_engine("postgresql", tmp_path) as engine:
+        # More pooled connections than retries: after a server restart all of
+        # them are dead, and the first failure must invalidate the whole pool.
+        store = Store(make_engine(str(engine.url.render_as_string(False)), pool_size=10))
+        store.upgrade()
+        store.append("s", [Message("human", "before")], o200k)
+        held = [store.engine.connect() for _ in range(10)]
+        pids = [c.execute(text("SELECT pg_backend_pid()")).scalar_one() for c in held]
+        for c in held:
+            c.close()
+        admin = _pg_admin()
+        with admin.begin() as conn:
+            for pid in pids:
+                conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        admin.dispose()
+        caplog.set_level(logging.INFO, "tokenmem.store")
+        store.append("s", [Message("human", "after")], o200k)
+        assert [m.content for m in store.history("s")] == ["before", "after"]
+        assert "retrying a transaction (attempt 2)" in caplog.text
+        caplog.clear()
+
+        async def async_turns() -> list[str]:
+            astore = AsyncStore(async_twin(engine))
+            await astore.append("a", [Message("human", "before")], o200k)
+            async with astore.engine.connect() as conn:
+                apid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+            admin = _pg_admin()
+            with admin.begin() as conn:
+                conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": apid})
+            admin.dispose()
+            await astore.append("a", [Message("human", "after")], o200k)
+            contents = [m.content for m in await astore.history_page("a")]
+            await astore.close()
+            return contents
+
+        assert asyncio.run(async_turns()) == ["before", "after"]
+        assert "retrying a transaction (attempt 2)" in caplog.text
+        store.engine.dispose()
+
+
+def _private_uses(tree: ast.AST, own: set[str]) -> list[str]:
+    """Attribute or imported names with a leading underscore that tokenmem
+    does not define itself: a private name of a dependency."""
+    found = []
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Attribute):
+            names = [node.attr]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [alias.name for alias in node.names]
+            names += [part for part in (node.module or "").split(".")]
+            if (node.module or "").startswith("sqlalchemy.util"):  # internals, not API
+                found.append(f"line {node.lineno}: {node.module}")
+        for name in names:
+            if name.startswith("_") and not name.startswith("__") and name not in own:
+                found.append(f"line {node.lineno}: {name}")
+    return found
+
+
+def test_no_private_names_of_dependencies() -> None:
+    trees = {path: ast.parse(path.read_text()) for path in PACKAGE.glob("*.py")}
+    own: set[str] = set()
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                own.add(node.name)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                own.add(node.id)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                own.add(node.attr)
+            elif isinstance(node, ast.arg):
+                own.add(node.arg)
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                own.add(node.target.id)
+    found = {path.name: uses for path, tree in trees.items() if (uses := _private_uses(tree, own))}
+    assert found == {}
+    # The check finds what it is for.
+    sample = ast.parse(
+        "from sqlalchemy.util import greenlet_spawn\nconn._handle_dbapi_exception(e)"
+    )
+    assert _private_uses(sample, own) == [
+        "line 1: sqlalchemy.util",
+        "line 2: _handle_dbapi_exception",
+    ]
+    sample = ast.parse("from sqlalchemy.engine._util import x\nfrom tiktoken import _x")
+    assert len(_private_uses(sample, own)) == 2
+
+
+def test_sqlite_timestamps_are_sqlalchemys_text() -> None:
+    """UTCDateTime writes SQLite's DATETIME text itself (one C call); it must
+    be what SQLAlchemy's own processor writes, so that old rows compare."""
+    dialect = sqlite.dialect()
+    ours = UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
+    theirs = sqlite.DATETIME().bind_processor(dialect)
+    assert ours is not None and theirs is not None
+    for value in (
+        datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc),
+        datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
+        datetime(1, 1, 1, tzinfo=timezone.utc),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc),
+    ):
+        assert ours(value) == theirs(value.replace(tzinfo=None))
+    shifted = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=8)))
+    assert ours(shifted) == "2026-01-01 19:04:05.000000"
+    assert ours(None) is None

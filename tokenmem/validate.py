@@ -1,0 +1,153 @@
+"""Validation: what can be stored, checked before any transaction opens.
+
+Every value is checked (a ``str``, no NUL, valid Unicode; keys of 1 to 255
+characters; metadata a JSON object) and every message counted with tiktoken
+in :func:`prepare_append`, so a failed save writes nothing and no lock is
+held while tiktoken works::
+
+    prepared = prepare_append(SessionKey.of("chat-1"), [[Message("human", "hi")]], counter)
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import NamedTuple
+
+from .errors import InvalidInputError
+from .messages import Message
+from .models import ROLES, session_uuid
+from .tokens import TokenCounter
+from .window import Counts, count_message
+
+__all__ = [
+    "DEFAULT_OWNER",
+    "PreparedAppend",
+    "SessionKey",
+    "batches",
+    "check_key",
+    "check_text",
+    "prepare_append",
+]
+
+DEFAULT_OWNER = ""
+_MAX_KEY = 255
+
+
+def check_text(value: object, what: str) -> str:
+    """Return ``value`` if it can be stored and read back exactly, else raise."""
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{what} must be a str, not {type(value).__name__}")
+    if "\x00" in value:
+        raise InvalidInputError(
+            f"{what} contains a NUL character (U+0000), which SQL text cannot hold"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"{what} is not valid Unicode: {exc.reason} at {exc.start}"
+        ) from None
+    return value
+
+
+def check_key(value: object, what: str) -> str:
+    text = check_text(value, what)
+    if not text or len(text) > _MAX_KEY:
+        raise InvalidInputError(f"{what} must have 1 to {_MAX_KEY} characters")
+    return text
+
+
+def check_metadata(value: object, what: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{what} must be a dict, not {type(value).__name__}")
+    try:
+        dumped = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{what} is not JSON: {exc}") from None
+    if "\\u0000" in dumped:
+        raise InvalidInputError(f"{what} contains a NUL character (U+0000)")
+    check_text(dumped, what)
+
+
+class SessionKey(NamedTuple):
+    """A session as the public API names it: owner and session id."""
+
+    owner: str
+    name: str
+
+    @classmethod
+    def of(cls, name: object, owner: object = DEFAULT_OWNER) -> SessionKey:
+        owner = "" if owner == "" else check_key(owner, "owner")
+        return cls(str(owner), check_key(name, "session_id"))
+
+    @property
+    def id(self) -> uuid.UUID:
+        return session_uuid(self.owner, self.name)
+
+
+# --- writes ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreparedAppend:
+    """Turns checked and counted, ready to be written in one transaction."""
+
+    key: SessionKey
+    encoding: str
+    messages: list[Message]
+    counts: list[Counts]
+    turn_of: list[int]
+    turns: int
+    counter: TokenCounter
+    # Original timestamps of imported messages (None: now).
+    created_at: list[datetime | None]
+
+    @property
+    def floor(self) -> int:
+        return sum(c.floor for c in self.counts)
+
+
+def batches(turns: Iterable[Sequence[Message]], size: int) -> Iterator[list[Sequence[Message]]]:
+    """``turns`` in lists of ``size``, read lazily (an import may be long)."""
+    batch: list[Sequence[Message]] = []
+    for turn in turns:
+        batch.append(turn)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def prepare_append(
+    key: SessionKey, turns: Sequence[Sequence[Message]], counter: TokenCounter
+) -> PreparedAppend:
+    if not turns or not all(turns):
+        raise InvalidInputError("nothing to append: a turn needs at least one message")
+    messages = [m for turn in turns for m in turn]
+    for i, msg in enumerate(messages):
+        if msg.type not in ROLES:
+            raise InvalidInputError(f"message {i}: type must be one of {ROLES}, not {msg.type!r}")
+        check_text(msg.content, f"message {i} content")
+        if msg.name is not None:
+            check_key(msg.name, f"message {i} name")
+        check_metadata(msg.metadata, f"message {i} metadata")
+        created = getattr(msg, "created_at", None)
+        if created is not None and (not isinstance(created, datetime) or created.tzinfo is None):
+            raise InvalidInputError(f"message {i} created_at must be a timezone-aware datetime")
+    return PreparedAppend(
+        key=key,
+        encoding=counter.encoding_name,
+        messages=messages,
+        counts=[count_message(counter, m.type, m.content, m.name) for m in messages],
+        turn_of=[t for t, turn in enumerate(turns) for _ in turn],
+        turns=len(turns),
+        counter=counter,
+        created_at=[getattr(m, "created_at", None) for m in messages],
+    )

@@ -1,0 +1,320 @@
+"""What changes the database: plain functions over a ``Connection``, each
+run by a store in one transaction (:meth:`tokenmem.Store.run`)::
+
+    with engine.begin() as conn:
+        stored = append(conn, prepare_append(key, [[Message("human", "hi")]], counter))
+
+Statements are built once (per dialect where they differ) with bound
+parameters, so SQLAlchemy compiles each once and caches it; an exchange's
+messages are inserted as one executemany.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Connection,
+    Insert,
+    bindparam,
+    delete,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+from .errors import ConfigurationError, SessionNotFound
+from .messages import StoredMessage
+from .models import MESSAGES, SESSIONS, TURNS, utcnow
+from .tokens import TokenCounter
+from .validate import PreparedAppend, SessionKey
+from .window import count_message
+
+__all__ = [
+    "Erased",
+    "align",
+    "append",
+    "clear",
+    "erase",
+    "erase_owner",
+    "prune",
+    "recount",
+    "session_upsert",
+]
+
+_RECOUNT_BATCH = 1000
+
+
+def session_upsert(
+    dialect: str,
+    values: Mapping[str, Any],
+    set_: Mapping[str, Any],
+    where: ColumnElement[bool] | None = None,
+) -> Insert:
+    """The one statement that creates a session or, when it exists, updates
+    it — taking its row lock until the transaction ends. ``values`` must name
+    ``id``, ``owner_id``, ``name``, ``created_at`` and ``updated_at``; every
+    counter not in it starts at 0. Appends, imports (:func:`align`) and the
+    turn log (:mod:`tokenmem.audit`) all go through it."""
+    row = {
+        "encoding": None,
+        "next_position": 0,
+        "next_turn": 0,
+        "floor_total": 0,
+        "start_position": 0,
+        "start_floor": 0,
+        "next_call": 0,
+        **values,
+    }
+    if dialect == "postgresql":
+        stmt: Any = postgresql.insert(SESSIONS)
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(SESSIONS)
+    else:
+        raise ConfigurationError(f"tokenmem supports SQLite and PostgreSQL, not {dialect}")
+    upsert: Insert = stmt.values(row).on_conflict_do_update(
+        index_elements=[SESSIONS.c.id], set_=dict(set_), where=where
+    )
+    return upsert
+
+
+@functools.cache
+def _bump(dialect: str) -> Insert:
+    """Reserve positions and turns in the session (creating it), or no row
+    when its messages are counted with another encoding."""
+    s = SESSIONS.c
+    n = bindparam("n", type_=BigInteger)
+    turns = bindparam("turns", type_=BigInteger)
+    floor = bindparam("floor", type_=BigInteger)
+    encoding = bindparam("encoding", type_=s.encoding.type)
+    now = bindparam("now", type_=s.updated_at.type)
+    stmt = session_upsert(
+        dialect,
+        {
+            "id": bindparam("id", type_=s.id.type),
+            "owner_id": bindparam("owner"),
+            "name": bindparam("name"),
+            "encoding": encoding,
+            "next_position": n,
+            "next_turn": turns,
+            "floor_total": floor,
+            "created_at": now,
+            "updated_at": now,
+        },
+        {
+            "next_position": s.next_position + n,
+            "next_turn": s.next_turn + turns,
+            "floor_total": s.floor_total + floor,
+            "encoding": encoding,
+            "updated_at": now,
+        },
+        where=or_(s.encoding == encoding, s.encoding.is_(None)),
+    )
+    return stmt.returning(s.next_position, s.next_turn, s.floor_total)
+
+
+_INSERT_MESSAGES = insert(MESSAGES)  # run as an executemany: compiled once, cached
+
+
+def append(conn: Connection, p: PreparedAppend) -> list[StoredMessage]:
+    """Append prepared turns: all of them or, on any error, none (the
+    caller's transaction). The rows are made ready before the session row is
+    locked; only their positions are filled in while it is (on SQLite, while
+    the database is). Returns the messages as stored."""
+    now = utcnow()
+    sid, encoding = p.key.id, p.encoding
+    stored, rows = [], []
+    for msg, c, created in zip(p.messages, p.counts, p.created_at, strict=True):
+        stored.append(
+            StoredMessage(
+                type=msg.type,
+                content=msg.content,
+                name=msg.name,
+                metadata=msg.metadata,
+                created_at=created or now,
+                encoding=encoding,
+                text_tokens=c.text_tokens,
+                chat_tokens=c.chat_tokens,
+                newline_tokens=c.newline_tokens,
+            )
+        )
+        rows.append(
+            {
+                "session_id": sid,
+                "role": msg.type,
+                "content": msg.content,
+                "name": msg.name,
+                "metadata": msg.metadata,
+                "created_at": created or now,
+                "encoding": encoding,
+                "text_tokens": c.text_tokens,
+                "chat_tokens": c.chat_tokens,
+                "newline_tokens": c.newline_tokens,
+            }
+        )
+    bump = _bump(conn.dialect.name)
+    params = {
+        "id": sid,
+        "owner": p.key.owner,
+        "name": p.key.name,
+        "encoding": encoding,
+        "n": len(rows),
+        "turns": p.turns,
+        "floor": p.floor,
+        "now": now,
+    }
+    bumped = conn.execute(bump, params).first()
+    if bumped is None:  # counted with another encoding: recount, then bump
+        recount(conn, sid, p.counter)
+        bumped = conn.execute(bump, params).one()
+    next_position, next_turn, floor_total = bumped
+    position, turn = next_position - len(rows), next_turn - p.turns
+    cum = floor_total - p.floor
+    for i, (msg, row, c) in enumerate(zip(stored, rows, p.counts, strict=True)):
+        msg.position, msg.turn = position + i, turn + p.turn_of[i]
+        row["position"], row["turn"], row["cum_floor"] = msg.position, msg.turn, cum
+        cum += c.floor
+    conn.execute(_INSERT_MESSAGES, rows)
+    return stored
+
+
+_RECOUNTED = (
+    update(MESSAGES)
+    .where(MESSAGES.c.session_id == bindparam("sid"), MESSAGES.c.position == bindparam("pos"))
+    .values(
+        encoding=bindparam("enc"),
+        text_tokens=bindparam("text"),
+        chat_tokens=bindparam("chat"),
+        newline_tokens=bindparam("newline"),
+        cum_floor=bindparam("cum"),
+    )
+)
+
+
+def recount(conn: Connection, sid: uuid.UUID, counter: TokenCounter) -> None:
+    """Count every message of the session again with ``counter``'s encoding
+    (the session row is locked by the caller's bump or here)."""
+    s, m = SESSIONS.c, MESSAGES.c
+    start = conn.execute(select(s.start_position).where(s.id == sid).with_for_update()).scalar_one()
+    cum, after, start_floor = 0, -1, None
+    while True:
+        batch = conn.execute(
+            select(m.position, m.role, m.content, m.name)
+            .where(m.session_id == sid, m.position > after)
+            .order_by(m.position)
+            .limit(_RECOUNT_BATCH)
+        ).all()
+        if not batch:
+            break
+        params = []
+        for position, role, content, name in batch:
+            if start_floor is None and position >= start:  # start itself may be pruned
+                start_floor = cum
+            c = count_message(counter, role, content, name)
+            params.append(
+                {
+                    "sid": sid,
+                    "pos": position,
+                    "enc": counter.encoding_name,
+                    "text": c.text_tokens,
+                    "chat": c.chat_tokens,
+                    "newline": c.newline_tokens,
+                    "cum": cum,
+                }
+            )
+            cum += c.floor
+        conn.execute(_RECOUNTED, params)
+        after = batch[-1].position
+    conn.execute(
+        update(SESSIONS)
+        .where(s.id == sid)
+        .values(
+            encoding=counter.encoding_name,
+            floor_total=cum,
+            start_floor=cum if start_floor is None else start_floor,
+        )
+    )
+
+
+def align(conn: Connection, key: SessionKey, position: int, turn: int) -> None:
+    """Move the session's next position and turn forward to ``position`` and
+    ``turn`` (creating it if needed), so an import keeps its source's
+    positions: the skipped ones are a gap, as after :func:`prune`."""
+    s, now = SESSIONS.c, utcnow()
+    values = {"id": key.id, "owner_id": key.owner, "name": key.name}
+    conn.execute(
+        session_upsert(
+            conn.dialect.name,
+            {
+                **values,
+                "next_position": position,
+                "next_turn": turn,
+                "start_position": position,
+                "created_at": now,
+                "updated_at": now,
+            },
+            {"next_position": position, "next_turn": turn},
+            where=s.next_position < position,
+        )
+    )
+
+
+def clear(conn: Connection, key: SessionKey) -> None:
+    """Start an empty window: the history stays."""
+    s = SESSIONS.c
+    conn.execute(
+        update(SESSIONS)
+        .where(s.id == key.id)
+        .values(start_position=s.next_position, start_floor=s.floor_total, updated_at=utcnow())
+    )
+
+
+def erase(conn: Connection, key: SessionKey) -> int:
+    """Delete the session, its messages and turns; return how many messages."""
+    conn.execute(delete(TURNS).where(TURNS.c.session_id == key.id))
+    deleted = conn.execute(delete(MESSAGES).where(MESSAGES.c.session_id == key.id)).rowcount
+    if not conn.execute(delete(SESSIONS).where(SESSIONS.c.id == key.id)).rowcount:
+        raise SessionNotFound(key.name)
+    return int(deleted)
+
+
+@dataclass(frozen=True)
+class Erased:
+    """What an erase or a retention run deleted."""
+
+    sessions: int
+    messages: int
+    turns: int
+
+
+def erase_owner(conn: Connection, owner: str) -> Erased:
+    """Delete every session of ``owner`` with its messages and turns."""
+    ids = select(SESSIONS.c.id).where(SESSIONS.c.owner_id == owner).scalar_subquery()
+    turns = conn.execute(delete(TURNS).where(TURNS.c.session_id.in_(ids))).rowcount
+    messages = conn.execute(delete(MESSAGES).where(MESSAGES.c.session_id.in_(ids))).rowcount
+    sessions = conn.execute(delete(SESSIONS).where(SESSIONS.c.owner_id == owner)).rowcount
+    return Erased(int(sessions), int(messages), int(turns))
+
+
+def prune(conn: Connection, before: datetime, owner: str | None) -> Erased:
+    """Delete messages and turns created before ``before``, of ``owner``'s
+    sessions or (``owner=None``) of every session. Sessions stay; their
+    positions go on where they were."""
+    m_where = [MESSAGES.c.created_at < before]
+    t_where = [TURNS.c.created_at < before]
+    if owner is not None:
+        ids = select(SESSIONS.c.id).where(SESSIONS.c.owner_id == owner).scalar_subquery()
+        m_where.append(MESSAGES.c.session_id.in_(ids))
+        t_where.append(TURNS.c.session_id.in_(ids))
+    turns = conn.execute(delete(TURNS).where(*t_where)).rowcount
+    messages = conn.execute(delete(MESSAGES).where(*m_where)).rowcount
+    return Erased(0, int(messages), int(turns))
