@@ -42,79 +42,43 @@ PostgreSQL comes from ``TOKENMEM_BENCH_POSTGRES_URL`` (default
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
-import statistics
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from common import (
+    BACKENDS,
+    ENCODING,
+    OWNER,
+    TIMES,
+    database,
+    driver_id,
+    median_ms,
+    range_sql,
+    sentence_text,
+    source_digest,
+    statements_sent,
+)
+from sqlalchemy import Engine, text
 from sqlalchemy.pool import PoolProxiedConnection
 
-import tokenmem
 from tokenmem import ConversationTokenBufferMemory, Message, Rule, Store, TokenCounter
 from tokenmem.models import session_uuid
-from tokenmem.store import DEFAULT_OWNER, make_engine
 
-PG_URL = os.environ.get(
-    "TOKENMEM_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-BACKENDS = ("sqlite", "postgresql")
 SIZES = (100, 1_000, 2_000, 10_000, 100_000)
 QUICK_SIZES = (100, 2_000, 10_000)
 REPS, QUICK_REPS = 1_000, 50
 LIMIT = 2_000
-ENCODING = "o200k_base"
 SEED = 20_241_129
 GOAL = 1.5  # the largest session's load, at most this many times the 2,000 one's
 SEEK_INDEX = "ix_tokenmem_messages_session_id_cum_floor"
 MEASURES = ("load", "window", "bare")
-TIMES = "\N{MULTIPLICATION SIGN}"
-
-_VOCABULARY = """
-the a an and but or so because if when while after before then now just also
-very really quite still even only maybe perhaps probably certainly actually
-I you we they he she it this that these those there here someone everyone
-is are was were be been being have has had do does did can could will would
-should might must need want like know think see say tell ask give take make
-go come get find use try keep let help show feel seem leave call work read
-write run move play live believe bring happen start stop turn change follow
-time day week year way thing people man woman child world life hand part place
-case point group number question problem fact idea story book page line word
-system data model memory window token message history session answer reason
-good new first last long great little own other old right big high small large
-next early young important few public bad same able simple clear useful quick
-about with from into over under between through during without around against
-of in on at by for to up out off down back again once more most less many much
-"""
-_WORDS = tuple(_VOCABULARY.split())
-_ENDS = (".", ".", ".", ".", "?", "!")
-
-
-def sentence_text(rng: random.Random, words: int) -> str:
-    """``words`` words of English-like text: sentences of 3 to 14 words,
-    capitalised, with the odd comma, ending in ``.``, ``?`` or ``!``."""
-    out: list[str] = []
-    left = words
-    while left > 0:
-        n = min(left, rng.randint(3, 14))
-        left -= n
-        chosen = [rng.choice(_WORDS) for _ in range(n)]
-        chosen[0] = chosen[0].capitalize()
-        if n > 6 and rng.random() < 0.4:
-            k = rng.randint(2, n - 3)
-            chosen[k] += ","
-        out.append(" ".join(chosen) + rng.choice(_ENDS))
-    return " ".join(out)
 
 
 def make_turns(messages: int, seed: int) -> list[list[Message]]:
@@ -133,62 +97,7 @@ def session_name(size: int) -> str:
     return f"bench-{size}"
 
 
-def source_digest() -> str:
-    """A short digest of tokenmem's sources, to tie the numbers to the code measured."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(tokenmem.__file__).parent.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:12]
-
-
 # --- databases -----------------------------------------------------------------
-
-
-@contextmanager
-def sqlite_engine() -> Iterator[Engine]:
-    """An engine on a SQLite file in a temporary directory, removed afterwards."""
-    with tempfile.TemporaryDirectory(prefix="tokenmem-bench-") as tmp:
-        engine = make_engine(f"sqlite:///{Path(tmp) / 'bench.sqlite3'}")
-        try:
-            yield engine
-        finally:
-            engine.dispose()
-
-
-@contextmanager
-def pg_schema(url: str, prefix: str) -> Iterator[str]:
-    """A fresh PostgreSQL schema's name, the schema dropped afterwards."""
-    admin = create_engine(url)
-    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield schema
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
-
-
-@contextmanager
-def postgres_engine(url: str) -> Iterator[Engine]:
-    """An engine whose search_path is a fresh schema, dropped afterwards."""
-    with pg_schema(url, "bench") as schema:
-        engine = create_engine(url, connect_args={"options": f"-csearch_path={schema}"})
-        try:
-            yield engine
-        finally:
-            engine.dispose()
-
-
-@contextmanager
-def open_backend(backend: str, pg_url: str) -> Iterator[Engine]:
-    if backend == "sqlite":
-        with sqlite_engine() as engine:
-            yield engine
-    else:
-        with postgres_engine(pg_url) as engine:
-            yield engine
 
 
 def fill(
@@ -221,18 +130,8 @@ def token_profile(engine: Engine) -> tuple[int, float, int]:
 def window_statement(store: Store, name: str, rule: Rule, counter: TokenCounter) -> tuple[str, Any]:
     """The SQL and the driver-level parameters ``store.window`` sends for the
     session ``name``: whatever the store builds, it is this that gets explained."""
-    sent: list[tuple[str, Any]] = []
-
-    def record(
-        _conn: Any, _cursor: Any, statement: str, parameters: Any, _ctx: Any, _many: bool
-    ) -> None:
-        sent.append((statement, parameters))
-
-    event.listen(store.engine, "before_cursor_execute", record)
-    try:
+    with statements_sent(store.engine) as sent:
         store.window(name, rule, counter)
-    finally:
-        event.remove(store.engine, "before_cursor_execute", record)
     for statement, parameters in sent:
         if "tokenmem_messages" in statement and " OVER " in statement.upper():
             return statement, parameters
@@ -263,7 +162,7 @@ class Case:
     samples: dict[str, list[int]] = field(default_factory=lambda: {m: [] for m in MEASURES})
 
     def median_ms(self, measure: str) -> float:
-        return statistics.median(self.samples[measure]) / 1e6
+        return median_ms(self.samples[measure])
 
 
 def make_cases(
@@ -272,15 +171,11 @@ def make_cases(
     """Learn each session's window from ``store.window`` and bind the three
     measurements to it; check that they all see the same window."""
     rule = Rule(limit=LIMIT)
-    sqlite = store.dialect == "sqlite"
-    bare_sql = (
-        "SELECT role, content FROM tokenmem_messages "
-        "WHERE session_id = {0} AND position BETWEEN {0} AND {0} ORDER BY position"
-    ).format("?" if sqlite else "%s")
+    bare_sql = range_sql(store.dialect)
     cases = []
     for size in sizes:
         name = session_name(size)
-        sid = session_uuid(DEFAULT_OWNER, name)
+        sid = session_uuid(OWNER, name)
         window = store.window(name, rule, counter)
         first, last = window[0].position, window[-1].position
         if last != size - 1 or [w.position for w in window] != list(range(first, last + 1)):
@@ -288,7 +183,7 @@ def make_cases(
         memory = ConversationTokenBufferMemory(
             store=store, session_id=name, max_token_limit=LIMIT, encoding=ENCODING
         )
-        params = (sid.hex if sqlite else sid, first, last)
+        params = (driver_id(store.dialect, sid), first, last)
 
         def bare(params: tuple[Any, ...] = params) -> Sequence[Any]:
             cur = raw.cursor()
@@ -376,8 +271,9 @@ def goal_line(backend: str, cases: list[Case]) -> str:
 def run_backend(backend: str, args: argparse.Namespace, counter: TokenCounter) -> dict[str, Any]:
     started = time.perf_counter()
     report: dict[str, Any] = {"backend": backend}
-    with open_backend(backend, PG_URL) as engine:
-        store = Store(engine, upgrade=True)
+    with database(backend, "bench") as url:
+        store = Store(url, upgrade=True)
+        engine = store.engine
         fills = fill(store, args.sizes, counter, args.batch_size)
         lo, mean, hi = token_profile(engine)
         print(f"\n## {backend}\n")
@@ -410,6 +306,7 @@ def run_backend(backend: str, args: argparse.Namespace, counter: TokenCounter) -
             measured = time.perf_counter() - t0
         finally:
             raw.close()
+            store.close()
     print(f"\nMedians of {args.reps} runs each ({measured:.1f} s of timing):\n")
     print(table(cases))
     print(f"\n{goal_line(backend, cases)}")
