@@ -127,11 +127,18 @@ def token_profile(engine: Engine) -> tuple[int, float, int]:
     return int(lo), float(mean), int(hi)
 
 
-def window_statement(store: Store, name: str, rule: Rule, counter: TokenCounter) -> tuple[str, Any]:
+def window_statement(url: str, name: str, rule: Rule, counter: TokenCounter) -> tuple[str, Any]:
     """The SQL and the driver-level parameters ``store.window`` sends for the
-    session ``name``: whatever the store builds, it is this that gets explained."""
-    with statements_sent(store.engine) as sent:
-        store.window(name, rule, counter)
+    session ``name``: whatever the store builds, it is this that gets explained.
+    Asked of a store of its own: listening marks an engine for good, and
+    tokenmem then sends its statements the slower way, where listeners see
+    them (see ``common.statements_sent``): not the store being measured."""
+    probe = Store(url)
+    try:
+        with statements_sent(probe.engine) as sent:
+            probe.window(name, rule, counter)
+    finally:
+        probe.close()
     for statement, parameters in sent:
         if "tokenmem_messages" in statement and " OVER " in statement.upper():
             return statement, parameters
@@ -284,7 +291,7 @@ def run_backend(backend: str, args: argparse.Namespace, counter: TokenCounter) -
             + f". Text tokens per message: min {lo}, mean {mean:.1f}, max {hi}."
         )
         largest = max(args.sizes)
-        stmt = window_statement(store, session_name(largest), Rule(limit=LIMIT), counter)
+        stmt = window_statement(url, session_name(largest), Rule(limit=LIMIT), counter)
         prefix = "EXPLAIN" if backend == "postgresql" else "EXPLAIN QUERY PLAN"
         plan = explain(engine, stmt, prefix)
         seeks = any(SEEK_INDEX in line for line in plan)
