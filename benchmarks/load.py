@@ -24,7 +24,7 @@ turn, ``cum_floor`` the running sum of floors, every exchange a worker saved
 found once in its own session (*lost* counts those that are not) and nothing
 that no worker saved. Run from the repository root::
 
-    .venv/bin/python benchmarks/load.py                  # both backends, 3,000 turns
+    .venv/bin/python benchmarks/load.py    # both backends: about a minute on two cores
     .venv/bin/python benchmarks/load.py --backend sqlite --quick --json /tmp/load.json
 
 PostgreSQL comes from ``TOKENMEM_BENCH_POSTGRES_URL`` (default
