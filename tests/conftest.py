@@ -137,6 +137,10 @@ def async_twin(engine: Engine, **options: Any) -> AsyncEngine:
 
     url = engine.url
     if url.get_backend_name() == "sqlite":
+        if "pool_size" in options:  # a pool, as SQLAlchemy makes by default since 2.0.38
+            from sqlalchemy.pool import AsyncAdaptedQueuePool
+
+            options = {"poolclass": AsyncAdaptedQueuePool, **options}
         twin = create_async_engine(url.set(drivername="sqlite+aiosqlite"), **options)
         tune(twin.sync_engine)
         return twin

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib.util
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -55,7 +56,11 @@ def _require_asyncio() -> None:
     """SQLAlchemy's asyncio support needs greenlet: the ``async`` extra."""
     try:
         import sqlalchemy.ext.asyncio  # noqa: F401
-    except ImportError as exc:
+
+        # SQLAlchemy 2.0 imports greenlet only on first use: ask now.
+        if importlib.util.find_spec("greenlet") is None:
+            raise ImportError("No module named 'greenlet'", name="greenlet")
+    except (ImportError, ValueError) as exc:
         raise ConfigurationError(
             "AsyncStore needs SQLAlchemy's asyncio support (greenlet) and aiosqlite: "
             "pip install 'tokenmem[async]'"
