@@ -51,6 +51,27 @@ def _close_model_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
+def _dispose_engines(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Dispose of every engine tokenmem made during a test (stores built from
+    a URL): their pooled connections are closed now, not by the garbage
+    collector at a random later point (Python 3.13's sqlite3 warns then)."""
+    import tokenmem.engine
+
+    made: list[Engine] = []
+    original = tokenmem.engine.create_engine
+
+    def create(*args: Any, **kwargs: Any) -> Engine:
+        engine = original(*args, **kwargs)
+        made.append(engine)
+        return engine
+
+    monkeypatch.setattr(tokenmem.engine, "create_engine", create)
+    yield
+    for engine in made:
+        engine.dispose()
+
+
+@pytest.fixture(autouse=True)
 def _no_default_database(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -241,3 +241,62 @@ def test_rows_written_before_0003(db: Engine, o200k: TokenCounter) -> None:
     assert recount(store, None) == 0  # nothing left to do
     memory.save_context({"input": "and now?"}, {"output": "Counted."})
     assert store.session_stats()[0].uncounted == 0
+
+
+PIP_INSTALL = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x"]
+
+
+@pytest.mark.slow
+def test_the_sdist_carries_tests_that_run(tmp_path: Path) -> None:
+    """An sdist builds, installs, and its own tests pass against what it installed."""
+    import shutil
+    import tarfile
+
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from setuptools import build_meta; "
+            "print(build_meta.build_sdist(sys.argv[1]))",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    sdist = tmp_path / built.stdout.strip().splitlines()[-1]
+    with tarfile.open(sdist) as tar:
+        tar.extractall(tmp_path / "src", filter="data")
+    (source,) = (tmp_path / "src").iterdir()
+    assert {"LICENSE", "CHANGELOG.md", "alembic.ini"} <= {p.name for p in source.iterdir()}
+    target, work = tmp_path / "site", tmp_path / "work"
+    subprocess.run(
+        [*PIP_INSTALL, "--target", str(target), str(sdist)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    shutil.copytree(source / "tests", work / "tests")  # away from the source's tokenmem/
+    done = subprocess.run(
+        [*PYTEST, "tests/test_window.py", "tests/test_store.py", "tests/test_parity.py"],
+        cwd=work,
+        env={**os.environ, "PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert (
+        str(target)
+        in subprocess.run(
+            [sys.executable, "-c", "import tokenmem; print(tokenmem.__file__)"],
+            env={**os.environ, "PYTHONPATH": str(target)},
+            cwd=work,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )

@@ -8,6 +8,8 @@ memory.load_memory_variables({})   # {'history': 'Human: hi\\nAI: whats up'}
 
 from typing import TYPE_CHECKING
 
+__version__ = "0.2.0"
+
 from .audit import TurnRecord
 from .chain import ConversationChain
 from .errors import (
@@ -25,8 +27,10 @@ from .llm import OpenAI, Reply
 from .memory import ConversationTokenBufferMemory
 from .messages import Message, SessionInfo, StoredMessage
 from .prompt import PromptTemplate
+from .reads import SessionStats, WindowMessage
 from .store import Store
 from .tokens import TokenCounter
+from .transfer import ImportResult
 from .window import Rule, get_buffer_string
 from .writes import Erased
 
@@ -50,6 +54,7 @@ __all__ = [
     "ConversationTokenBufferMemory",
     "EncodingUnavailable",
     "Erased",
+    "ImportResult",
     "InvalidInputError",
     "Message",
     "ModelError",
@@ -60,6 +65,7 @@ __all__ = [
     "SchemaError",
     "SessionInfo",
     "SessionNotFound",
+    "SessionStats",
     "Store",
     "StoreError",
     "StoredMessage",
@@ -67,5 +73,7 @@ __all__ = [
     "TokenmemError",
     "TurnNotFound",
     "TurnRecord",
+    "WindowMessage",
+    "__version__",
     "get_buffer_string",
 ]
