@@ -396,3 +396,199 @@ def test_a_bad_lines_error_is_whole_and_names_the_line(
         "tokenmem: line 2: a JSON object expected, not a list"
     )
     assert store.count(all_owners=True) == 0
+
+
+# --- QA A0: imports at once write each record once ------------------------------
+
+
+def _import_twice_at_once(store: Store, lines: list[str]) -> list[ImportResult]:
+    """Two imports of ``lines``, each with its own store (as two processes
+    would), started together."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    start = threading.Barrier(2)
+
+    def one(_: int) -> ImportResult:
+        own = Store(store.engine.url)
+        try:
+            start.wait(timeout=60)
+            return import_jsonl(own, lines)
+        finally:
+            own.close()
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(one, range(2)))
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["grouped", "interleaved"])
+def test_imports_at_once_write_every_record_once(store: Store, interleaved: bool) -> None:
+    sessions, per = 5, 1200  # over two batches each
+    records = [(s, i) for s in range(sessions) for i in range(per)]
+    if interleaved:
+        records.sort(key=lambda r: (r[1], r[0]))
+    lines = jsonl(*(rec(f"s{s}", f"msg {i}", "human" if i % 2 == 0 else "ai") for s, i in records))
+    results = _import_twice_at_once(store, lines)
+    assert sum(r.imported for r in results) == sessions * per
+    assert sum(r.skipped for r in results) == sessions * per
+    for s in range(sessions):
+        history = list(store.history(f"s{s}"))
+        assert [(m.position, m.content) for m in history] == [(i, f"msg {i}") for i in range(per)]
+        assert [m.turn for m in history] == [i // 2 for i in range(per)]
+        assert store.session(f"s{s}").next_position == per
+    # And again, one after the other: nothing added.
+    assert import_jsonl(store, lines) == ImportResult(sessions, 0, sessions * per)
+
+
+def test_imports_at_once_through_the_command(backend: str, store: Store, tmp_path: Path) -> None:
+    """QA A0 as reported: two `tokenmem import` processes of one file."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "grouped.jsonl"
+    path.write_text(
+        "".join(jsonl(*(rec(f"s{s}", f"msg {i}") for s in range(3) for i in range(700)))),
+        encoding="utf-8",
+    )
+    argv = [sys.executable, "-m", "tokenmem.cli", "--db", url_of(store.engine), "import"]
+    both = [
+        subprocess.Popen([*argv, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    for process in both:
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+    for s in range(3):
+        assert [(m.position, m.content) for m in store.history(f"s{s}")] == [
+            (i, f"msg {i}") for i in range(700)
+        ]
+
+
+def test_an_import_racing_the_application_stops_at_its_message(
+    store: Store, o200k: TokenCounter
+) -> None:
+    """The documented semantics: an import writes each record at its own
+    position or not at all; a position the application took meanwhile stops
+    it with an error naming the line, and nothing is written twice."""
+    lines = jsonl(*(rec("s", f"m{i}", "human" if i % 2 == 0 else "ai") for i in range(1200)))
+    written: list[int] = []
+
+    def progress(n: int) -> None:
+        written.append(n)
+        if len(written) == 1:  # after the first batch, the application appends
+            store.append("s", [Message("human", "from the app")], o200k)
+
+    with pytest.raises(
+        InvalidInputError,
+        match=r"^line 501: session 's' already holds a different message at position 500",
+    ):
+        import_jsonl(store, lines, o200k, progress=progress)
+    assert written == [500]
+    assert contents(store, "s") == [f"m{i}" for i in range(500)] + ["from the app"]
+
+
+# --- QA B4: turns as the records group them ---------------------------------------
+
+
+def test_turns_follow_each_sessions_records_not_the_line_order(
+    store: Store, o200k: TokenCounter
+) -> None:
+    def turns(session: str) -> list[tuple[int, int]]:
+        return [(m.position, m.turn) for m in store.history(session)]
+
+    # Without turn: a human message and the AI reply after it in its session.
+    lines = jsonl(rec("A", "a?"), rec("B", "b?"), rec("A", "a!", "ai"), rec("B", "b!", "ai"))
+    import_jsonl(store, lines, o200k)
+    assert turns("A") == turns("B") == [(0, 0), (1, 0)]
+    # With turn: grouped by its value, and the value kept.
+    lines = jsonl(
+        rec("T", "q", turn=5), rec("U", "x", turn=0), rec("T", "a", "ai", turn=5),
+        rec("T", "q2", turn=9), rec("T", "more", turn=9), rec("U", "y", "ai", turn=0),
+    )  # fmt: skip
+    import_jsonl(store, lines, o200k)
+    assert turns("T") == [(0, 5), (1, 5), (2, 9), (3, 9)]
+    assert store.session("T").next_turn == 10
+    assert turns("U") == [(0, 0), (1, 0)]
+    # A session already past a record's turn goes on from its own, grouping kept.
+    store.append_turns("W", [[Message("human", "q"), Message("ai", "a")]] * 2, o200k)
+    import_jsonl(store, jsonl(*(rec("W", f"w{i}", position=4 + i, turn=0) for i in range(2))))
+    assert turns("W")[4:] == [(4, 2), (5, 2)]
+
+
+@pytest.mark.parametrize("with_turns", [False, True])
+def test_a_resumed_import_continues_the_turn_it_stopped_in(
+    store: Store, o200k: TokenCounter, with_turns: bool
+) -> None:
+    fields: dict[str, Any] = {"turn": 0} if with_turns else {}
+    question, answer = rec("s", "q", **fields), rec("s", "a", "ai", **fields)
+    import_jsonl(store, jsonl(question), o200k)  # stopped between them
+    assert import_jsonl(store, jsonl(question, answer), o200k) == ImportResult(1, 1, 1)
+    assert [(m.position, m.turn) for m in store.history("s")] == [(0, 0), (1, 0)]
+    assert store.session("s").next_turn == 1
+
+
+# --- QA B2: a LangChain source that is not there --------------------------------------
+
+
+def test_a_missing_langchain_source_is_an_error_and_creates_nothing(
+    store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tokenmem import ConfigurationError
+
+    typo = tmp_path / "typo.db"
+    with pytest.raises(ConfigurationError, match=f"^no SQLite database at {typo}: check the URL"):
+        import_langchain(store, f"sqlite:///{typo}")
+    assert not typo.exists()
+    source = langchain_db(tmp_path / "lc.sqlite3")
+    with pytest.raises(ConfigurationError, match=r"^no table 'nope' in sqlite:///.*lc\.sqlite3"):
+        import_langchain(store, source, table="nope")
+    url = url_of(store.engine)
+    code, _, err = run(capsys, "--db", url, "import", "--from-langchain", f"sqlite:///{typo}")
+    assert code == 2 and "no SQLite database at" in err and not typo.exists()
+    code, _, err = run(capsys, "--db", url, "import", "--from-langchain", source, "--table", "nope")
+    assert code == 2 and err.startswith("tokenmem: no table 'nope' in sqlite:///"), err
+    assert store.count(all_owners=True) == 0
+
+
+# --- QA C: messages ----------------------------------------------------------------
+
+
+def test_input_messages_read_well(store: Store, o200k: TokenCounter) -> None:
+    with pytest.raises(
+        InvalidInputError, match=r"^line 1: not JSON: Unterminated string starting at column 32$"
+    ):
+        import_jsonl(store, ['{"session_id": "x", "content": "no end\n'], o200k)
+    with pytest.raises(InvalidInputError) as info:
+        import_jsonl(store.owner("alice"), jsonl(rec("x", "hi", owner="")), o200k)
+    assert str(info.value) == (
+        "line 1: the record belongs to the default owner (''), but the import is into "
+        "owner 'alice': drop its owner field to import it there"
+    )
+    # A byte order mark, as Windows tools write one, is not the first record's.
+    bom = "\ufeff" + "".join(jsonl(rec("x", "hi"), rec("x", "yo", "ai")))
+    assert import_jsonl(store, io.StringIO(bom), o200k) == ImportResult(1, 2, 0)
+    assert contents(store, "x") == ["hi", "yo"]
+
+
+def test_a_name_too_long_fails_the_check_before_anything_is_written(
+    store: Store, o200k: TokenCounter
+) -> None:
+    lines = jsonl(rec("x", "fine"), rec("x", "named", name="n" * 256))
+    with pytest.raises(InvalidInputError, match=r"^line 2: name must have 1 to 255 characters"):
+        import_jsonl(store, lines, o200k)
+    assert store.count(all_owners=True) == 0
+
+
+def test_a_session_behind_where_it_was_seen_is_counted_whole(
+    store: Store, o200k: TokenCounter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records are counted outside the lock only from where the session was
+    seen; erased since (behind it), the batch is counted whole and written."""
+    import tokenmem.transfer
+    from tokenmem.messages import SessionInfo
+
+    now = utcnow()
+    seen = SessionInfo("", "s", 2, now, now)  # as if it held positions 0 and 1
+    monkeypatch.setattr(tokenmem.transfer, "_state", lambda store, key: seen)
+    assert import_jsonl(store, jsonl(*(rec("s", f"m{i}") for i in range(3))), o200k).imported == 3
+    assert contents(store, "s") == ["m0", "m1", "m2"]

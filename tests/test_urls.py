@@ -46,6 +46,13 @@ FORMS = [
     f"host=127.0.0.1 port=1 password={PW}",  # a libpq DSN, not a URL
     f"u:{PW}@127.0.0.1/app",  # no scheme
     f"postgresql+psycopg://u:{ODD}@{REFUSED}/app",  # not percent-encoded
+    # QA A3: an unescaped "@" ends the password for SQLAlchemy; the rest is the host's.
+    f"postgresql+psycopg://u:pw@{SECRET}@{REFUSED}/app",
+    f"postgresql+psycopg://u:pw@{SECRET}/x@{REFUSED}/app",  # and the database's
+    f"postgresql+psycopg://u:pw@{SECRET}@{REFUSED}/app?password={PW}",
+    # QA B3: keys and libpq settings in the query.
+    f"postgresql+psycopg://u@{REFUSED}/app?api_key={PW}",
+    f"postgresql+psycopg://u@{REFUSED}/app?options=-c%20password%3D{PW}",
 ]
 
 
@@ -80,6 +87,10 @@ def test_a_password_is_never_shown(
             await store.close()
 
     no_secret(failure(lambda: asyncio.run(through_async_store())))
+    # A memory given the URL.
+    from tokenmem import ConversationTokenBufferMemory
+
+    no_secret(failure(lambda: ConversationTokenBufferMemory(store=url, session_id="s").buffer))
 
     # The command line: --db, TOKENMEM_DATABASE_URL, import --from-langchain.
     target = f"sqlite:///{tmp_path}/target.sqlite3"
@@ -135,6 +146,14 @@ def test_a_driver_message_and_a_retry_log_are_scrubbed(caplog: pytest.LogCapture
         ("sqlite:////var/lib/a.sqlite3", "sqlite:////var/lib/a.sqlite3"),
         ("host=db password='p w' user=app", "host=db password=*** user=app"),
         ("[::1/app", "[::1/app"),
+        # QA A3: everything between the user's ":" and the last "@" is the password.
+        ("postgresql+psycopg://u:PW@SECRET@127.0.0.1:1/app", "postgresql+psycopg://u:***@127.0.0.1:1/app"),
+        ("postgresql+psycopg://u:pw@se/cret@h/app", "postgresql+psycopg://u:***@h/app"),
+        ("postgresql+psycopg://u:pw@se/cret@h/app?sslpassword=x", "postgresql+psycopg://u:***@h/app?sslpassword=***"),
+        # QA B3: api_key, apikey, key=-like names; libpq's options=-c password=...
+        ("postgresql+psycopg://db/app?api_key=k&apikey=k&sslkey=/k.pem", "postgresql+psycopg://db/app?api_key=***&apikey=***&sslkey=***"),
+        ("postgresql+psycopg://db/app?options=-c%20password%3Dx%20-c%20search_path%3Da", "postgresql+psycopg://db/app?options=-c+password=***+-c+search_path=a"),
+        ("sqlite:///a.db?uri=true&mode=ro", "sqlite:///a.db?uri=true&mode=ro"),
     ],
 )  # fmt: skip
 def test_shown(url: str, expected: str) -> None:
@@ -246,3 +265,59 @@ def test_a_missing_driver_names_the_extra(
     assert done.stdout.startswith("ConfigurationError ") and extra in done.stdout, done
     assert f"pip install '{extra}'" in done.stdout
     assert not done.stderr
+
+
+def test_a_spilled_password_is_scrubbed_from_a_drivers_message() -> None:
+    """QA A3: psycopg names the host it could not resolve, which holds the
+    part of the password after an unescaped "@"."""
+    from tokenmem.urls import scrub
+
+    url = make_url(f"postgresql+psycopg://u:pw@{SECRET}@127.0.0.1:1/app")
+    assert url.host == f"{SECRET}@127.0.0.1"  # SQLAlchemy's reading of it
+    message = f"failed to resolve host '{SECRET}@127.0.0.1': Name or service not known"
+    assert (
+        scrub(message, url) == "failed to resolve host '***@127.0.0.1': Name or service not known"
+    )
+    # Pieces are hidden where they are whole words, not inside others.
+    url = make_url("postgresql+psycopg://u:pw@se/cret@h/app")
+    assert scrub("host 'se' database 'cret@h/app': service", url) == (
+        "host '***' database '***@h/app': service"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite:////srv/a.db", "/srv/a.db"),
+        ("sqlite:///file:rt1.db?mode=ro&uri=true", "rt1.db"),
+        ("sqlite:///file:/srv/a%20b.db?uri=true", "/srv/a b.db"),
+        ("sqlite:///file://localhost/srv/a.db?uri=true", "/srv/a.db"),
+        ("sqlite:///file:a.db", "file:a.db"),  # without uri=true: a plain name
+        ("sqlite:///file::memory:?uri=true", None),
+        ("sqlite:///file:a?mode=memory&uri=true", None),
+        ("sqlite://", None),
+        ("sqlite:///:memory:", None),
+        ("postgresql+psycopg://h/d", None),
+    ],
+)
+def test_sqlite_path(url: str, path: str | None) -> None:
+    from tokenmem.urls import sqlite_path
+
+    assert sqlite_path(make_url(url)) == path
+
+
+def test_an_at_sign_after_the_password_is_refused_with_advice() -> None:
+    """QA A3: SQLAlchemy would hand the rest of such a password to the driver
+    as the host (or database), which quotes it in its errors."""
+    from tokenmem.urls import parse_source_url, parse_url
+
+    for url in (f"postgresql+psycopg://u:pw@{SECRET}@h/app", f"sqlite://u:pw@{SECRET}@/x"):
+        for parse in (parse_url, parse_source_url):
+            with pytest.raises(ConfigurationError) as info:
+                parse(url)
+            assert "must be written %40" in str(info.value)
+            no_secret(str(info.value))
+    # An "@" in a query value is no password's.
+    parsed = parse_url("postgresql://u:pw@h/app?application_name=a@b")
+    assert (parsed.password, parsed.host, parsed.query) == ("pw", "h", {"application_name": "a@b"})
+    assert parse_url("postgresql://u:p%40w@h/app").password == "p@w"

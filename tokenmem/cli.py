@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import itertools
-import json
 import os
+import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass, replace
 from datetime import datetime, timezone
 from typing import IO, Any
@@ -51,7 +53,11 @@ EXAMPLES = {
 
 
 class _Out:
-    """Where results go: aligned tables on a terminal (bold headers), or JSON."""
+    """Where results go: aligned tables on a terminal (bold headers), or JSON.
+
+    Text goes out with its control characters made visible (:func:`_visible`):
+    stored text must not drive the operator's terminal. JSON and CSV stay
+    lossless."""
 
     def __init__(self, as_json: bool, stream: IO[str]) -> None:
         self.as_json = as_json
@@ -59,18 +65,45 @@ class _Out:
         self.tty = stream.isatty() and not os.environ.get("NO_COLOR")
 
     def line(self, text: str = "") -> None:
-        self.stream.write(text + "\n")
+        """Text of one or more lines."""
+        self.stream.write(_visible(text, newlines=True) + "\n")
+
+    def header(self, text: str) -> None:
+        """A table's header line: bold on a terminal."""
+        text = _visible(text)
+        self.stream.write((f"\033[1m{text}\033[0m" if self.tty else text) + "\n")
 
     def json(self, value: object) -> None:
-        self.line(json.dumps(_plain(value), ensure_ascii=False, indent=2))
+        from .transfer import to_json
+
+        self.stream.write(to_json(_plain(value), indent=2) + "\n")
 
     def table(self, headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
         cells = [[_cell(v) for v in row] for row in rows]
         widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
-        head = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()
-        self.line(f"\033[1m{head}\033[0m" if self.tty else head)
+        self.header("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
         for r in cells:
             self.line("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+# C0 controls, DEL and C1 controls: a terminal acts on them.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_NAMED = {"\t": "\\t", "\r": "\\r"}
+
+
+def _visible(text: str, *, newlines: bool = False) -> str:
+    """``text`` with its control characters written as escapes (``\\x1b``,
+    ``\\r``, ``\\t``...), so printing it cannot clear a screen, set a
+    terminal's title or overwrite a line; a newline kept when ``newlines``,
+    else shown as ``⏎``."""
+
+    def escape(m: re.Match[str]) -> str:
+        c = m[0]
+        if c == "\n":
+            return "\n" if newlines else "⏎ "
+        return _NAMED.get(c) or f"\\x{ord(c):02x}"
+
+    return _CONTROL.sub(escape, text)
 
 
 def _plain(value: object) -> Any:
@@ -90,11 +123,11 @@ def _cell(value: object) -> str:
         return "-"
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S")
-    return str(value)
+    return _visible(str(value))
 
 
 def _short(text: str, width: int = 60) -> str:
-    flat = text.replace("\n", "⏎ ")
+    flat = _visible(text)
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
@@ -150,7 +183,11 @@ def _confirm(what: str, args: argparse.Namespace) -> bool:
         return True
     if not sys.stdin.isatty():
         raise ConfigurationError(f"refusing to {what} without --yes (stdin is not a terminal)")
-    return input(f"{what[0].upper()}{what[1:]}? Type 'yes': ").strip().lower() == "yes"
+    try:
+        answer = input(_visible(f"{what[0].upper()}{what[1:]}? Type 'yes': "))
+    except EOFError:  # Ctrl-D: no
+        return False
+    return answer.strip().lower() == "yes"  # "yes" in any case; anything else is no
 
 
 def cmd_db(args: argparse.Namespace, store: Any, out: _Out) -> int:
@@ -181,7 +218,8 @@ def cmd_db(args: argparse.Namespace, store: Any, out: _Out) -> int:
     else:
         if did:
             change = f"from {before or '(not migrated)'} to {current or '(not migrated)'}"
-            out.line(f"{did} {change}" if before != current else f"nothing to do: at {current}")
+            nothing = f"nothing to do: at {current or '(not migrated)'}"
+            out.line(f"{did} {change}" if before != current else nothing)
         out.line(f"current: {current or '(not migrated)'}  head: {head}")
     if args.action == "check":
         store.check()
@@ -229,11 +267,11 @@ def cmd_history(args: argparse.Namespace, store: Any, out: _Out) -> int:
     messages = itertools.chain([first] if first else [], stream)
     fmt = "jsonl" if out.as_json else args.format
     if fmt == "jsonl":  # the export format: `tokenmem import` reads it back
-        from .transfer import to_record
+        from .transfer import to_json, to_record
 
         key = store.session(args.session, owner=args.owner)
         for m in messages:
-            out.line(json.dumps(to_record(key.owner_id, key.session_id, m), ensure_ascii=False))
+            out.stream.write(to_json(to_record(key.owner_id, key.session_id, m)) + "\n")
     elif fmt == "csv":
         writer = csv.writer(out.stream)
         writer.writerow(_HISTORY_FIELDS)
@@ -251,7 +289,7 @@ def cmd_history(args: argparse.Namespace, store: Any, out: _Out) -> int:
                 ]
             )
     else:
-        out.line(
+        out.header(
             f"{'pos':>6} {'turn':>5} {'role':<6} {'text_tokens':>11}  {'created':<19}  content"
         )
         for m in messages:
@@ -414,7 +452,7 @@ def cmd_chat(args: argparse.Namespace, store: Any, out: _Out) -> int:
         llm.client  # noqa: B018  (made now: a missing key is told before any input is read)
     except ModelError as exc:
         raise ConfigurationError(
-            "tokenmem chat needs an API key: set OPENAI_API_KEY (for a local "
+            "chat needs an API key: set OPENAI_API_KEY (for a local "
             "OpenAI-compatible server, any value, with --base-url or OPENAI_BASE_URL)"
         ) from exc
     memory = ConversationTokenBufferMemory(
@@ -445,7 +483,7 @@ def cmd_chat(args: argparse.Namespace, store: Any, out: _Out) -> int:
         if not text.strip():
             continue
         for chunk in chain.stream(input=text):
-            out.stream.write(chunk)
+            out.stream.write(_visible(chunk, newlines=True))
             out.stream.flush()
         out.line()
 
@@ -461,21 +499,13 @@ def cmd_import(args: argparse.Namespace, store: Any, out: _Out) -> int:
             store,
             args.from_langchain,
             counter,
-            table=args.table,
+            table=args.table or "message_store",
             owner=args.owner,
             progress=step,
         )
-    elif args.file:
-        try:
-            # Bytes that are not UTF-8 reach the checks as lone surrogates, which
-            # fail the line they are on, by its number.
-            lines = open(args.file, encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
-        except OSError as exc:
-            raise ConfigurationError(f"cannot read {args.file}: {exc.strerror}") from None
-        with lines:
-            result = import_jsonl(store, lines, counter, owner=args.owner, progress=step)
     else:
-        raise ConfigurationError("import needs a FILE or --from-langchain URL")
+        with _input(args.file) as lines:
+            result = import_jsonl(store, lines, counter, owner=args.owner, progress=step)
     if sys.stderr.isatty():
         sys.stderr.write("\n")
     if out.as_json:
@@ -488,6 +518,30 @@ def cmd_import(args: argparse.Namespace, store: Any, out: _Out) -> int:
     return 0
 
 
+@contextmanager
+def _input(path: str) -> Iterator[IO[str]]:
+    """The lines of ``path``, or of stdin for ``-``. Bytes that are not UTF-8
+    reach the checks as lone surrogates, which fail the line they are on, by
+    its number."""
+    if path == "-":
+        buffer = getattr(sys.stdin, "buffer", None)
+        if buffer is None:  # a text stream without bytes beneath (a test's)
+            yield sys.stdin
+            return
+        stdin = io.TextIOWrapper(buffer, encoding="utf-8", errors="surrogateescape")
+        try:
+            yield stdin
+        finally:
+            stdin.detach()  # stdin's buffer stays open
+        return
+    try:
+        lines = open(path, encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror}") from None
+    with lines:
+        yield lines
+
+
 def cmd_export(args: argparse.Namespace, store: Any, out: _Out) -> int:
     import stat
     import tempfile
@@ -495,11 +549,13 @@ def cmd_export(args: argparse.Namespace, store: Any, out: _Out) -> int:
     from .transfer import export_jsonl
 
     path = args.output
+    if path:  # through a symlink to its target: the link stays a link
+        path = os.path.realpath(path)
     if not path or (os.path.exists(path) and not os.path.isfile(path)):  # stdout, a pipe
         try:
             target = open(path, "w", encoding="utf-8") if path else out.stream  # noqa: SIM115
         except OSError as exc:
-            raise ConfigurationError(f"cannot write {path}: {exc.strerror}") from None
+            raise ConfigurationError(f"cannot write {args.output}: {exc.strerror}") from None
         try:
             written = export_jsonl(store, target, owner=args.owner, sessions=args.sessions)
         finally:
@@ -516,12 +572,12 @@ def cmd_export(args: argparse.Namespace, store: Any, out: _Out) -> int:
             mode = 0o666 & ~umask
         try:
             fd, part = tempfile.mkstemp(
-                dir=os.path.dirname(os.path.abspath(path)),
+                dir=os.path.dirname(path),
                 prefix=f".{os.path.basename(path)}.",
                 suffix=".part",
             )
         except OSError as exc:
-            raise ConfigurationError(f"cannot write {path}: {exc.strerror}") from None
+            raise ConfigurationError(f"cannot write {args.output}: {exc.strerror}") from None
         try:
             with open(fd, "w", encoding="utf-8") as target:
                 written = export_jsonl(store, target, owner=args.owner, sessions=args.sessions)
@@ -530,10 +586,10 @@ def cmd_export(args: argparse.Namespace, store: Any, out: _Out) -> int:
         except BaseException as exc:
             os.unlink(part)
             if isinstance(exc, OSError):
-                raise ConfigurationError(f"cannot write {path}: {exc.strerror}") from None
+                raise ConfigurationError(f"cannot write {args.output}: {exc.strerror}") from None
             raise
     if path:
-        print(f"{written} message(s) written to {path}", file=sys.stderr)
+        print(_visible(f"{written} message(s) written to {args.output}"), file=sys.stderr)
     return 0
 
 
@@ -543,9 +599,12 @@ def cmd_recount(args: argparse.Namespace, store: Any, out: _Out) -> int:
     # Without --model/--encoding: only fill in rows from before migration 0003.
     counter = _counter(args) if args.model or args.encoding else None
     encoding = counter.encoding_name if counter else "each session's own encoding"
-    total = sum(
-        s.messages for s in store.session_stats(owner=args.owner, all_owners=args.owner is None)
-    )
+    # As recount() reads them: --session is the default owner's unless --owner says.
+    if args.session is not None:
+        stats = [s for s in store.session_stats(owner=args.owner) if s.session_id == args.session]
+    else:
+        stats = store.session_stats(owner=args.owner, all_owners=args.owner is None)
+    total = sum(s.messages for s in stats)
     done = recount(
         store,
         counter,
@@ -611,7 +670,7 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> Any:
         self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"tokenmem: {message}\n")
+        self.exit(EXIT_USAGE, f"tokenmem: {_visible(message)}\n")
 
 
 def _global_options(parser: argparse.ArgumentParser, *, default: object) -> None:
@@ -671,10 +730,14 @@ def _parser() -> argparse.ArgumentParser:
         help="upgrade, downgrade, current or check",
     )
     db.add_argument(
-        "revision", nargs="?", help="target revision (upgrade: head; downgrade: e.g. base)"
+        "revision",
+        nargs="?",
+        help="target revision (upgrade: head; downgrade: e.g. base; current and check take none)",
     )
     db.add_argument(
-        "--yes", action="store_true", help="downgrade without asking (it drops columns or tables)"
+        "--yes",
+        action="store_true",
+        help="downgrade without asking (it drops columns or tables; else type yes)",
     )
 
     sessions = command("sessions", "sessions with message count, tokens and activity", cmd_sessions)
@@ -728,11 +791,15 @@ def _parser() -> argparse.ArgumentParser:
     imp = command(
         "import", "import JSONL, or LangChain's message_store table (idempotent)", cmd_import
     )
-    imp.add_argument("file", metavar="FILE", nargs="?", help="a JSONL file written by export")
+    imp.add_argument(
+        "file", metavar="FILE", nargs="?", help="a JSONL file written by export; - reads stdin"
+    )
     imp.add_argument(
         "--from-langchain", metavar="URL", help="SQLAlchemy URL of LangChain's database"
     )
-    imp.add_argument("--table", default="message_store", help="LangChain's table")
+    imp.add_argument(
+        "--table", help="LangChain's table, with --from-langchain (default: message_store)"
+    )
     owner(imp)
     encoding(imp, "each record's own encoding")
 
@@ -748,13 +815,21 @@ def _parser() -> argparse.ArgumentParser:
         cmd_recount,
     )
     encoding(rec, "each session's own encoding")
-    rec.add_argument("--session", help="only this session")
-    owner(rec)
+    rec.add_argument(
+        "--session", help="only this session: the default owner's unless --owner names another"
+    )
+    rec.add_argument(
+        "--owner",
+        help="only this owner's sessions (default: every owner's; with --session, the default "
+        "owner's)",
+    )
 
     erase = command("erase", "hard-delete a session, or everything an owner has", cmd_erase)
     erase.add_argument("session", metavar="SESSION", nargs="?", help="the session id")
     owner(erase)
-    erase.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    erase.add_argument(
+        "--yes", action="store_true", help="do not ask for confirmation (else type yes)"
+    )
 
     demo = command("demo", "replay the reference notebook: window, chain, history", cmd_demo)
     demo.add_argument("--language", choices=["en", "zh"], default="en", help="en or zh")
@@ -770,6 +845,8 @@ def _check_exists(args: argparse.Namespace) -> None:
     from sqlalchemy import make_url
     from sqlalchemy.exc import ArgumentError
 
+    from .urls import sqlite_path
+
     url = args.db or os.environ.get("TOKENMEM_DATABASE_URL")
     if not url or not (args.command in _EXISTING or args.action in ("current", "check")):
         return  # the embedded default is made on first use
@@ -777,12 +854,28 @@ def _check_exists(args: argparse.Namespace) -> None:
         parsed = make_url(url)
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         return  # the store reports a bad URL
-    path = parsed.database
-    sqlite_file = parsed.get_backend_name() == "sqlite" and path not in (None, "", ":memory:")
-    if sqlite_file and not os.path.exists(str(path)):
+    path = sqlite_path(parsed)
+    if path is not None and not os.path.exists(path):
         raise ConfigurationError(
             f"no SQLite database at {path}: check the URL (`tokenmem db upgrade` creates one)"
         )
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Usage errors argparse cannot see: options that would be ignored."""
+    if args.json and args.command in ("chat", "demo"):
+        raise ConfigurationError(f"{args.command} has no JSON output: drop --json")
+    if args.command == "db" and args.action in ("current", "check") and args.revision:
+        raise ConfigurationError(f"db {args.action} takes no revision, not {args.revision!r}")
+    if args.command == "import":
+        if args.file and args.from_langchain:
+            raise ConfigurationError("import reads a FILE or --from-langchain URL, not both")
+        if not args.file and not args.from_langchain:
+            raise ConfigurationError("import needs a FILE (- for stdin) or --from-langchain URL")
+        if args.table and not args.from_langchain:
+            raise ConfigurationError(
+                "--table names LangChain's table: use it with --from-langchain"
+            )
 
 
 def _one_line(exc: TokenmemError) -> str:
@@ -803,6 +896,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .store import Store
 
+        _check_args(args)
         _check_exists(args)
         # `db` commands report the schema as it is: they never migrate by themselves.
         store = Store(args.db or None, upgrade=False if args.command == "db" else None)
@@ -814,7 +908,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except TokenmemError as exc:
-        print(f"tokenmem: {_one_line(exc)}", file=sys.stderr)
+        print(f"tokenmem: {_visible(_one_line(exc))}", file=sys.stderr)
         if isinstance(exc, SessionNotFound):
             return EXIT_NOT_FOUND
         if isinstance(exc, SchemaError):

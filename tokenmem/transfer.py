@@ -11,13 +11,21 @@ file again. Not carried: the turn audit log and the sessions' timestamps.
 
 Exports and recounts stream, page by page. An import reads its input twice
 (a stream is spooled to a temporary file): first to check every line, so a
-bad one fails it before anything is written, then to write, holding a batch of
-one session's records and a few numbers per session. A session's lines need
-not be consecutive. Imports are idempotent: records keep their positions (a
-record without one comes right after its session's previous record, the first
-at 0) and those a session already holds are skipped, once checked to be the
-same messages, so importing twice adds nothing and an interrupted import
-resumes::
+bad one fails it before anything is written, then to write, holding up to a
+few thousand records (a batch per session) and a few numbers per session. A
+session's lines need not be consecutive. Turns are as the records group them:
+by their ``turn`` values, kept unless the session is past them; without one,
+a human message and the AI reply after it in its session form a turn.
+
+Imports are idempotent: records keep their positions (a record without one
+comes right after its session's previous record, the first at 0) and those a
+session already holds are skipped, once checked to be the same messages, so
+importing twice adds nothing and an interrupted import resumes. Each batch
+decides that under the session's row lock, in the transaction that writes
+it, so imports of one file at once write each record once. An application
+writing to a session while it is imported: a record whose position the
+application took first stops the import with an error naming its line
+(nothing is written twice, nor out of place)::
 
     with open("backup.jsonl", "w") as out:
         export_jsonl(store, out)                   # every session of every owner
@@ -28,10 +36,13 @@ resumes::
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import io
 import json
+import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -43,13 +54,14 @@ from sqlalchemy import (
     MetaData,
     Table,
     and_,
+    bindparam,
     exists,
     func,
     or_,
     select,
     update,
 )
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
 from .engine import source_engine
 from .errors import (
@@ -60,11 +72,20 @@ from .errors import (
     TokenmemError,
 )
 from .messages import SessionInfo, StoredMessage
-from .models import MESSAGES, ROLES, SESSIONS
+from .models import MESSAGES, ROLES, SESSIONS, utcnow
 from .store import Store
 from .tokens import TokenCounter
-from .urls import scrub, shown
-from .validate import DEFAULT_OWNER, SessionKey, check_text
+from .urls import scrub, shown, sqlite_path
+from .validate import (
+    DEFAULT_OWNER,
+    PreparedAppend,
+    SessionKey,
+    check_key,
+    check_metadata,
+    check_text,
+    prepare_append,
+)
+from .writes import align, append, session_upsert
 
 __all__ = [
     "ImportResult",
@@ -72,6 +93,7 @@ __all__ = [
     "import_jsonl",
     "import_langchain",
     "recount",
+    "to_json",
     "to_record",
 ]
 
@@ -100,6 +122,18 @@ def _sorted(value: Any) -> Any:
     if isinstance(value, list):
         return [_sorted(v) for v in value]
     return value
+
+
+def to_json(value: Any, *, indent: int | None = None) -> str:
+    """``value`` as JSON the way exports write it: text as it is (not
+    ``\\u`` escapes), except control characters — C0 as ``json`` escapes
+    them, and DEL and C1 too — so a line printed on a terminal cannot drive
+    it, and reads back the same."""
+    text = json.dumps(value, ensure_ascii=False, indent=indent)
+    return _UNSAFE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
+
+
+_UNSAFE = re.compile("[\x7f-\x9f]")  # json leaves DEL and C1 as they are
 
 
 def to_record(owner: str, session_id: str, m: StoredMessage) -> dict[str, Any]:
@@ -213,11 +247,11 @@ def export_jsonl(
         for m in store.history(key.name, owner=key.owner):
             if m.position >= state.next_position:  # appended since: the next export's
                 break
-            out.write(json.dumps(to_record(key.owner, key.name, m), ensure_ascii=False) + "\n")
+            out.write(to_json(to_record(key.owner, key.name, m)) + "\n")
             written += 1
             if progress and written % _BATCH == 0:
                 progress(_BATCH)
-        out.write(json.dumps(_session_line(key, state), ensure_ascii=False) + "\n")
+        out.write(to_json(_session_line(key, state)) + "\n")
     if progress:
         progress(written % _BATCH)
     return written
@@ -285,6 +319,8 @@ class _Reader:
                     f"not UTF-8 text after line {number}: {exc.reason}"
                 ) from None
             number += 1
+            if number == 1:  # a byte order mark (Windows tools write one) is no text
+                text = text.removeprefix("\ufeff")
             if text.strip():
                 try:
                     yield self._line(number, text)
@@ -295,7 +331,9 @@ class _Reader:
         try:
             record = json.loads(text.rstrip("\r\n"))
         except json.JSONDecodeError as exc:
-            raise InvalidInputError(f"not JSON: {exc.msg} at column {exc.colno}") from None
+            # Some of json's messages end in "at" ("Unterminated string starting at").
+            what = exc.msg.removesuffix(" at")
+            raise InvalidInputError(f"not JSON: {what} at column {exc.colno}") from None
         if not isinstance(record, dict):
             raise InvalidInputError(f"a JSON object expected, not a {_json_type(record)}")
         kind = record.get("kind", "message")
@@ -350,9 +388,13 @@ class _Reader:
         if named is None or named == self.owner:
             return self.owner
         raise InvalidInputError(
-            f"the record is owner {named!r}'s, but the import is into owner {self.owner!r}: "
-            "drop its owner field to import it there"
+            f"the record belongs to {_owner_label(named)}, but the import is into "
+            f"{_owner_label(self.owner)}: drop its owner field to import it there"
         )
+
+
+def _owner_label(owner: object) -> str:
+    return "the default owner ('')" if owner == DEFAULT_OWNER else f"owner {owner!r}"
 
 
 def _json_type(value: object) -> str:
@@ -380,8 +422,9 @@ def _message(record: dict[str, Any]) -> StoredMessage:
     check_text(record["content"], "content")
     name = record.get("name")
     if name is not None:
-        check_text(name, "name")
+        check_key(name, "name")
     _metadata(record.get("metadata"), "metadata")
+    check_metadata(record.get("metadata"), "metadata")
     created = record.get("created_at")
     try:
         created_at = datetime.fromisoformat(created) if created else None
@@ -436,19 +479,175 @@ def _twice(lines: Iterable[str]) -> Iterator[tuple[Iterable[str], Callable[[], I
 
 
 # --- writing --------------------------------------------------------------------
+# Each batch of one session's records is one transaction (:func:`_put`) that
+# first locks the session's row and reads where the session is, so which
+# records it already holds (compared, then skipped) and where the others go
+# is decided under the lock: two imports of one file at once, or an import
+# and the application, never write a record twice nor anywhere but at its
+# own position.
+
+_HELD = 4 * _BATCH  # records held, of all sessions, before every batch is written
 
 
-def _same_turn(previous: _Line, line: _Line) -> bool:
-    """Whether ``line`` continues ``previous``'s turn: by their ``turn`` field
-    when present, else a human message and the AI reply after it form one."""
-    if line.record.get("turn") is not None:
-        return bool(line.record["turn"] == previous.record.get("turn"))
-    return bool(line.record["role"] == "ai" and previous.record["role"] == "human")
+@dataclasses.dataclass(frozen=True)
+class _Last:
+    """A session's last record written or found: what the next one's turn
+    follows from."""
+
+    field: int | None  # the record's own ``turn``
+    role: str
+    turn: int  # its turn in the database
+
+
+def _continues(last: _Last | None, line: _Line) -> bool:
+    """Whether ``line`` is in ``last``'s turn: by their ``turn`` values when the
+    record has one, else as an AI reply to the human message before it."""
+    if last is None:
+        return False
+    field = line.record.get("turn")
+    if field is not None:
+        return bool(field == last.field)
+    return last.role == "human" and line.record["role"] == "ai"
+
+
+def _lock(conn: Connection, key: SessionKey) -> tuple[int, int]:
+    """Create the session if need be and lock its row until the transaction
+    ends (on SQLite, the database: the first statement writes, so the lock is
+    taken at once, never upgraded from a read); return its next position and
+    next turn."""
+    s, now = SESSIONS.c, utcnow()
+    row = {"id": key.id, "owner_id": key.owner, "name": key.name}
+    upsert = session_upsert(
+        conn.dialect.name,
+        {**row, "created_at": now, "updated_at": now},
+        {"next_position": s.next_position},  # changes nothing: only locks
+    )
+    position, turn = conn.execute(upsert.returning(s.next_position, s.next_turn)).one()
+    return int(position), int(turn)
+
+
+_m = MESSAGES.c
+_STORED = select(_m.position, _m.turn, _m.role, _m.content, _m.name, _m.metadata)
+# A batch's positions are (nearly always) consecutive: read them as a range.
+_STORED_BETWEEN = _STORED.where(
+    _m.session_id == bindparam("sid"), _m.position.between(bindparam("lo"), bindparam("hi"))
+)
+_STORED_AT = _STORED.where(
+    _m.session_id == bindparam("sid"), _m.position.in_(bindparam("positions", expanding=True))
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Put:
+    """What :func:`_put` did, and the session's last record for the next batch."""
+
+    imported: int
+    skipped: int
+    last: _Last | None
+
+
+class _Stale(Exception):
+    """The session is behind where it was seen before the batch was counted:
+    records the batch did not count must be written (it was erased since)."""
+
+
+def _put(
+    conn: Connection,
+    key: SessionKey,
+    lines: Sequence[_Line],
+    prepared: PreparedAppend | None,
+    counted: int,
+    last: _Last | None,
+) -> _Put:
+    """Write a batch of one session's records (positions ascending) in the
+    caller's transaction: those below the session's next position must be
+    there already (compared), the others are written at their positions,
+    skipping a gap (as where the source was pruned) forward. ``prepared``
+    counts ``lines[counted:]`` (those the session did not hold when last
+    seen): :class:`_Stale` if the session now needs more. Turns: as
+    :func:`_continues` groups them, a record's own ``turn`` kept unless the
+    session has passed it."""
+    have, turn = _lock(conn, key)
+    old = bisect.bisect_left([line.position for line in lines], have)
+    if old < counted:
+        raise _Stale
+    if old:
+        last = _compare(conn, key, lines[:old])
+    i = old
+    while i < len(lines):  # each run of consecutive positions: one append
+        j = i + 1
+        while j < len(lines) and lines[j].position == lines[j - 1].position + 1:
+            j += 1
+        if lines[i].position > have:
+            align(conn, key, lines[i].position, turn)
+        base, turns = turn, []
+        for line in lines[i:j]:
+            if not _continues(last, line):
+                field = line.record.get("turn")
+                last = _Last(field, line.record["role"], max(turn, field or 0))
+                turn = last.turn + 1
+            else:
+                assert last is not None
+                last = dataclasses.replace(last, role=line.record["role"])
+            turns.append(last.turn)
+        assert prepared is not None  # old >= counted
+        cut = slice(i - counted, j - counted)
+        run = PreparedAppend(
+            key=key,
+            encoding=prepared.encoding,
+            messages=prepared.messages[cut],
+            counts=prepared.counts[cut],
+            turn_of=[t - base for t in turns],  # from the session's next turn
+            turns=turn - base,  # 0: the run only goes on with the last turn
+            counter=prepared.counter,
+            created_at=prepared.created_at[cut],
+        )
+        stored = append(conn, run)
+        if stored[0].position != lines[i].position:  # the lock rules this out
+            raise StoreError(f"session {_label(key)} moved while locked: nothing imported")
+        have, i = lines[j - 1].position + 1, j
+    return _Put(len(lines) - old, old, last)
+
+
+def _compare(conn: Connection, key: SessionKey, old: Sequence[_Line]) -> _Last:
+    """Check that the session holds each of ``old`` as it is; return the last
+    as :class:`_Last`."""
+    lo, hi = old[0].position, old[-1].position
+    if hi - lo < 2 * len(old):
+        rows = conn.execute(_STORED_BETWEEN, {"sid": key.id, "lo": lo, "hi": hi})
+    else:  # far apart: only those
+        rows = conn.execute(_STORED_AT, {"sid": key.id, "positions": [x.position for x in old]})
+    held = {row.position: row for row in rows}
+    for line in old:
+        row = held.get(line.position)
+        if row is None:
+            raise InvalidInputError(
+                f"{line.where}: session {_label(key)} has no message at position "
+                f"{line.position}, though it is past it (pruned or erased there, or another "
+                "conversation): the record cannot be put back; erase the session to import "
+                "it whole"
+            )
+        _check_same(key, line, row)
+    line = old[-1]
+    return _Last(line.record.get("turn"), line.record["role"], held[line.position].turn)
+
+
+def _end(conn: Connection, key: SessionKey, record: dict[str, Any]) -> None:
+    """A session line: move the session's next position and turn forward to
+    its, then restore its window start and metadata."""
+    have, turn = _lock(conn, key)
+    position = record.get("next_position")
+    if position is not None and have < position:
+        align(conn, key, position, max(record.get("next_turn") or 0, turn))
+    start, metadata = record.get("window_start"), record.get("metadata")
+    if start is not None or metadata is not None:
+        _restore(conn, key, start, metadata)
 
 
 class _Importer:
-    """Writes checked lines, a batch of one session's records at a time (cut
-    between turns), skipping the records the session already holds."""
+    """Writes checked lines, holding each session's records until it has a
+    batch (or all sessions together hold :data:`_HELD`), so interleaved
+    sessions are still written in batches."""
 
     def __init__(
         self,
@@ -460,102 +659,82 @@ class _Importer:
         self.store, self.counter = store, counter
         self.encoding_of, self.progress = encoding_of, progress
         self.imported = self.skipped = 0
-        self.batch: list[_Line] = []
+        self.batches: dict[SessionKey, list[_Line]] = {}
+        self.held = 0
+        self.last: dict[SessionKey, _Last] = {}
+        self.counters: dict[str, TokenCounter] = {}
 
     def add(self, line: _Line) -> None:
-        if self.batch and (
-            line.key != self.batch[0].key
-            or line.message is None
-            or (len(self.batch) >= _BATCH and not _same_turn(self.batch[-1], line))
-        ):
+        if line.message is None:  # a session line: its records first
+            self._flush(line.key)
+            self.store.run(functools.partial(_end, key=line.key, record=line.record))
+            self.last.pop(line.key, None)  # another export of it may follow
+            return
+        batch = self.batches.setdefault(line.key, [])
+        batch.append(line)
+        self.held += 1
+        if len(batch) >= _BATCH:
+            self._flush(line.key)
+        elif self.held >= _HELD:
             self.flush()
-        if line.message is None:
-            self._restore(line)
-        else:
-            self.batch.append(line)
 
     def flush(self) -> None:
-        if self.batch:
-            self._write(self.batch)
-            if self.progress:
-                self.progress(len(self.batch))
-            self.batch = []
+        for key in list(self.batches):
+            self._flush(key)
 
-    def _write(self, lines: list[_Line]) -> None:
-        key = lines[0].key
+    def _flush(self, key: SessionKey) -> None:
+        lines = self.batches.pop(key, None)
+        if not lines:
+            return
+        self.held -= len(lines)
+        encoding = self.counter.encoding_name if self.counter else None
+        encoding = encoding or self.encoding_of(key) or _DEFAULT_ENCODING
+        if encoding not in self.counters:
+            self.counters[encoding] = self.counter or TokenCounter(encoding)
+        # Only records the session does not hold yet are counted (outside the
+        # lock); _put checks, under it, that no others need to be.
         state = _state(self.store, key)
-        have = state.next_position if state else 0
-        turn = state.next_turn if state else 0
-        old = [line for line in lines if line.position < have]
-        if old:
-            self._verify(key, old)
-            self.skipped += len(old)
-        runs: list[list[_Line]] = []  # runs of consecutive positions
-        for line in lines[len(old) :]:
-            if runs and line.position == runs[-1][-1].position + 1:
-                runs[-1].append(line)
-            else:
-                runs.append([line])
-        counter = self.counter or TokenCounter(self.encoding_of(key) or _DEFAULT_ENCODING)
-        for run in runs:
-            first = run[0]
-            if first.position > have:  # a gap, as where the source was pruned
-                turn = max(turn, first.record.get("turn") or 0)
-                self.store.align(key.name, first.position, turn, owner=key.owner)
-            turns = _turns(run)
+        seen = state.next_position if state else 0
+        counted = bisect.bisect_left([line.position for line in lines], seen)
+        while True:
+            messages = [[line.message] for line in lines[counted:] if line.message is not None]
             try:
-                self.imported += self.store.append_turns(key.name, turns, counter, owner=key.owner)
+                prepared = (
+                    prepare_append(key, messages, self.counters[encoding]) if messages else None
+                )
             except InvalidInputError as exc:
-                raise InvalidInputError(f"{first.where} to {run[-1].where}: {exc}") from None
-            have, turn = run[-1].position + 1, turn + len(turns)
-
-    def _verify(self, key: SessionKey, old: list[_Line]) -> None:
-        """Check that the session holds each of ``old`` (in position order)."""
-        i, after = 0, old[0].position - 1
-        while i < len(old):
-            page = self.store.history_page(key.name, owner=key.owner, after=after, limit=_BATCH)
-            for stored in page:
-                line = old[i]
-                if line.position < stored.position:
-                    break
-                if line.position == stored.position:
-                    _check_same(key, line, stored)
-                    i += 1
-                    if i == len(old):
-                        return
-            else:
-                if len(page) == _BATCH:
-                    after = page[-1].position
-                    continue
+                raise InvalidInputError(f"{lines[0].where} to {lines[-1].where}: {exc}") from None
+            work = functools.partial(
+                _put,
+                key=key,
+                lines=lines,
+                prepared=prepared,
+                counted=counted,
+                last=self.last.get(key),
+            )
+            try:
+                done = self.store.run(work)  # run again, whole, if retried: no state here
+            except _Stale:
+                counted = 0
+                continue
             break
-        line = old[i]
-        raise InvalidInputError(
-            f"{line.where}: session {_label(key)} has no message at position "
-            f"{line.position}, though it is past it (pruned or erased there, or another "
-            "conversation): the record cannot be put back; erase the session to import it whole"
-        )
-
-    def _restore(self, line: _Line) -> None:
-        key, record = line.key, line.record
-        state = _state(self.store, key)
-        position = record.get("next_position")
-        if position is not None and (state is None or state.next_position < position):
-            turn = max(record.get("next_turn") or 0, state.next_turn if state else 0)
-            self.store.align(key.name, position, turn, owner=key.owner)
-        start, metadata = record.get("window_start"), record.get("metadata")
-        if start is not None or metadata is not None:
-            self.store.run(functools.partial(_restore, key=key, start=start, metadata=metadata))
+        if done.last is not None:
+            self.last[key] = done.last
+        self.imported += done.imported
+        self.skipped += done.skipped
+        if self.progress:
+            self.progress(len(lines))
 
 
 def _label(key: SessionKey) -> str:
     return f"{key.name!r}" + (f" of owner {key.owner!r}" if key.owner else "")
 
 
-def _check_same(key: SessionKey, line: _Line, stored: StoredMessage) -> None:
+def _check_same(key: SessionKey, line: _Line, stored: Any) -> None:
     message = line.message
     assert message is not None
     for field, mine, theirs in (
-        ("role", message.type, stored.type),
+        ("role", message.type, stored.role),
         ("content", message.content, stored.content),
         ("name", message.name, stored.name),
         ("metadata", message.metadata, stored.metadata),
@@ -564,19 +743,9 @@ def _check_same(key: SessionKey, line: _Line, stored: StoredMessage) -> None:
             raise InvalidInputError(
                 f"{line.where}: session {_label(key)} already holds a different message at "
                 f"position {line.position} (its {field} differs): the file is of another "
-                "conversation, or the session changed since"
+                "conversation, or the session changed since (an application wrote to it "
+                "during the import?)"
             )
-
-
-def _turns(lines: list[_Line]) -> list[list[StoredMessage]]:
-    turns: list[list[StoredMessage]] = []
-    for i, line in enumerate(lines):
-        assert line.message is not None
-        if i and _same_turn(lines[i - 1], line):
-            turns[-1].append(line.message)
-        else:
-            turns.append([line.message])
-    return turns
 
 
 def import_jsonl(
@@ -595,10 +764,10 @@ def import_jsonl(
     and a record naming another is an error.
 
     Every line is checked before anything is written; a bad one raises
-    :class:`InvalidInputError` naming it. Idempotent: records a session
-    already holds are skipped, and one it is past but does not hold, or holds
-    differently, is an error (naming the line): nothing is skipped that the
-    database does not hold."""
+    :class:`InvalidInputError` naming it. Idempotent, also when run twice at
+    once: records a session already holds are skipped, and one it is past but
+    does not hold, or holds differently, is an error (naming the line):
+    nothing is skipped that the database does not hold, nor written twice."""
     scope = _within(store, owner)
     check = _Reader(scope, counter)
     with _twice(lines) as (first, again):
@@ -630,10 +799,22 @@ def import_langchain(
     "data": {"content": ...}}``) from any SQLAlchemy URL, in ``id`` order,
     into ``owner`` (default: the store's owner), counted with ``counter``
     (default ``o200k_base``). Idempotent, like :func:`import_jsonl`: a
-    session's n-th row is its message at position n."""
+    session's n-th row is its message at position n.
+
+    Raises :class:`ConfigurationError` for a SQLite file that does not exist
+    (it is not created) or a table the database does not have."""
     engine = source_engine(url)  # any sync SQLAlchemy URL; ConfigurationError if unusable
     try:
-        source = Table(table, MetaData(), autoload_with=engine)
+        path = sqlite_path(engine.url)
+        if path is not None and not os.path.exists(path):  # connecting would create it
+            raise ConfigurationError(f"no SQLite database at {path}: check the URL")
+        try:
+            source = Table(table, MetaData(), autoload_with=engine)
+        except NoSuchTableError:
+            raise ConfigurationError(
+                f"no table {table!r} in {shown(engine.url)} (LangChain's "
+                "SQLChatMessageHistory writes 'message_store' unless told another name)"
+            ) from None
         c = source.c
         scope = _within(store, owner)
         importer = _Importer(store, counter, lambda key: None, progress)
@@ -695,7 +876,13 @@ def recount(
     interrupted run resumes where it stopped) unless they hold messages
     written before migration 0003 counted newlines. With ``counter=None``,
     only fill those in, each session with its own encoding. Returns sessions
-    recounted."""
+    recounted.
+
+    Every session of ``owner``, or of every owner when it is None (on a
+    scoped store, its owner's); ``session``: that session of ``owner`` or,
+    when it is None, of the store's owner (the default owner unless scoped),
+    as every call naming a session means (:class:`SessionNotFound` if there
+    is none)."""
     if session is not None:
         targets = [s for s in store.session_stats(owner=owner) if s.session_id == session]
         if not targets:
