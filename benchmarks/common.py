@@ -39,11 +39,10 @@ from sqlalchemy import (
     create_engine,
     event,
     insert,
-    literal_column,
     or_,
     text,
 )
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.engine import Engine, make_url
 
@@ -51,6 +50,7 @@ import tokenmem
 from tokenmem import Rule, TokenCounter
 from tokenmem.models import MESSAGES, SESSIONS
 from tokenmem.window import Counts, window_select
+from tokenmem.writes import session_upsert
 
 PG_URL = os.environ.get(
     "TOKENMEM_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -197,30 +197,28 @@ def driver_id(backend: str, sid: uuid.UUID) -> object:
 
 
 def _upsert(backend: str) -> Any:
-    """Create the session or bump its counters, returning them: tokenmem's append, step 1."""
+    """Create the session or bump its counters, returning them: tokenmem's
+    append, step 1 (built as tokenmem builds it, with the same parameters)."""
     s = SESSIONS.c
     n, turns, floor = (bindparam(k, type_=BigInteger) for k in ("n", "turns", "floor"))
     enc, now = (
         bindparam("encoding", type_=s.encoding.type),
         bindparam("now", type_=s.updated_at.type),
     )
-    stmt = (postgresql.insert if backend == "postgresql" else sqlite.insert)(SESSIONS).values(
-        id=bindparam("sid", type_=s.id.type),
-        owner_id=bindparam("owner"),
-        name=bindparam("name"),
-        encoding=enc,
-        next_position=n,
-        next_turn=turns,
-        floor_total=floor,
-        start_position=literal_column("0"),
-        start_floor=literal_column("0"),
-        next_call=literal_column("0"),
-        created_at=now,
-        updated_at=now,
-    )
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[s.id],
-        set_={
+    stmt = session_upsert(
+        backend,
+        {
+            "id": bindparam("id", type_=s.id.type),
+            "owner_id": bindparam("owner"),
+            "name": bindparam("name"),
+            "encoding": enc,
+            "next_position": n,
+            "next_turn": turns,
+            "floor_total": floor,
+            "created_at": now,
+            "updated_at": now,
+        },
+        {
             "next_position": s.next_position + n,
             "next_turn": s.next_turn + turns,
             "floor_total": s.floor_total + floor,
@@ -233,13 +231,8 @@ def _upsert(backend: str) -> Any:
 
 
 def _insert_exchange() -> Any:
-    """The exchange's two rows in one statement (session and encoding bound once)."""
-    shared = {k: bindparam(k, type_=MESSAGES.c[k].type) for k in ("session_id", "encoding")}
-    rows = [
-        {c.key: shared.get(c.key, bindparam(f"{who}_{c.key}", type_=c.type)) for c in MESSAGES.c}
-        for who in ("h", "a")
-    ]
-    return insert(MESSAGES).values(rows)
+    """One message row: the exchange's two are sent as one executemany, as tokenmem does."""
+    return insert(MESSAGES)
 
 
 class TurnSQL:
@@ -265,7 +258,7 @@ class TurnSQL:
         if self.sqlite:  # the text SQLAlchemy binds for a UTC datetime in SQLite
             now = now.replace(tzinfo=None).isoformat(" ", "microseconds")
         return {
-            "sid": driver_id(self.backend, sid),
+            "id": driver_id(self.backend, sid),
             "owner": OWNER,
             "name": name,
             "encoding": ENCODING,
@@ -281,28 +274,31 @@ class TurnSQL:
         row: Sequence[int],
         texts: Sequence[str],
         counts: Sequence[Counts],
-    ) -> dict[str, Any]:
+    ) -> list[dict[str, Any]]:
         """The exchange's two rows, placed by the upsert's returned ``row``."""
         next_position, next_turn, floor_total = row
-        params = {"session_id": upsert["sid"], "encoding": ENCODING}
-        cum = floor_total - upsert["floor"]
-        for i, (who, role) in enumerate((("h", "human"), ("a", "ai"))):
+        rows, cum = [], floor_total - upsert["floor"]
+        for i, role in enumerate(("human", "ai")):
             c = counts[i]
-            params |= {
-                f"{who}_position": next_position - 2 + i,
-                f"{who}_turn": next_turn - 1,
-                f"{who}_role": role,
-                f"{who}_content": texts[i],
-                f"{who}_name": None,
-                f"{who}_metadata": None,
-                f"{who}_created_at": upsert["now"],
-                f"{who}_text_tokens": c.text_tokens,
-                f"{who}_newline_tokens": c.newline_tokens,
-                f"{who}_chat_tokens": c.chat_tokens,
-                f"{who}_cum_floor": cum,
-            }
+            rows.append(
+                {
+                    "session_id": upsert["id"],
+                    "position": next_position - 2 + i,
+                    "turn": next_turn - 1,
+                    "role": role,
+                    "content": texts[i],
+                    "name": None,
+                    "metadata": None,
+                    "created_at": upsert["now"],
+                    "encoding": ENCODING,
+                    "text_tokens": c.text_tokens,
+                    "newline_tokens": c.newline_tokens,
+                    "chat_tokens": c.chat_tokens,
+                    "cum_floor": cum,
+                }
+            )
             cum += c.floor
-        return params
+        return rows
 
     def load_params(self, sid: uuid.UUID) -> dict[str, Any]:
         return {**self.window_params, "w_session": driver_id(self.backend, sid)}

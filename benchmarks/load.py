@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import inspect
 import itertools
 import json
 import os
@@ -56,7 +58,8 @@ from common import TIMES
 from sqlalchemy import select
 
 from tokenmem import ConversationTokenBufferMemory, Message, Rule, Store, TokenCounter
-from tokenmem.aio import AsyncStore
+from tokenmem.aio import AsyncStore, make_async_engine
+from tokenmem.engine import make_engine
 from tokenmem.models import MESSAGES, SESSIONS, session_uuid
 from tokenmem.window import Counts, count_message
 
@@ -129,7 +132,10 @@ class Bare:
         p = self.sql.upsert_params(ex.sid, ex.name, ex.counts)
         try:
             (row,) = self.conn.execute(self.sql.upsert, p).fetchall()
-            self.conn.execute(self.sql.insert, self.sql.insert_params(p, row, ex.texts, ex.counts))
+            with contextlib.closing(self.conn.cursor()) as cursor:
+                cursor.executemany(
+                    self.sql.insert, self.sql.insert_params(p, row, ex.texts, ex.counts)
+                )
             self.conn.commit()
         except BaseException:
             self.conn.rollback()
@@ -145,7 +151,10 @@ class Bare:
         try:
             (row,) = await (await self.conn.execute(self.sql.upsert, p)).fetchall()
             rows = self.sql.insert_params(p, row, ex.texts, ex.counts)
-            await self.conn.execute(self.sql.insert, rows)
+            cursor = self.conn.cursor()  # aiosqlite's is awaited, psycopg's is not
+            cursor = await cursor if inspect.isawaitable(cursor) else cursor
+            await cursor.executemany(self.sql.insert, rows)
+            await cursor.close()
             await self.conn.commit()
         except BaseException:
             await self.conn.rollback()
@@ -319,9 +328,11 @@ def single_thread(b: Bench, n: int) -> dict[str, float]:
 
 def check_baseline(b: Bench) -> None:
     """The bare driver must send what both stores send and read the window the
-    memory renders. The stores listened to are throwaway ones: listening marks
-    an engine for good (see ``common.statements_sent``)."""
-    probe, ex = Store(b.url), exchanges(2, SEED + 9_000, b.counter)
+    memory renders. The stores listened to are throwaway ones on engines passed
+    in, where every statement goes through ``Connection.execute`` and listeners
+    see it; the timed stores made their engines and run the same compiled
+    statements on the DBAPI cursor (tokenmem/direct.py)."""
+    probe, ex = Store(make_engine(b.url)), exchanges(2, SEED + 9_000, b.counter)
     probe.check()  # its one-off look at the schema, before listening
     with common.statements_sent(probe.engine) as sent:
         run_turn(Memory(probe), ex[0], b.tally("checks"))
@@ -329,7 +340,7 @@ def check_baseline(b: Bench) -> None:
     common.same_sql(sent, b.sql, "Store")
 
     async def async_probe() -> list[tuple[str, Any]]:
-        astore = AsyncStore(b.url)
+        astore = AsyncStore(make_async_engine(b.url))
         await astore.check()
         with common.statements_sent(astore.engine.sync_engine) as sent:
             await arun_turn(Memory(astore), ex[1], b.tally("checks"))

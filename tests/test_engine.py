@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import logging
+import re
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -22,6 +23,7 @@ from tokenmem import (
     ConversationTokenBufferMemory,
     InvalidInputError,
     Message,
+    Rule,
     Store,
     StoredMessage,
     StoreError,
@@ -226,3 +228,75 @@ def test_sqlite_timestamps_are_sqlalchemys_text() -> None:
     shifted = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=8)))
     assert ours(shifted) == "2026-01-01 19:04:05.000000"
     assert ours(None) is None
+
+
+def _timeless(value: object) -> object:
+    """A stored time with its digits masked: the same format, another moment."""
+    if isinstance(value, datetime):
+        return type(value), value.tzinfo
+    if isinstance(value, str) and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}", value):
+        return re.sub(r"\d", "0", value)  # SQLite's DATETIME text
+    return value
+
+
+def _scenario(store: Store, o200k: TokenCounter) -> dict[str, object]:
+    """Appends (one and many messages, an encoding change), clear, windows of
+    both modes: what a store writes and reads, in plain values."""
+    memory = ConversationTokenBufferMemory(store=store, session_id="p", max_token_limit=40)
+    for i in range(6):
+        memory.save_context({"input": f"question {i} 你好?"}, {"output": f"answer {i}.\nok"})
+    store.append("p", [Message("system", "be brief", name="sys", metadata={"k": [1, "二"]})], o200k)
+    store.append_turns("q", [[Message("human", f"m{i}")] for i in range(20)], o200k)
+    store.append("q", [Message("ai", "recounted")], TokenCounter("cl100k_base"))
+    texts = memory.load_memory_variables({})["history"]
+    store.clear("q")
+    store.append("q", [Message("human", "after clear")], o200k)
+    rows = {}
+    with store.engine.connect() as conn:
+        for table in ("tokenmem_sessions", "tokenmem_messages"):
+            found = conn.exec_driver_sql(f"SELECT * FROM {table} ORDER BY 1, 2").all()
+            rows[table] = [tuple(_timeless(v) for v in row) for row in found]
+    messages = ConversationTokenBufferMemory(
+        store=store, session_id="p", max_token_limit=60, return_messages=True
+    ).load_memory_variables({})["history"]
+    return {
+        "text": texts,
+        "messages": messages,
+        "window_q": store.window("q", Rule(limit=30), o200k),
+        "rows": rows,
+    }
+
+
+def test_the_direct_path_writes_and_reads_what_the_public_one_does(
+    backend: str, tmp_path: Path, o200k: TokenCounter
+) -> None:
+    """A store on an engine it made runs the hot statements on the DBAPI
+    cursor (tokenmem/direct.py); one on an engine passed in, through
+    Connection.execute. Same scenario, same rows, same windows."""
+    results = []
+    for direct in (True, False):
+        with fresh_engine(backend, tmp_path / str(direct)) as engine:
+            url = engine.url.render_as_string(hide_password=False)
+            store = Store(url, upgrade=True) if direct else Store(engine, upgrade=True)
+            assert store.direct is direct
+            results.append(_scenario(store, o200k))
+            store.close()
+    assert results[0] == results[1]
+    assert results[0]["text"] and results[0]["window_q"]
+
+
+def test_the_direct_path_wraps_errors_and_retries(tmp_path: Path, o200k: TokenCounter) -> None:
+    store = Store(f"sqlite:///{tmp_path}/d.sqlite3", upgrade=True)
+    assert store.direct
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TRIGGER no BEFORE INSERT ON tokenmem_messages "
+            "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+    with pytest.raises(StoreError, match="refused") as info:
+        store.append("s", [Message("human", "SECRET")], o200k)
+    assert "SECRET" not in str(info.value)  # parameters are never shown
+    assert store.session_stats() == []  # the session row went with the transaction
+    store.engine.echo = True  # watched: back to Connection.execute
+    assert not store.direct
+    store.close()

@@ -123,6 +123,7 @@ class AsyncStore(StoreBase):
             if isinstance(url, AsyncEngine)
             else make_async_engine(url or default_url(), **(engine_options or {}))
         )
+        self._made_engine = not isinstance(url, AsyncEngine)
         self._ready = False
         if upgrade is None:  # only the embedded default migrates by itself
             upgrade = url is None and not os.environ.get("TOKENMEM_DATABASE_URL")
@@ -196,7 +197,7 @@ class AsyncStore(StoreBase):
 
     async def _transaction(self, work: Callable[[Connection], T], state: Attempt) -> T:
         async with self.engine.connect() as conn:
-            return await conn.run_sync(transaction, work, state)
+            return await conn.run_sync(transaction, work, state, self.direct)
 
     # writes
 

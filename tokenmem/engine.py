@@ -25,6 +25,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from . import migrate
+from .direct import DIRECT
 from .errors import ConfigurationError, SchemaError
 from .urls import missing_driver, parse_source_url, parse_url, scrub, shown
 
@@ -147,8 +148,14 @@ class Attempt:
     committing = False
 
 
-def transaction(conn: Connection, work: Callable[[Connection], T], attempt: Attempt) -> T:
-    """Run ``work(conn)`` in one transaction and commit it (roll back if it raises)."""
+def transaction(
+    conn: Connection, work: Callable[[Connection], T], attempt: Attempt, direct: bool = False
+) -> T:
+    """Run ``work(conn)`` in one transaction and commit it (roll back if it
+    raises); with ``direct``, its hot statements on the DBAPI cursor
+    (:mod:`tokenmem.direct`)."""
+    if direct:
+        conn.execution_options(**{DIRECT: True})
     with conn.begin():
         value = work(conn)
         attempt.committing = True

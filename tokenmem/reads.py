@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, func, select
 
+from . import direct
 from .errors import InvalidInputError, SessionNotFound
 from .messages import Message, SessionInfo, StoredMessage
 from .models import MESSAGES, SESSIONS
@@ -62,7 +63,7 @@ def window_rows(
     :func:`window_messages` makes them messages."""
     prefix_tokens = rule.prefix_tokens(counter)
     params = rule.params(key.id, counter.encoding_name, prefix_tokens)
-    rows: Sequence[Any] = conn.execute(window_select(rule.mode), params).all()
+    rows = direct.execute(conn, window_select(rule.mode), params)
     if not rows:
         rows = _window_recounting(conn, key.id, rule, counter, prefix_tokens)
     return rows

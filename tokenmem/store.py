@@ -61,6 +61,7 @@ class StoreBase:
     """What the sync and async stores share: the engine's name, and owner scopes."""
 
     engine: Any
+    _made_engine = False
     default_owner: str = DEFAULT_OWNER
     scoped: bool = False
 
@@ -147,6 +148,16 @@ class StoreBase:
         return StoreError(f"{what}: {scrub(str(exc), self.engine.url)}")
 
     @property
+    def direct(self) -> bool:
+        """Whether the hot statements (an append's two, the window) run on the
+        DBAPI cursor (:mod:`tokenmem.direct`): on an engine the store made
+        from a URL, while its ``echo`` is off. An engine passed in runs every
+        statement through ``Connection.execute``, where its listeners,
+        tracing and ``schema_translate_map`` see it."""
+        engine = getattr(self.engine, "sync_engine", self.engine)
+        return self._made_engine and not engine.echo
+
+    @property
     def dialect(self) -> str:
         name: str = self.engine.dialect.name
         return name
@@ -179,6 +190,7 @@ class Store(StoreBase):
             if isinstance(url, Engine)
             else make_engine(url or default_url(), **(engine_options or {}))
         )
+        self._made_engine = not isinstance(url, Engine)
         self._ready = False
         if upgrade is None:  # only the embedded default migrates by itself
             upgrade = url is None and not os.environ.get("TOKENMEM_DATABASE_URL")
@@ -238,7 +250,7 @@ class Store(StoreBase):
             state = Attempt()
             try:
                 with self.engine.connect() as conn:
-                    return transaction(conn, work, state)
+                    return transaction(conn, work, state, self.direct)
             except SQLAlchemyError as exc:
                 delay = retry_delay(exc, attempt, state, self.engine.url)
                 if delay is None:

@@ -26,12 +26,15 @@ from sqlalchemy import (
     bindparam,
     delete,
     insert,
+    literal_column,
+    null,
     or_,
     select,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from . import direct
 from .errors import ConfigurationError, SessionNotFound
 from .messages import StoredMessage
 from .models import MESSAGES, SESSIONS, TURNS, utcnow
@@ -65,14 +68,15 @@ def session_upsert(
     ``id``, ``owner_id``, ``name``, ``created_at`` and ``updated_at``; every
     counter not in it starts at 0. Appends, imports (:func:`align`) and the
     turn log (:mod:`tokenmem.audit`) all go through it."""
+    zero: ColumnElement[int] = literal_column("0")  # in the SQL text: nothing to bind
     row = {
-        "encoding": None,
-        "next_position": 0,
-        "next_turn": 0,
-        "floor_total": 0,
-        "start_position": 0,
-        "start_floor": 0,
-        "next_call": 0,
+        "encoding": null(),
+        "next_position": zero,
+        "next_turn": zero,
+        "floor_total": zero,
+        "start_position": zero,
+        "start_floor": zero,
+        "next_call": zero,
         **values,
     }
     if dialect == "postgresql":
@@ -172,18 +176,18 @@ def append(conn: Connection, p: PreparedAppend) -> list[StoredMessage]:
         "floor": p.floor,
         "now": now,
     }
-    bumped = conn.execute(bump, params).first()
-    if bumped is None:  # counted with another encoding: recount, then bump
+    bumped = direct.execute(conn, bump, params)
+    if not bumped:  # counted with another encoding: recount, then bump
         recount(conn, sid, p.counter)
-        bumped = conn.execute(bump, params).one()
-    next_position, next_turn, floor_total = bumped
+        bumped = direct.execute(conn, bump, params)
+    ((next_position, next_turn, floor_total),) = bumped
     position, turn = next_position - len(rows), next_turn - p.turns
     cum = floor_total - p.floor
     for i, (msg, row, c) in enumerate(zip(stored, rows, p.counts, strict=True)):
         msg.position, msg.turn = position + i, turn + p.turn_of[i]
         row["position"], row["turn"], row["cum_floor"] = msg.position, msg.turn, cum
         cum += c.floor
-    conn.execute(_INSERT_MESSAGES, rows)
+    direct.execute(conn, _INSERT_MESSAGES, rows)
     return stored
 
 

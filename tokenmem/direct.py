@@ -1,0 +1,117 @@
+"""The hot statements on the DBAPI cursor, for engines tokenmem made itself.
+
+An append's two statements and the window's one are most of a turn, and
+``Connection.execute``'s per-call machinery (cache key, execution context,
+result object) is most of their Python. On an engine tokenmem created from a
+URL (:attr:`tokenmem.Store.direct`), an operation runs them on the cursor of
+the transaction's own DBAPI connection instead: compiled once per dialect with
+the public compiler API (``statement.compile(dialect=...)``: its string,
+``positiontup``, ``binds`` and ``params``), parameters put through each type's
+public ``bind_processor``, errors wrapped as SQLAlchemy's own
+(``DBAPIError.instance``) and a lost connection invalidated
+(``dialect.is_disconnect``, ``Connection.invalidate``). The transaction
+itself — connect, begin, commit, the pool — stays SQLAlchemy's.
+
+An engine a host passes in (its listeners, ``echo``, ``schema_translate_map``,
+tracing) always runs every statement through ``Connection.execute``, where
+they see it; so does an engine whose ``echo`` is on. ``tests/test_engine.py``
+checks that both paths write and read identical rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Dialect, Executable
+from sqlalchemy.exc import DBAPIError
+
+__all__ = ["DIRECT", "execute"]
+
+# The execution option a store sets on a connection to take this path.
+DIRECT = "tokenmem_direct"
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    sql: str
+    order: tuple[str, ...] | None  # parameter names in order, for a positional paramstyle
+    defaults: dict[str, Any]  # values the statement binds itself
+    processors: dict[str, Callable[[Any], Any]]
+
+    def bind(self, given: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
+        values = {**self.defaults, **given}
+        for name, process in self.processors.items():
+            values[name] = process(values[name])
+        if self.order is None:
+            return values
+        return [values[name] for name in self.order]
+
+
+_compiled: dict[tuple[int, int], tuple[Executable, Dialect, _Compiled]] = {}
+_lock = threading.Lock()
+
+
+def _compile(statement: Executable, dialect: Dialect) -> _Compiled:
+    key = (id(statement), id(dialect))
+    found = _compiled.get(key)
+    if found is not None:
+        return found[2]
+    compiled: Any = statement.compile(dialect=dialect)  # type: ignore[attr-defined]
+    binds = compiled.binds
+    processors = {}
+    for name, bind in binds.items():
+        process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+        if process is not None:
+            processors[name] = process
+    made = _Compiled(
+        sql=compiled.string,
+        order=tuple(compiled.positiontup) if compiled.positional else None,
+        defaults={k: v for k, v in compiled.params.items() if not binds[k].required},
+        processors=processors,
+    )
+    with _lock:  # the statement and dialect are kept, so their ids stay theirs
+        _compiled[key] = (statement, dialect, made)
+    return made
+
+
+def execute(
+    conn: Connection,
+    statement: Executable,
+    params: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+) -> Sequence[Any]:
+    """Run one of the hot statements (built once, kept for the process) and
+    return its rows (none for an INSERT without RETURNING); ``params`` a
+    mapping, or a list of them for an executemany. On the DBAPI cursor when
+    the store set :data:`DIRECT` on ``conn``, else ``conn.execute``."""
+    if not conn.get_execution_options().get(DIRECT):
+        result = conn.execute(statement, params)
+        return result.all() if result.returns_rows else ()
+    compiled = _compile(statement, conn.dialect)
+    raw = conn.connection
+    cursor: Any = raw.cursor()
+    try:
+        if isinstance(params, Mapping):
+            cursor.execute(compiled.sql, compiled.bind(params))
+            return cursor.fetchall() if cursor.description else ()
+        cursor.executemany(compiled.sql, [compiled.bind(p) for p in params])
+        return ()
+    except conn.dialect.loaded_dbapi.Error as exc:
+        lost = conn.dialect.is_disconnect(exc, raw.dbapi_connection, cursor)
+        if lost:
+            conn.invalidate(exc)
+        raise DBAPIError.instance(
+            compiled.sql,
+            None,
+            exc,
+            conn.dialect.loaded_dbapi.Error,
+            hide_parameters=True,
+            connection_invalidated=lost,
+            dialect=conn.dialect,
+        ) from exc
+    finally:
+        with contextlib.suppress(conn.dialect.loaded_dbapi.Error):  # a lost connection's
+            cursor.close()
