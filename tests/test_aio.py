@@ -121,6 +121,7 @@ def test_async_errors_and_sync_guard(db: Engine, o200k: TokenCounter) -> None:
 ROUNDS, TASKS = 25, 12
 
 
+@pytest.mark.slow
 def test_cancelled_appends_leave_nothing_half_done(db: Engine, o200k: TokenCounter) -> None:
     """Concurrent appends, most cancelled at random points, on a small pool:
     each exchange is written whole or not at all, every connection comes

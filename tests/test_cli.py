@@ -254,6 +254,7 @@ def test_help_has_an_example(command: str, capsys: pytest.CaptureFixture[str]) -
     assert "example:" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_chat_subprocess(openai_server: FakeOpenAI, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/chat.sqlite3"
     env = {**os.environ, "OPENAI_API_KEY": "k", "OPENAI_BASE_URL": openai_server.base_url}

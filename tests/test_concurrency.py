@@ -202,6 +202,7 @@ def url_of(engine: Engine) -> str:
     return engine.url.render_as_string(hide_password=False)
 
 
+@pytest.mark.slow
 def test_processes_into_one_session(
     writers: Writers, db: Engine, store: Store, o200k: TokenCounter
 ) -> None:
@@ -210,6 +211,7 @@ def test_processes_into_one_session(
     assert_counters(store, {"shared": 2 * PROCESSES * PROCESS_EXCHANGES})
 
 
+@pytest.mark.slow
 def test_processes_into_own_sessions(
     writers: Writers, db: Engine, store: Store, o200k: TokenCounter
 ) -> None:

@@ -94,6 +94,7 @@ def test_new_memory_new_session_same_id_same_window(store: Store) -> None:
     assert again.buffer == "Human: hi\nAI: hello"
 
 
+@pytest.mark.slow
 def test_window_survives_another_process(tmp_path: object) -> None:
     url = f"sqlite:///{tmp_path}/shared.sqlite3"
     code = (

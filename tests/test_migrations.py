@@ -81,6 +81,7 @@ def alembic(*args: str, url: str) -> str:
     return done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_alembic_cli_sqlite(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/cli.sqlite3"
     said = alembic("upgrade", "head", url=url)
@@ -93,6 +94,7 @@ def test_alembic_cli_sqlite(tmp_path: Path) -> None:
     engine.dispose()
 
 
+@pytest.mark.slow
 def test_alembic_cli_postgresql() -> None:
     schema = f"cli_{uuid.uuid4().hex[:10]}"
     admin = create_engine(PG_URL)
@@ -118,6 +120,7 @@ def test_alembic_cli_postgresql() -> None:
         admin.dispose()
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
     subprocess.run(
         [
@@ -156,6 +159,7 @@ def _first_use(url: str) -> str:
         store.close()
 
 
+@pytest.mark.slow
 def test_concurrent_first_upgrades(db: Engine) -> None:
     """Several processes migrating a fresh database at once: all succeed."""
     import multiprocessing

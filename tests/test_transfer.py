@@ -440,6 +440,7 @@ def test_imports_at_once_write_every_record_once(store: Store, interleaved: bool
     assert import_jsonl(store, lines) == ImportResult(sessions, 0, sessions * per)
 
 
+@pytest.mark.slow
 def test_imports_at_once_through_the_command(backend: str, store: Store, tmp_path: Path) -> None:
     """QA A0 as reported: two `tokenmem import` processes of one file."""
     import subprocess

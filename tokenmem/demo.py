@@ -89,9 +89,13 @@ class OfflineResponder:
 def _table(memory: ConversationTokenBufferMemory, out: Callable[[str], None]) -> None:
     rule, in_window = memory.rule, {w.position for w in memory.window()}
     prefix_tokens = rule.prefix_tokens(memory.counter)
+    history = list(memory.history())  # a demo's few messages
     out(f"  {'pos':>3} {'turn':>4} {'role':<6} {'cost':>4}  window  content")
-    for m in memory.history():
-        cost = rule.cost(m.type, Counts.stored(m), prefix_tokens)
+    for m in history:
+        counts = Counts.stored(m)
+        cost = rule.cost(m.type, counts, prefix_tokens)
+        if m is history[-1]:  # the newest line: no newline after it (as `tokenmem window`)
+            cost -= counts.newline_tokens
         mark = "yes" if m.position in in_window else "-"
         out(f"  {m.position:>3} {m.turn:>4} {m.type:<6} {cost:>4}  {mark:^6}  {m.content!r}")
 
@@ -111,8 +115,9 @@ def run(
         memory.save_context({"input": human}, {"output": ai})
         out(f"   save_context({{'input': {human!r}}}, {{'output': {ai!r}}})")
         out(f"   load_memory_variables({{}}) -> {memory.load_memory_variables({})}")
-    out("   The full stored history; cost = the line's tokens plus what its joining newline")
-    out("   adds; the window = the newest run costing <= limit + the newest's newline:")
+    out("   The full stored history; cost = the line's tokens plus the newline joining it")
+    out("   to the next line (the newest has none); the window = the newest run costing")
+    out("   <= limit:")
     _table(memory, out)
 
     conversation = CONVERSATION[language]
@@ -136,12 +141,12 @@ def run(
     out(f"\n3. Session {memory.session_id}: everything stored, and the window now:")
     _table(memory, out)
     out("\n   The turn audit log (each prompt can be rebuilt with store.rebuild_prompt):")
-    out(f"  {'seq':>3} {'outcome':<7} {'window':>9} {'budget':>6} {'prompt tokens':>13} {'ms':>7}")
+    out(f"  {'seq':>3} {'outcome':<7} {'window':>9} {'budget':>6} {'prompt':>6} {'ms':>5}")
     for t in store.turns(memory.session_id):
         window = "-" if t.window_first is None else f"{t.window_first}..{t.window_last}"
         out(
             f"  {t.seq:>3} {t.outcome:<7} {window:>9} {t.token_budget:>6} "
-            f"{t.prompt_tokens:>13} {t.latency_ms:>7.1f}"
+            f"{t.prompt_tokens:>6} {t.latency_ms:>5.0f}"
         )
 
 
