@@ -36,7 +36,7 @@ from .engine import Attempt, default_url, retry_delay, schema_error, transaction
 from .errors import ConfigurationError
 from .messages import Message, SessionInfo, StoredMessage
 from .models import utcnow
-from .reads import SessionStats, WindowMessage, window_messages
+from .reads import SessionStats, WindowMessage, WindowRow, window_messages
 from .store import StoreBase
 from .tokens import TokenCounter
 from .urls import missing_driver, parse_url
@@ -288,7 +288,7 @@ class AsyncStore(StoreBase):
 
     async def window_rows(
         self, session_id: str, rule: Rule, counter: TokenCounter, *, owner: str | None = None
-    ) -> Sequence[Any]:
+    ) -> Sequence[WindowRow]:
         """The window statement's rows — position, turn, role, content, name,
         running (the cost of the row and every newer one), counted — oldest
         first: what :meth:`window` makes messages of, for a caller that only

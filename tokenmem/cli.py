@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass, replace
 from datetime import datetime, timezone
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from .errors import (
     ConfigurationError,
@@ -32,6 +32,10 @@ from .errors import (
     StoreError,
     TokenmemError,
 )
+
+if TYPE_CHECKING:
+    from .store import Store
+    from .tokens import TokenCounter
 
 __all__ = ["main"]
 
@@ -168,7 +172,7 @@ def _progress(total: int | None, label: str) -> Callable[[int], None]:
 # --- commands -------------------------------------------------------------------
 
 
-def _counter(args: argparse.Namespace) -> Any:
+def _counter(args: argparse.Namespace) -> TokenCounter:
     from .tokens import TokenCounter
 
     if getattr(args, "encoding", None):
@@ -190,7 +194,7 @@ def _confirm(what: str, args: argparse.Namespace) -> bool:
     return answer.strip().lower() == "yes"  # "yes" in any case; anything else is no
 
 
-def cmd_db(args: argparse.Namespace, store: Any, out: _Out) -> int:
+def cmd_db(args: argparse.Namespace, store: Store, out: _Out) -> int:
     from . import migrate
 
     before, head = store.current_revision(), migrate.head()
@@ -226,7 +230,7 @@ def cmd_db(args: argparse.Namespace, store: Any, out: _Out) -> int:
     return 0
 
 
-def cmd_sessions(args: argparse.Namespace, store: Any, out: _Out) -> int:
+def cmd_sessions(args: argparse.Namespace, store: Store, out: _Out) -> int:
     stats = store.session_stats(owner=args.owner, all_owners=args.all_owners)
     if out.as_json:
         out.json(stats)
@@ -261,7 +265,7 @@ _HISTORY_FIELDS = [
 ]
 
 
-def cmd_history(args: argparse.Namespace, store: Any, out: _Out) -> int:
+def cmd_history(args: argparse.Namespace, store: Store, out: _Out) -> int:
     stream = store.history(args.session, owner=args.owner, since=args.since, until=args.until)
     first = next(stream, None)  # a missing session fails here, before any output
     messages = itertools.chain([first] if first else [], stream)
@@ -300,7 +304,7 @@ def cmd_history(args: argparse.Namespace, store: Any, out: _Out) -> int:
     return 0
 
 
-def cmd_window(args: argparse.Namespace, store: Any, out: _Out) -> int:
+def cmd_window(args: argparse.Namespace, store: Store, out: _Out) -> int:
     from .memory import ConversationTokenBufferMemory
     from .tokens import TokenCounter
     from .window import get_buffer_string
@@ -388,7 +392,7 @@ def cmd_window(args: argparse.Namespace, store: Any, out: _Out) -> int:
     return 0
 
 
-def cmd_turns(args: argparse.Namespace, store: Any, out: _Out) -> int:
+def cmd_turns(args: argparse.Namespace, store: Store, out: _Out) -> int:
     if args.seq is not None:
         prompt = store.rebuild_prompt(args.session, args.seq, owner=args.owner)
         (turn,) = (t for t in store.turns(args.session, owner=args.owner) if t.seq == args.seq)
@@ -442,7 +446,7 @@ def cmd_turns(args: argparse.Namespace, store: Any, out: _Out) -> int:
     return 0
 
 
-def cmd_chat(args: argparse.Namespace, store: Any, out: _Out) -> int:
+def cmd_chat(args: argparse.Namespace, store: Store, out: _Out) -> int:
     from .chain import ConversationChain
     from .llm import OpenAI
     from .memory import ConversationTokenBufferMemory
@@ -488,7 +492,7 @@ def cmd_chat(args: argparse.Namespace, store: Any, out: _Out) -> int:
         out.line()
 
 
-def cmd_import(args: argparse.Namespace, store: Any, out: _Out) -> int:
+def cmd_import(args: argparse.Namespace, store: Store, out: _Out) -> int:
     from .transfer import import_jsonl, import_langchain
 
     # Without --model/--encoding each session keeps the encoding its records name.
@@ -542,7 +546,7 @@ def _input(path: str) -> Iterator[IO[str]]:
         yield lines
 
 
-def cmd_export(args: argparse.Namespace, store: Any, out: _Out) -> int:
+def cmd_export(args: argparse.Namespace, store: Store, out: _Out) -> int:
     import stat
     import tempfile
 
@@ -593,7 +597,7 @@ def cmd_export(args: argparse.Namespace, store: Any, out: _Out) -> int:
     return 0
 
 
-def cmd_recount(args: argparse.Namespace, store: Any, out: _Out) -> int:
+def cmd_recount(args: argparse.Namespace, store: Store, out: _Out) -> int:
     from .transfer import recount
 
     # Without --model/--encoding: only fill in rows from before migration 0003.
@@ -623,7 +627,7 @@ def cmd_recount(args: argparse.Namespace, store: Any, out: _Out) -> int:
     return 0
 
 
-def cmd_erase(args: argparse.Namespace, store: Any, out: _Out) -> int:
+def cmd_erase(args: argparse.Namespace, store: Store, out: _Out) -> int:
     if not args.session and args.owner is None:
         raise ConfigurationError("erase needs a SESSION or --owner")
     what = (
@@ -646,7 +650,7 @@ def cmd_erase(args: argparse.Namespace, store: Any, out: _Out) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace, store: Any, out: _Out) -> int:
+def cmd_demo(args: argparse.Namespace, store: Store, out: _Out) -> int:
     from .demo import run
 
     run(store, out=out.line, language=args.language)

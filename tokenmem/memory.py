@@ -25,7 +25,7 @@ from sqlalchemy import Engine
 
 from .errors import ConfigurationError, InvalidInputError
 from .messages import Message, StoredMessage
-from .reads import WindowMessage, window_messages
+from .reads import WindowMessage, WindowRow, window_messages
 from .store import Store
 from .tokens import TokenCounter, encoding_for_model
 from .validate import check_text
@@ -61,7 +61,7 @@ def _rule(limit: int, mode: Mode, human_prefix: str, ai_prefix: str) -> Rule:
     return Rule(limit=limit, mode=mode, human_prefix=human_prefix, ai_prefix=ai_prefix)
 
 
-def _messages(rows: Sequence[Any]) -> list[Message]:
+def _messages(rows: Sequence[WindowRow]) -> list[Message]:
     return [Message(row[2], row[3], row[4]) for row in rows]
 
 
@@ -163,7 +163,7 @@ class ConversationTokenBufferMemory:
 
     # reading
 
-    def _fit(self, rows: Sequence[Any], rule: Rule) -> tuple[Sequence[Any], str]:
+    def _fit(self, rows: Sequence[WindowRow], rule: Rule) -> tuple[Sequence[WindowRow], str]:
         """The window statement's rows and their rendered string. The SQL
         counts the string exactly in text mode unless a prefix does not start
         with a letter or digit, the encoding is not cl100k_base or o200k_base,
@@ -179,14 +179,14 @@ class ConversationTokenBufferMemory:
 
     def _load(
         self, return_messages: bool | None = None, limit: int | None = None
-    ) -> tuple[Sequence[Any], str]:
+    ) -> tuple[Sequence[WindowRow], str]:
         rule = self._rule(return_messages, limit)
         rows = self._sync().window_rows(self.session_id, rule, self.counter, owner=self.owner)
         return self._fit(rows, rule)
 
     async def _aload(
         self, return_messages: bool | None = None, limit: int | None = None
-    ) -> tuple[Sequence[Any], str]:
+    ) -> tuple[Sequence[WindowRow], str]:
         if isinstance(self.store, Store):
             return await asyncio.to_thread(self._load, return_messages, limit)
         rule = self._rule(return_messages, limit)
@@ -206,7 +206,7 @@ class ConversationTokenBufferMemory:
         """:meth:`window`, awaited (an AsyncStore, or a Store in a thread)."""
         return window_messages((await self._aload(return_messages, limit))[0])
 
-    def _value(self, loaded: tuple[Sequence[Any], str]) -> str | list[Message]:
+    def _value(self, loaded: tuple[Sequence[WindowRow], str]) -> str | list[Message]:
         return _messages(loaded[0]) if self.return_messages else loaded[1]
 
     @property

@@ -15,13 +15,13 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import NamedTuple, cast
 
 from sqlalchemy import Connection, func, select
 
 from . import direct
 from .errors import InvalidInputError, SessionNotFound
-from .messages import Message, SessionInfo, StoredMessage
+from .messages import Message, Role, SessionInfo, StoredMessage
 from .models import MESSAGES, SESSIONS
 from .tokens import TokenCounter
 from .validate import SessionKey
@@ -30,6 +30,7 @@ from .window import Rule, count_message, fit, window_select
 __all__ = [
     "SessionStats",
     "WindowMessage",
+    "WindowRow",
     "count",
     "history_page",
     "messages_between",
@@ -39,6 +40,12 @@ __all__ = [
     "window_messages",
     "window_rows",
 ]
+
+
+WindowRow = tuple[int, int, Role, str, "str | None", int, bool]
+"""A row of the window statement: position, turn, role, content, name,
+running (the cost of the row and every newer one), counted (its
+newline_tokens were counted at write time)."""
 
 
 class WindowMessage(NamedTuple):
@@ -56,20 +63,20 @@ class WindowMessage(NamedTuple):
 
 def window_rows(
     conn: Connection, key: SessionKey, rule: Rule, counter: TokenCounter
-) -> Sequence[Any]:
+) -> Sequence[WindowRow]:
     """The newest messages that fit ``rule``, oldest first, as the window
     statement's rows (position, turn, role, content, name, running, counted):
     one query. A memory that only renders them needs no more;
     :func:`window_messages` makes them messages."""
     prefix_tokens = rule.prefix_tokens(counter)
     params = rule.params(key.id, counter.encoding_name, prefix_tokens)
-    rows = direct.execute(conn, window_select(rule.mode), params)
+    rows = cast(Sequence[WindowRow], direct.execute(conn, window_select(rule.mode), params))
     if not rows:
         rows = _window_recounting(conn, key.id, rule, counter, prefix_tokens)
     return rows
 
 
-def window_messages(rows: Sequence[Any]) -> list[WindowMessage]:
+def window_messages(rows: Sequence[WindowRow]) -> list[WindowMessage]:
     """The window's rows as messages with their positions and costs."""
     # Each row's cost: its running sum less the next (newer) row's. (Built
     # with tuple.__new__: a load makes one per message, and NamedTuple's own
@@ -89,7 +96,7 @@ def _window_recounting(
     rule: Rule,
     counter: TokenCounter,
     prefix_tokens: Mapping[str, int],
-) -> Sequence[Any]:
+) -> Sequence[WindowRow]:
     """The window of a session counted with another encoding (the model
     changed): count its newest messages in Python — no more than the limit,
     as each costs at least one token. Rare: the next append recounts."""
@@ -99,7 +106,7 @@ def _window_recounting(
         return []
     if found.encoding == counter.encoding_name:  # recounted since the first read
         params = rule.params(sid, counter.encoding_name, prefix_tokens)
-        rows: Sequence[Any] = conn.execute(window_select(rule.mode), params).all()
+        rows = cast(Sequence[WindowRow], conn.execute(window_select(rule.mode), params).all())
         return rows
     tail = conn.execute(
         select(m.position, m.turn, m.role, m.content, m.name)

@@ -41,7 +41,7 @@ from .engine import Attempt, default_url, make_engine, retry_delay, schema_error
 from .errors import ConfigurationError, StoreError
 from .messages import Message, SessionInfo, StoredMessage
 from .models import utcnow
-from .reads import SessionStats, WindowMessage, window_messages
+from .reads import SessionStats, WindowMessage, WindowRow, window_messages
 from .tokens import TokenCounter
 from .urls import scrub, shown
 from .validate import DEFAULT_OWNER, PreparedAppend, SessionKey, batches, prepare_append
@@ -342,7 +342,7 @@ class Store(StoreBase):
 
     def window_rows(
         self, session_id: str, rule: Rule, counter: TokenCounter, *, owner: str | None = None
-    ) -> Sequence[Any]:
+    ) -> Sequence[WindowRow]:
         """The window statement's rows — position, turn, role, content, name,
         running (the cost of the row and every newer one), counted — oldest
         first: what :meth:`window` makes messages of, for a caller that only
