@@ -69,6 +69,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.pool import PoolProxiedConnection
 
 from tokenmem import ConversationTokenBufferMemory, Message, Rule, Store, TokenCounter
+from tokenmem.engine import make_engine
 from tokenmem.models import session_uuid
 
 SIZES = (100, 1_000, 2_000, 10_000, 100_000)
@@ -130,10 +131,10 @@ def token_profile(engine: Engine) -> tuple[int, float, int]:
 def window_statement(url: str, name: str, rule: Rule, counter: TokenCounter) -> tuple[str, Any]:
     """The SQL and the driver-level parameters ``store.window`` sends for the
     session ``name``: whatever the store builds, it is this that gets explained.
-    Asked of a store of its own: listening marks an engine for good, and
-    tokenmem then sends its statements the slower way, where listeners see
-    them (see ``common.statements_sent``): not the store being measured."""
-    probe = Store(url)
+    Asked of a store on an engine passed in, where every statement goes
+    through ``Connection.execute`` and listeners see it (the measured store
+    made its engine and runs the same compiled statement on the cursor)."""
+    probe = Store(make_engine(url))
     try:
         with statements_sent(probe.engine) as sent:
             probe.window(name, rule, counter)
