@@ -33,13 +33,10 @@ from typing import Any
 import aiosqlite
 import psycopg
 from sqlalchemy import (
-    BigInteger,
     Dialect,
-    bindparam,
     create_engine,
     event,
     insert,
-    or_,
     text,
 )
 from sqlalchemy.dialects import sqlite
@@ -48,9 +45,9 @@ from sqlalchemy.engine import Engine, make_url
 
 import tokenmem
 from tokenmem import Rule, TokenCounter
-from tokenmem.models import MESSAGES, SESSIONS
+from tokenmem.models import MESSAGES
 from tokenmem.window import Counts, window_select
-from tokenmem.writes import session_upsert
+from tokenmem.writes import bump_statement
 
 PG_URL = os.environ.get(
     "TOKENMEM_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -198,36 +195,8 @@ def driver_id(backend: str, sid: uuid.UUID) -> object:
 
 def _upsert(backend: str) -> Any:
     """Create the session or bump its counters, returning them: tokenmem's
-    append, step 1 (built as tokenmem builds it, with the same parameters)."""
-    s = SESSIONS.c
-    n, turns, floor = (bindparam(k, type_=BigInteger) for k in ("n", "turns", "floor"))
-    enc, now = (
-        bindparam("encoding", type_=s.encoding.type),
-        bindparam("now", type_=s.updated_at.type),
-    )
-    stmt = session_upsert(
-        backend,
-        {
-            "id": bindparam("id", type_=s.id.type),
-            "owner_id": bindparam("owner"),
-            "name": bindparam("name"),
-            "encoding": enc,
-            "next_position": n,
-            "next_turn": turns,
-            "floor_total": floor,
-            "created_at": now,
-            "updated_at": now,
-        },
-        {
-            "next_position": s.next_position + n,
-            "next_turn": s.next_turn + turns,
-            "floor_total": s.floor_total + floor,
-            "encoding": enc,
-            "updated_at": now,
-        },
-        where=or_(s.encoding == enc, s.encoding.is_(None)),
-    )
-    return stmt.returning(s.next_position, s.next_turn, s.floor_total)
+    append, step 1 (tokenmem's own statement)."""
+    return bump_statement(backend)
 
 
 def _insert_exchange() -> Any:

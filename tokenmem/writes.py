@@ -46,6 +46,7 @@ __all__ = [
     "Erased",
     "align",
     "append",
+    "bump_statement",
     "clear",
     "erase",
     "erase_owner",
@@ -92,9 +93,12 @@ def session_upsert(
 
 
 @functools.cache
-def _bump(dialect: str) -> Insert:
-    """Reserve positions and turns in the session (creating it), or no row
-    when its messages are counted with another encoding."""
+def bump_statement(dialect: str) -> Insert:
+    """The append's first statement, built once per dialect: reserve positions
+    and turns in the session (creating it) and return ``(next_position,
+    next_turn, floor_total)``, or no row when its messages are counted with
+    another encoding. Parameters: ``id``, ``owner``, ``name``, ``encoding``,
+    ``n`` (messages), ``turns``, ``floor``, ``now``."""
     s = SESSIONS.c
     n = bindparam("n", type_=BigInteger)
     turns = bindparam("turns", type_=BigInteger)
@@ -165,7 +169,7 @@ def append(conn: Connection, p: PreparedAppend) -> list[StoredMessage]:
                 "newline_tokens": c.newline_tokens,
             }
         )
-    bump = _bump(conn.dialect.name)
+    bump = bump_statement(conn.dialect.name)
     params = {
         "id": sid,
         "owner": p.key.owner,
