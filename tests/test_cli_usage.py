@@ -93,6 +93,7 @@ def _cli(
     )
 
 
+@pytest.mark.slow  # subprocesses
 def test_chat_without_a_key_fails_first_and_leaves_nothing(store: Store) -> None:
     url = url_of(store.engine)
     done = _cli("--db", url, "chat", "c1", stdin="hello\n")
@@ -101,6 +102,7 @@ def test_chat_without_a_key_fails_first_and_leaves_nothing(store: Store) -> None
     assert store.session_stats(all_owners=True) == []
 
 
+@pytest.mark.slow  # subprocesses
 def test_unnamed_chat_tells_its_session_over_a_pipe(
     store: Store, openai_server: FakeOpenAI
 ) -> None:
@@ -293,6 +295,7 @@ def test_stored_text_is_shown_with_visible_controls(
     assert not UNSAFE.search(dump) and dump.startswith(lines)
 
 
+@pytest.mark.slow  # subprocesses
 def test_chat_replies_are_shown_with_visible_controls(
     store: Store, openai_server: FakeOpenAI
 ) -> None:
@@ -316,6 +319,7 @@ def test_chat_replies_are_shown_with_visible_controls(
 # --- QA B1: import reads stdin ------------------------------------------------------
 
 
+@pytest.mark.slow  # subprocesses
 def test_export_piped_into_import(
     store: Store,
     tmp_path: Path,
@@ -440,6 +444,7 @@ def test_db_messages_and_arguments(store: Store, capsys: pytest.CaptureFixture[s
     assert code == 0 and out.startswith("nothing to do: at (not migrated)\n"), out
 
 
+@pytest.mark.slow  # subprocesses
 def test_chat_without_a_key_says_so_once(store: Store) -> None:
     done = _cli("--db", url_of(store.engine), "chat", "c1", stdin="hello\n")
     assert done.stderr.startswith("tokenmem: chat needs an API key: set OPENAI_API_KEY")

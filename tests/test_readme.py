@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
+@pytest.mark.slow  # runs the demo in a subprocess
 def test_sample_output_is_current() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TOKENMEM_DATABASE_URL"}
     done = subprocess.run(
