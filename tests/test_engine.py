@@ -89,6 +89,16 @@ def test_schema_translate_map_reaches_every_statement(o200k: TokenCounter) -> No
         store.clear("t")
         assert store.erase("t") == 2
         assert Store(migrated).count(all_owners=True) == 0
+        # The same map on an engine the store makes: every statement honours it.
+        options = {"execution_options": {"schema_translate_map": {None: schema}}}
+        made = Store(base.url.render_as_string(hide_password=False), engine_options=options)
+        assert not made.direct
+        ConversationTokenBufferMemory(store=made, session_id="m").save_context(
+            {"input": "a"}, {"output": "b"}
+        )
+        assert [m.content for m in Store(migrated).history("m")] == ["a", "b"]
+        assert "tokenmem_messages" in made.explain_window("m", Rule(limit=10), o200k)
+        made.close()
     finally:
         migrated.dispose()
         base.dispose()
@@ -112,21 +122,49 @@ def test_errors_hide_parameters_when_asked(tmp_path: Path, o200k: TokenCounter) 
     assert store.session_stats() == []  # the session row went with the transaction
 
 
+def test_errors_never_carry_parameters(tmp_path: Path, o200k: TokenCounter) -> None:
+    """Bound values are users' messages: not in a StoreError, whatever the engine."""
+    store = Store(make_engine(f"sqlite:///{tmp_path}/p.sqlite3"), upgrade=True)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TRIGGER no BEFORE INSERT ON tokenmem_messages "
+            "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+    with pytest.raises(StoreError, match="refused") as info:
+        store.append("s", [Message("human", "SECRET words")], o200k)
+    assert "SECRET" not in str(info.value) and "INSERT INTO tokenmem_messages" in str(info.value)
+
+
+def test_bad_engine_options_are_configuration_errors(tmp_path: Path) -> None:
+    from tokenmem import ConfigurationError
+
+    url = f"sqlite:///{tmp_path}/o.sqlite3"
+    with pytest.raises(ConfigurationError, match="bogus"):
+        Store(url, engine_options={"bogus": 1})
+    with pytest.raises(ConfigurationError, match="bogus"):
+        AsyncStore(url, engine_options={"bogus": 1})
+
+
 def test_naive_timestamps_are_bad_input(store: Store, o200k: TokenCounter) -> None:
     naive = StoredMessage("human", "x", created_at=datetime(2026, 1, 1))
     with pytest.raises(InvalidInputError, match="timezone-aware"):
         store.append("s", [naive], o200k)
 
 
+@pytest.mark.parametrize("direct", [True, False])
 def test_a_dropped_connection_is_retried(
-    tmp_path: Path, o200k: TokenCounter, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, o200k: TokenCounter, caplog: pytest.LogCaptureFixture, direct: bool
 ) -> None:
     """A pooled connection whose server went away fails its first statement;
-    SQLAlchemy invalidates the pool and the store runs the append again."""
+    the pool's idle connections go with it and the store runs the append
+    again — on the direct path too."""
     with fresh_engine("postgresql", tmp_path) as engine:
         # More pooled connections than retries: after a server restart all of
         # them are dead, and the first failure must invalidate the whole pool.
-        store = Store(make_engine(str(engine.url.render_as_string(False)), pool_size=10))
+        url = str(engine.url.render_as_string(False))
+        options = {"pool_size": 10}
+        store = Store(url, engine_options=options) if direct else Store(make_engine(url, **options))
+        assert store.direct is direct
         store.upgrade()
         store.append("s", [Message("human", "before")], o200k)
         held = [store.engine.connect() for _ in range(10)]

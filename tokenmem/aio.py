@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from alembic.util import CommandError
 from sqlalchemy import Connection
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from . import audit, migrate, reads, writes
 from .audit import TurnRecord, rebuild
@@ -39,7 +39,7 @@ from .models import utcnow
 from .reads import SessionStats, WindowMessage, WindowRow, window_messages
 from .store import StoreBase
 from .tokens import TokenCounter
-from .urls import missing_driver, parse_url
+from .urls import missing_driver, parse_url, shown
 from .validate import batches, prepare_append
 from .window import Rule
 from .writes import Erased
@@ -78,6 +78,8 @@ def make_async_engine(url: str, **options: Any) -> AsyncEngine:
         engine = create_async_engine(parsed, **options)
     except ImportError as exc:
         raise missing_driver(parsed, exc) from exc
+    except (ArgumentError, TypeError) as exc:  # an option create_async_engine does not take
+        raise ConfigurationError(f"cannot make an engine for {shown(parsed)}: {exc}") from exc
     tune(engine.sync_engine)
     return engine
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,15 +52,17 @@ class _Compiled:
         return [values[name] for name in self.order]
 
 
-_compiled: dict[tuple[int, int], tuple[Executable, Dialect, _Compiled]] = {}
+# Per dialect (bind processors follow an engine's settings; a disposed
+# engine's dialect may go), per statement (the hot ones live for the process).
+_compiled: weakref.WeakKeyDictionary[Dialect, dict[int, tuple[Executable, _Compiled]]]
+_compiled = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
 def _compile(statement: Executable, dialect: Dialect) -> _Compiled:
-    key = (id(statement), id(dialect))
-    found = _compiled.get(key)
+    found = _compiled.get(dialect, {}).get(id(statement))
     if found is not None:
-        return found[2]
+        return found[1]
     compiled: Any = statement.compile(dialect=dialect)  # type: ignore[attr-defined]
     binds = compiled.binds
     processors = {}
@@ -73,8 +76,8 @@ def _compile(statement: Executable, dialect: Dialect) -> _Compiled:
         defaults={k: v for k, v in compiled.params.items() if not binds[k].required},
         processors=processors,
     )
-    with _lock:  # the statement and dialect are kept, so their ids stay theirs
-        _compiled[key] = (statement, dialect, made)
+    with _lock:  # the statement is kept, so its id stays its own
+        _compiled.setdefault(dialect, {})[id(statement)] = (statement, made)
     return made
 
 
@@ -101,8 +104,9 @@ def execute(
         return ()
     except conn.dialect.loaded_dbapi.Error as exc:
         lost = conn.dialect.is_disconnect(exc, raw.dbapi_connection, cursor)
-        if lost:
+        if lost:  # as SQLAlchemy does: this connection, and the idle ones of its age
             conn.invalidate(exc)
+            conn.engine.pool.dispose()
         raise DBAPIError.instance(
             compiled.sql,
             None,

@@ -39,6 +39,7 @@ __all__ = [
     "source_engine",
     "transaction",
     "tune",
+    "without_parameters",
 ]
 
 T = TypeVar("T")
@@ -92,7 +93,7 @@ def _create(url: URL, options: Mapping[str, Any]) -> Engine:
         return create_engine(url, **options)
     except ImportError as exc:
         raise missing_driver(url, exc) from exc
-    except ArgumentError as exc:  # an option create_engine does not take
+    except (ArgumentError, TypeError) as exc:  # an option create_engine does not take
         message = scrub(str(exc), url)
         raise ConfigurationError(f"cannot make an engine for {shown(url)}: {message}") from exc
 
@@ -111,9 +112,21 @@ def retryable(exc: SQLAlchemyError, *, committing: bool = False) -> bool:
     return code in ("40001", "40P01") or "database is locked" in text or "busy" in text
 
 
+def without_parameters(text: str) -> str:
+    """A SQLAlchemy error's text less its ``[parameters: ...]`` part: the
+    values bound are users' messages, which errors and logs must not carry."""
+    head, found, rest = text.partition("\n[parameters: ")
+    if not found:
+        return text
+    _, background, tail = rest.partition("\n(Background on this error")
+    return head + (background + tail if background else "")
+
+
 def retrying(exc: SQLAlchemyError, attempt: int, url: URL) -> float:
-    """Log a retry (without ``url``'s secrets) and return how long to wait before it."""
-    logger.info("retrying a transaction (attempt %d) after: %s", attempt + 2, scrub(str(exc), url))
+    """Log a retry (without ``url``'s secrets or the statement's parameters)
+    and return how long to wait before it."""
+    message = scrub(without_parameters(str(exc)), url)
+    logger.info("retrying a transaction (attempt %d) after: %s", attempt + 2, message)
     return backoff(attempt)
 
 

@@ -101,13 +101,15 @@ def _window_recounting(
     changed): count its newest messages in Python — no more than the limit,
     as each costs at least one token. Rare: the next append recounts."""
     s, m = SESSIONS.c, MESSAGES.c
-    found = conn.execute(select(s.encoding, s.start_position).where(s.id == sid)).first()
-    if found is None or found.encoding is None:
-        return []
-    if found.encoding == counter.encoding_name:  # recounted since the first read
+    found = conn.execute(
+        select(s.encoding, s.start_position, s.next_position).where(s.id == sid)
+    ).first()
+    if found is None or found.encoding is None or found.next_position == found.start_position:
+        return []  # no session, or nothing since it was cleared
+    if found.encoding == counter.encoding_name:  # recounted since the first read, or
+        # the newest message alone is over the limit: the statement answers
         params = rule.params(sid, counter.encoding_name, prefix_tokens)
-        rows = cast(Sequence[WindowRow], conn.execute(window_select(rule.mode), params).all())
-        return rows
+        return cast(Sequence[WindowRow], direct.execute(conn, window_select(rule.mode), params))
     tail = conn.execute(
         select(m.position, m.turn, m.role, m.content, m.name)
         .where(m.session_id == sid, m.position >= found.start_position)

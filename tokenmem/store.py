@@ -10,10 +10,12 @@ it between memories (they are cheap to create per request)::
         print(msg.position, msg.type, msg.content)
 
 Every method is one transaction: an operation of :mod:`tokenmem.writes` or
-:mod:`tokenmem.reads` run by :meth:`Store.run` through ``engine.connect()``
-and ``Connection.execute`` — public SQLAlchemy only, so a host's
-``schema_translate_map``, event listeners, echo and tracing see every
-statement. Appends are serialised per session by the row lock an ``INSERT ..
+:mod:`tokenmem.reads` run by :meth:`Store.run` in ``engine.connect()`` —
+public SQLAlchemy only. On an engine passed in every statement goes through
+``Connection.execute``, so a host's ``schema_translate_map``, event
+listeners, echo and tracing see all of them; a store that made its engine
+runs its three hot statements on the DBAPI cursor (:mod:`tokenmem.direct`).
+Appends are serialised per session by the row lock an ``INSERT ..
 ON CONFLICT DO UPDATE`` takes on the session row: positions stay gapless and
 each exchange's messages adjacent, and other sessions are never blocked. A
 "database is locked" (SQLite), a serialization failure or deadlock
@@ -37,7 +39,15 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import audit, migrate, reads, writes
 from .audit import TurnRecord, rebuild
-from .engine import Attempt, default_url, make_engine, retry_delay, schema_error, transaction
+from .engine import (
+    Attempt,
+    default_url,
+    make_engine,
+    retry_delay,
+    schema_error,
+    transaction,
+    without_parameters,
+)
 from .errors import ConfigurationError, StoreError
 from .messages import Message, SessionInfo, StoredMessage
 from .models import utcnow
@@ -127,7 +137,15 @@ class StoreBase:
         key = self._key(session_id, owner)
         params = rule.params(key.id, counter.encoding_name, rule.prefix_tokens(counter))
         stmt = window_select(rule.mode).params(params)
-        sql = str(stmt.compile(dialect=self.engine.dialect, compile_kwargs={"literal_binds": True}))
+        engine = getattr(self.engine, "sync_engine", self.engine)
+        translate = engine.get_execution_options().get("schema_translate_map")
+        compiled = stmt.compile(
+            dialect=self.engine.dialect,
+            schema_translate_map=translate,
+            render_schema_translate=bool(translate),
+            compile_kwargs={"literal_binds": True},
+        )
+        sql = str(compiled)
         return ("EXPLAIN QUERY PLAN " if self.dialect == "sqlite" else "EXPLAIN ") + sql
 
     def _turn(
@@ -144,18 +162,20 @@ class StoreBase:
         return key, prepare_append(key, [exchange], counter) if exchange and counter else None
 
     def _error(self, what: str, exc: BaseException) -> StoreError:
-        """The driver's ``exc`` as a :class:`StoreError`, without the URL's secrets."""
-        return StoreError(f"{what}: {scrub(str(exc), self.engine.url)}")
+        """The driver's ``exc`` as a :class:`StoreError`, without the URL's
+        secrets or the statement's parameters (chat content)."""
+        return StoreError(f"{what}: {scrub(without_parameters(str(exc)), self.engine.url)}")
 
     @property
     def direct(self) -> bool:
         """Whether the hot statements (an append's two, the window) run on the
         DBAPI cursor (:mod:`tokenmem.direct`): on an engine the store made
-        from a URL, while its ``echo`` is off. An engine passed in runs every
-        statement through ``Connection.execute``, where its listeners,
-        tracing and ``schema_translate_map`` see it."""
+        from a URL, while neither ``echo`` nor a ``schema_translate_map`` is
+        set on it. An engine passed in runs every statement through
+        ``Connection.execute``, where its listeners and tracing see it."""
         engine = getattr(self.engine, "sync_engine", self.engine)
-        return self._made_engine and not engine.echo
+        translated = engine.get_execution_options().get("schema_translate_map")
+        return self._made_engine and not engine.echo and not translated
 
     @property
     def dialect(self) -> str:
