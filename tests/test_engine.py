@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import Connection, create_engine, event, text
 from sqlalchemy.dialects import sqlite
 
 import tokenmem
@@ -36,6 +36,14 @@ from tokenmem.models import UTCDateTime
 from .conftest import PG_URL, _pg_admin, async_twin, fresh_engine
 
 PACKAGE = Path(tokenmem.__file__).parent
+
+
+def _refuse_inserts(conn: Connection) -> None:
+    """A SQLite trigger that makes every message insert fail: a database error mid-append."""
+    conn.exec_driver_sql(
+        "CREATE TRIGGER no BEFORE INSERT ON tokenmem_messages "
+        "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )
 
 
 def _watch(engine: object) -> list[str]:
@@ -112,10 +120,7 @@ def test_errors_hide_parameters_when_asked(tmp_path: Path, o200k: TokenCounter) 
     store = Store(make_engine(f"sqlite:///{tmp_path}/h.sqlite3", hide_parameters=True))
     store.upgrade()
     with store.engine.begin() as conn:  # a trigger makes the next insert fail
-        conn.exec_driver_sql(
-            "CREATE TRIGGER no BEFORE INSERT ON tokenmem_messages "
-            "BEGIN SELECT RAISE(ABORT, 'refused'); END"
-        )
+        _refuse_inserts(conn)
     with pytest.raises(StoreError, match="refused") as info:
         store.append("s", [Message("human", "SECRET")], o200k)
     assert "SECRET" not in str(info.value)
@@ -126,10 +131,7 @@ def test_errors_never_carry_parameters(tmp_path: Path, o200k: TokenCounter) -> N
     """Bound values are users' messages: not in a StoreError, whatever the engine."""
     store = Store(make_engine(f"sqlite:///{tmp_path}/p.sqlite3"), upgrade=True)
     with store.engine.begin() as conn:
-        conn.exec_driver_sql(
-            "CREATE TRIGGER no BEFORE INSERT ON tokenmem_messages "
-            "BEGIN SELECT RAISE(ABORT, 'refused'); END"
-        )
+        _refuse_inserts(conn)
     with pytest.raises(StoreError, match="refused") as info:
         store.append("s", [Message("human", "SECRET words")], o200k)
     assert "SECRET" not in str(info.value) and "INSERT INTO tokenmem_messages" in str(info.value)
@@ -327,10 +329,7 @@ def test_the_direct_path_wraps_errors_and_retries(tmp_path: Path, o200k: TokenCo
     store = Store(f"sqlite:///{tmp_path}/d.sqlite3", upgrade=True)
     assert store.direct
     with store.engine.begin() as conn:
-        conn.exec_driver_sql(
-            "CREATE TRIGGER no BEFORE INSERT ON tokenmem_messages "
-            "BEGIN SELECT RAISE(ABORT, 'refused'); END"
-        )
+        _refuse_inserts(conn)
     with pytest.raises(StoreError, match="refused") as info:
         store.append("s", [Message("human", "SECRET")], o200k)
     assert "SECRET" not in str(info.value)  # parameters are never shown

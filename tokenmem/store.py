@@ -137,8 +137,7 @@ class StoreBase:
         key = self._key(session_id, owner)
         params = rule.params(key.id, counter.encoding_name, rule.prefix_tokens(counter))
         stmt = window_select(rule.mode).params(params)
-        engine = getattr(self.engine, "sync_engine", self.engine)
-        translate = engine.get_execution_options().get("schema_translate_map")
+        translate = self._schema_map
         compiled = stmt.compile(
             dialect=self.engine.dialect,
             schema_translate_map=translate,
@@ -173,9 +172,20 @@ class StoreBase:
         from a URL, while neither ``echo`` nor a ``schema_translate_map`` is
         set on it. An engine passed in runs every statement through
         ``Connection.execute``, where its listeners and tracing see it."""
-        engine = getattr(self.engine, "sync_engine", self.engine)
-        translated = engine.get_execution_options().get("schema_translate_map")
-        return self._made_engine and not engine.echo and not translated
+        return self._made_engine and not self._sync_engine.echo and not self._schema_map
+
+    @property
+    def _sync_engine(self) -> Engine:
+        engine: Engine = getattr(self.engine, "sync_engine", self.engine)
+        return engine
+
+    @property
+    def _schema_map(self) -> dict[str | None, str | None] | None:
+        """The engine's ``schema_translate_map``, if the host set one."""
+        found: dict[str | None, str | None] | None = self._sync_engine.get_execution_options().get(
+            "schema_translate_map"
+        )
+        return found
 
     @property
     def dialect(self) -> str:
