@@ -25,7 +25,7 @@ from .messages import Message, Role, SessionInfo, StoredMessage
 from .models import MESSAGES, SESSIONS
 from .tokens import TokenCounter
 from .validate import SessionKey
-from .window import Rule, count_message, fit, window_select
+from .window import Rule, count_message, fit, row_cap, window_select
 
 __all__ = [
     "SessionStats",
@@ -70,9 +70,19 @@ def window_rows(
     :func:`window_messages` makes them messages."""
     prefix_tokens = rule.prefix_tokens(counter)
     params = rule.params(key.id, counter.encoding_name, prefix_tokens)
-    rows = cast(Sequence[WindowRow], direct.execute(conn, window_select(rule.mode), params))
+    rows = _window(conn, rule, params)
     if not rows:
         rows = _window_recounting(conn, key.id, rule, counter, prefix_tokens)
+    return rows
+
+
+def _window(conn: Connection, rule: Rule, params: Mapping[str, object]) -> Sequence[WindowRow]:
+    """The window statement's rows; asked again without its row cap in the
+    one case the cap may have cut the window (as many rows as the cap)."""
+    cap = row_cap(rule)
+    rows = cast(Sequence[WindowRow], direct.execute(conn, window_select(rule.mode, cap), params))
+    if len(rows) == cap:
+        rows = cast(Sequence[WindowRow], direct.execute(conn, window_select(rule.mode), params))
     return rows
 
 
@@ -108,8 +118,7 @@ def _window_recounting(
         return []  # no session, or nothing since it was cleared
     if found.encoding == counter.encoding_name:  # recounted since the first read, or
         # the newest message alone is over the limit: the statement answers
-        params = rule.params(sid, counter.encoding_name, prefix_tokens)
-        return cast(Sequence[WindowRow], direct.execute(conn, window_select(rule.mode), params))
+        return _window(conn, rule, rule.params(sid, counter.encoding_name, prefix_tokens))
     tail = conn.execute(
         select(m.position, m.turn, m.role, m.content, m.name)
         .where(m.session_id == sid, m.position >= found.start_position)

@@ -55,7 +55,7 @@ from .reads import SessionStats, WindowMessage, WindowRow, window_messages
 from .tokens import TokenCounter
 from .urls import scrub, shown
 from .validate import DEFAULT_OWNER, PreparedAppend, SessionKey, batches, prepare_append
-from .window import Rule, window_select
+from .window import Rule, row_cap, window_select
 from .writes import Erased
 
 __all__ = ["DEFAULT_OWNER", "Store", "StoreBase"]
@@ -136,7 +136,7 @@ class StoreBase:
         """``EXPLAIN`` of the window statement, with its parameters inlined."""
         key = self._key(session_id, owner)
         params = rule.params(key.id, counter.encoding_name, rule.prefix_tokens(counter))
-        stmt = window_select(rule.mode).params(params)
+        stmt = window_select(rule.mode, row_cap(rule)).params(params)
         translate = self._schema_map
         compiled = stmt.compile(
             dialect=self.engine.dialect,

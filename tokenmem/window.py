@@ -50,7 +50,6 @@ import regex
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
-    FromClause,
     Integer,
     Select,
     bindparam,
@@ -58,7 +57,6 @@ from sqlalchemy import (
     func,
     literal_column,
     select,
-    true,
 )
 
 from .messages import Message, StoredMessage
@@ -73,6 +71,7 @@ __all__ = [
     "count_message",
     "fit",
     "get_buffer_string",
+    "row_cap",
     "window_select",
 ]
 
@@ -326,61 +325,99 @@ def fit(costs: Sequence[int], budget: int) -> int:
     return start
 
 
-@functools.cache
-def window_select(mode: Mode) -> Select[tuple[int, int, str, str, str | None, int, bool]]:
-    """The window as one statement, built once per mode: rows (position, turn,
-    role, content, name, running, counted), oldest first, ``running`` being
-    the cost of the row and every newer one, ``counted`` whether the row's
-    newline_tokens were counted at write time. Its parameters come from
-    :meth:`Rule.params`. It returns no rows when the session is missing, empty,
-    or counted with another encoding than the one asked for."""
+def row_cap(rule: Rule) -> int:
+    """The most rows the window statement reads for ``rule``: a constant
+    written into the statement, so a planner never estimates from the
+    session's size (see :func:`window_select`). A message costs at least one
+    token, so a window has at most ``budget`` rows; the cap is the first
+    power of two above ``limit + 1`` (few distinct statements). A window of
+    exactly this many rows may have been cut: :func:`tokenmem.reads.window_rows`
+    then asks again without a cap."""
+    return 1 << max(rule.limit + 1, 1).bit_length()
+
+
+@functools.lru_cache(maxsize=128)
+def window_select(
+    mode: Mode, cap: int | None = None
+) -> Select[tuple[int, int, str, str, str | None, int, bool]]:
+    """The window as one statement, built once per mode and row cap: rows
+    (position, turn, role, content, name, running, counted), oldest first,
+    ``running`` being the cost of the row and every newer one, ``counted``
+    whether the row's newline_tokens were counted at write time. Its
+    parameters come from :meth:`Rule.params`. It returns no rows when the
+    session is missing, empty, or counted with another encoding than the one
+    asked for.
+
+    Its shape is chosen so that no plan can go wrong (docs/window-plans.md):
+    the oldest message that could fit is a scalar subquery over the session
+    row (an InitPlan in PostgreSQL: run once, its value a parameter of the
+    scan), and the candidates are read newest first through the
+    ``(session_id, cum_floor)`` index with ``LIMIT cap``, a constant. The
+    planner needs no estimate of the runtime bound: whatever it guesses
+    for the range, the capped, index-ordered scan is the cheapest plan, and
+    its estimated cost stays far below ``jit_above_cost`` — on analysed and
+    never-analysed tables, in custom and generic plans."""
     m = MESSAGES.c
     s = SESSIONS.c
     budget: ColumnElement[int] = bindparam("w_budget", type_=BigInteger)
-    sources: FromClause = SESSIONS
-    if mode == "text":  # plus what the newest message's newline adds: read once
+    if mode == "text":  # plus what the newest message's newline adds
         n = MESSAGES.alias("newest_message").c
-        newest = (
-            select(_newline(n.newline_tokens).label("newline"))
+        newest_newline = (
+            select(_newline(n.newline_tokens))
             .where(n.session_id == bindparam("w_session"))
             .order_by(n.position.desc())
             .limit(_const("1"))
-            .subquery("newest")
+            .scalar_subquery()
         )
-        sources = SESSIONS.join(newest, true())
-        budget = budget + newest.c.newline
-    # The oldest message that could fit, or the start set by clear(): one
-    # range on the (session_id, cum_floor) index.
-    start = case(
-        (s.start_floor > s.floor_total - budget, s.start_floor),
-        else_=s.floor_total - budget,
-    )
-    candidates = (
+        bound = budget + newest_newline
+    else:
+        bound = budget
+    # The oldest message that could fit, or the start set by clear(); NULL
+    # (no rows) when the session is missing or counted with another encoding.
+    start = (
         select(
-            m.position,
-            m.turn,
-            m.role,
-            m.content,
-            m.name,
-            func.sum(_cost_sql(mode))
-            .over(order_by=m.position.desc(), rows=(None, 0))
-            .label("running"),
-            m.newline_tokens.is_not(None).label("counted"),
-            budget.label("budget"),
+            case(
+                (s.start_floor > s.floor_total - bound, s.start_floor),
+                else_=s.floor_total - bound,
+            )
         )
-        .select_from(sources)
-        .join(MESSAGES, m.session_id == s.id)
-        .where(
-            s.id == bindparam("w_session"),
-            m.session_id == bindparam("w_session"),
-            s.encoding == bindparam("w_encoding"),
-            m.cum_floor >= start,
-        )
-        .subquery("candidates")
+        .where(s.id == bindparam("w_session"), s.encoding == bindparam("w_encoding"))
+        .scalar_subquery()
     )
-    c = candidates.c
+    candidates = select(
+        m.position,
+        m.turn,
+        m.role,
+        m.content,
+        m.name,
+        m.cum_floor,
+        _cost_sql(mode).label("cost"),
+        _newline(m.newline_tokens).label("newline"),
+        m.newline_tokens.is_not(None).label("counted"),
+    ).where(m.session_id == bindparam("w_session"), m.cum_floor >= start)
+    # cum_floor grows with position (every floor is at least 1): the index
+    # order is the session's order, newest first.
+    candidates = candidates.order_by(m.cum_floor.desc())
+    if cap is not None:
+        candidates = candidates.limit(_const(str(cap)))
+    c = candidates.subquery("candidates").c
+    newest_first = {"order_by": c.cum_floor.desc(), "rows": (None, 0)}
+    running = select(
+        c.position,
+        c.turn,
+        c.role,
+        c.content,
+        c.name,
+        func.sum(c.cost).over(**newest_first).label("running"),
+        c.counted,
+        # the budget of a string window: plus the newest row's newline
+        (budget + func.first_value(c.newline).over(**newest_first)).label("budget")
+        if mode == "text"
+        else budget.label("budget"),
+    ).subquery("running")
+    r = running.c
     return (
-        select(c.position, c.turn, c.role, c.content, c.name, c.running, c.counted)
-        .where(c.running <= c.budget)
-        .order_by(c.position)
+        select(r.position, r.turn, r.role, r.content, r.name, r.running, r.counted)
+        .where(r.running <= r.budget)
+        .order_by(r.position)
     )
