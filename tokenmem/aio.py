@@ -42,7 +42,7 @@ from .tokens import TokenCounter
 from .urls import missing_driver, parse_url, shown
 from .validate import batches, prepare_append
 from .window import Rule
-from .writes import Erased
+from .writes import RECOUNT_BATCH, Erased
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -215,7 +215,10 @@ class AsyncStore(StoreBase):
 
         Returns them as stored, with positions and token counts."""
         prepared = prepare_append(self._key(session_id, owner), [messages], counter)
-        return await self.run(functools.partial(writes.append, p=prepared))
+        stored = await self.run(functools.partial(writes.append, p=prepared))
+        if stored[0].encoding != counter.encoding_name:  # the model changed: one batch
+            await self.recount(session_id, counter, owner=owner, batches=1)
+        return stored
 
     async def append_turns(
         self,
@@ -272,13 +275,30 @@ class AsyncStore(StoreBase):
         return await self.run(functools.partial(writes.prune, before=cutoff, owner=scope))
 
     async def recount(
-        self, session_id: str, counter: TokenCounter, *, owner: str | None = None
-    ) -> None:
-        """Count the session's messages again with ``counter``'s encoding, in
-        one transaction (appends do this by themselves when the encoding
-        changes; this does it ahead of time)."""
+        self,
+        session_id: str,
+        counter: TokenCounter,
+        *,
+        owner: str | None = None,
+        batch_size: int = RECOUNT_BATCH,
+        batches: int | None = None,
+    ) -> bool:
+        """Count the session's messages again with ``counter``'s encoding,
+        oldest first, ``batch_size`` messages per transaction; the last batch
+        switches the session to it (until then it keeps its own, and so does
+        every message appended meanwhile). ``batches``: stop after that many;
+        a later call goes on where this one stopped. Returns whether the
+        session is now counted with ``counter``'s encoding. Appends with
+        another encoding than the session's run one batch each."""
         key = self._key(session_id, owner)
-        await self.run(functools.partial(writes.recount, sid=key.id, counter=counter))
+        at = await self.run(
+            functools.partial(writes.recount_start, sid=key.id, encoding=counter.encoding_name)
+        )
+        work = functools.partial(writes.recount_batch, sid=key.id, counter=counter, size=batch_size)
+        done = 0
+        while not at.done and (batches is None or done < batches):
+            at, done = await self.run(functools.partial(work, at=at)), done + 1
+        return at.done
 
     # reads
 
@@ -383,7 +403,10 @@ class AsyncStore(StoreBase):
         ``counter``) in one transaction. Returns the record with its ``seq``."""
         key, prepared = self._turn(session_id, exchange, counter, owner)
         work = functools.partial(audit.record_turn, key=key, record=record, exchange=prepared)
-        return await self.run(work)
+        recorded, encoding = await self.run(work)
+        if counter is not None and encoding not in (None, counter.encoding_name):
+            await self.recount(session_id, counter, owner=owner, batches=1)  # the model changed
+        return recorded
 
     async def turns(self, session_id: str, *, owner: str | None = None) -> list[TurnRecord]:
         """The session's recorded model calls, oldest first."""

@@ -103,15 +103,19 @@ def _bump_call(conn: Connection, key: SessionKey) -> int:
 
 def record_turn(
     conn: Connection, key: SessionKey, record: TurnRecord, exchange: PreparedAppend | None
-) -> TurnRecord:
-    """Save ``exchange`` (if any) and record the call, in the caller's transaction."""
+) -> tuple[TurnRecord, str | None]:
+    """Save ``exchange`` (if any) and record the call, in the caller's
+    transaction. Returns the record and the encoding the exchange was
+    counted with: the session's (:func:`tokenmem.writes.append`)."""
+    encoding = None
     if exchange is not None:
         stored = append(conn, exchange)
         record = dataclasses.replace(record, turn=stored[0].turn)
+        encoding = stored[0].encoding
     seq = _bump_call(conn, key)
     record = dataclasses.replace(record, seq=seq, created_at=utcnow())
     conn.execute(insert(TURNS).values(session_id=key.id, **dataclasses.asdict(record)))
-    return record
+    return record, encoding
 
 
 def turns(conn: Connection, key: SessionKey, seq: int | None = None) -> list[TurnRecord]:

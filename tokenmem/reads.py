@@ -10,12 +10,11 @@ history is read in pages by position.
 
 from __future__ import annotations
 
-import itertools
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import Connection, func, select
 
@@ -25,7 +24,7 @@ from .messages import Message, Role, SessionInfo, StoredMessage
 from .models import MESSAGES, SESSIONS
 from .tokens import TokenCounter
 from .validate import SessionKey
-from .window import Rule, count_message, fit, row_cap, window_select
+from .window import Rule, count_message, row_cap, window_select
 
 __all__ = [
     "SessionStats",
@@ -108,8 +107,9 @@ def _window_recounting(
     prefix_tokens: Mapping[str, int],
 ) -> Sequence[WindowRow]:
     """The window of a session counted with another encoding (the model
-    changed): count its newest messages in Python — no more than the limit,
-    as each costs at least one token. Rare: the next append recounts."""
+    changed, and the session is being recounted in batches): its newest
+    messages counted in Python, read newest first in pages that double, so
+    that no more are read and counted than the window and one page."""
     s, m = SESSIONS.c, MESSAGES.c
     found = conn.execute(
         select(s.encoding, s.start_position, s.next_position).where(s.id == sid)
@@ -119,17 +119,29 @@ def _window_recounting(
     if found.encoding == counter.encoding_name:  # recounted since the first read, or
         # the newest message alone is over the limit: the statement answers
         return _window(conn, rule, rule.params(sid, counter.encoding_name, prefix_tokens))
-    tail = conn.execute(
-        select(m.position, m.turn, m.role, m.content, m.name)
-        .where(m.session_id == sid, m.position >= found.start_position)
-        .order_by(m.position.desc())
-        .limit(max(rule.limit, 0))
-    ).all()[::-1]
-    counts = [count_message(counter, r.role, r.content, r.name) for r in tail]
-    costs = [rule.cost(r.role, c, prefix_tokens) for r, c in zip(tail, counts, strict=True)]
-    start = fit(costs, rule.budget(counts[-1] if counts else None))
-    running = list(itertools.accumulate(reversed(costs[start:])))[::-1]
-    return [(*row, total, True) for row, total in zip(tail[start:], running, strict=True)]
+    rows: list[Any] = []
+    costs: list[int] = []
+    budget, total, before, page = None, 0, found.next_position, 16
+    while budget is None or total <= budget:
+        newer_first = conn.execute(
+            select(m.position, m.turn, m.role, m.content, m.name)
+            .where(m.session_id == sid, m.position >= found.start_position, m.position < before)
+            .order_by(m.position.desc())
+            .limit(page)
+        ).all()
+        for row in newer_first:
+            counts = count_message(counter, row.role, row.content, row.name)
+            if budget is None:  # the newest message's counts set the budget
+                budget = rule.budget(counts)
+            total += rule.cost(row.role, counts, prefix_tokens)
+            if total > budget:
+                break
+            rows.append(row)
+            costs.append(total)
+        if len(newer_first) < page:
+            break
+        before, page = newer_first[-1].position, page * 2
+    return [(*row, running, True) for row, running in zip(rows[::-1], costs[::-1], strict=True)]
 
 
 _HISTORY = (

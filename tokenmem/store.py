@@ -56,7 +56,7 @@ from .tokens import TokenCounter
 from .urls import scrub, shown
 from .validate import DEFAULT_OWNER, PreparedAppend, SessionKey, batches, prepare_append
 from .window import Rule, row_cap, window_select
-from .writes import Erased
+from .writes import RECOUNT_BATCH, Erased
 
 __all__ = ["DEFAULT_OWNER", "Store", "StoreBase"]
 
@@ -302,7 +302,10 @@ class Store(StoreBase):
 
         Returns them as stored, with positions and token counts."""
         prepared = prepare_append(self._key(session_id, owner), [messages], counter)
-        return self.run(functools.partial(writes.append, p=prepared))
+        stored = self.run(functools.partial(writes.append, p=prepared))
+        if stored[0].encoding != counter.encoding_name:  # the model changed: one batch
+            self.recount(session_id, counter, owner=owner, batches=1)
+        return stored
 
     def append_turns(
         self,
@@ -355,12 +358,31 @@ class Store(StoreBase):
         cutoff, scope = utcnow() - older_than, self._prune_scope(owner, all_owners)
         return self.run(functools.partial(writes.prune, before=cutoff, owner=scope))
 
-    def recount(self, session_id: str, counter: TokenCounter, *, owner: str | None = None) -> None:
-        """Count the session's messages again with ``counter``'s encoding, in
-        one transaction (appends do this by themselves when the encoding
-        changes; this does it ahead of time)."""
+    def recount(
+        self,
+        session_id: str,
+        counter: TokenCounter,
+        *,
+        owner: str | None = None,
+        batch_size: int = RECOUNT_BATCH,
+        batches: int | None = None,
+    ) -> bool:
+        """Count the session's messages again with ``counter``'s encoding,
+        oldest first, ``batch_size`` messages per transaction; the last batch
+        switches the session to it (until then it keeps its own, and so does
+        every message appended meanwhile). ``batches``: stop after that many;
+        a later call goes on where this one stopped. Returns whether the
+        session is now counted with ``counter``'s encoding. Appends with
+        another encoding than the session's run one batch each."""
         key = self._key(session_id, owner)
-        self.run(functools.partial(writes.recount, sid=key.id, counter=counter))
+        at = self.run(
+            functools.partial(writes.recount_start, sid=key.id, encoding=counter.encoding_name)
+        )
+        work = functools.partial(writes.recount_batch, sid=key.id, counter=counter, size=batch_size)
+        done = 0
+        while not at.done and (batches is None or done < batches):
+            at, done = self.run(functools.partial(work, at=at)), done + 1
+        return at.done
 
     # reads
 
@@ -462,7 +484,10 @@ class Store(StoreBase):
         ``counter``) in one transaction. Returns the record with its ``seq``."""
         key, prepared = self._turn(session_id, exchange, counter, owner)
         work = functools.partial(audit.record_turn, key=key, record=record, exchange=prepared)
-        return self.run(work)
+        recorded, encoding = self.run(work)
+        if counter is not None and encoding not in (None, counter.encoding_name):
+            self.recount(session_id, counter, owner=owner, batches=1)  # the model changed
+        return recorded
 
     def turns(self, session_id: str, *, owner: str | None = None) -> list[TurnRecord]:
         """The session's recorded model calls, oldest first."""

@@ -10,6 +10,7 @@ held while tiktoken works::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -111,6 +112,13 @@ class PreparedAppend:
     @property
     def floor(self) -> int:
         return sum(c.floor for c in self.counts)
+
+    def counted_with(self, counter: TokenCounter) -> PreparedAppend:
+        """The same messages, counted with ``counter``'s encoding."""
+        counts = [count_message(counter, m.type, m.content, m.name) for m in self.messages]
+        return dataclasses.replace(
+            self, encoding=counter.encoding_name, counts=counts, counter=counter
+        )
 
 
 def batches(turns: Iterable[Sequence[Message]], size: int) -> Iterator[list[Sequence[Message]]]:

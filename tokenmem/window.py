@@ -50,7 +50,9 @@ import regex
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
+    FunctionElement,
     Integer,
+    Over,
     Select,
     bindparam,
     case,
@@ -394,24 +396,33 @@ def window_select(
         _cost_sql(mode).label("cost"),
         _newline(m.newline_tokens).label("newline"),
         m.newline_tokens.is_not(None).label("counted"),
-    ).where(m.session_id == bindparam("w_session"), m.cum_floor >= start)
+    ).where(
+        m.session_id == bindparam("w_session"),
+        m.cum_floor >= start,
+        # while a recount to another encoding runs, its oldest rows hold it
+        # (writes.recount_batch): not this window's
+        m.encoding == bindparam("w_encoding"),
+    )
     # cum_floor grows with position (every floor is at least 1): the index
     # order is the session's order, newest first.
     candidates = candidates.order_by(m.cum_floor.desc())
     if cap is not None:
         candidates = candidates.limit(_const(str(cap)))
     c = candidates.subquery("candidates").c
-    newest_first = {"order_by": c.cum_floor.desc(), "rows": (None, 0)}
+
+    def newest_first(f: FunctionElement[Any]) -> Over[Any]:
+        return f.over(order_by=c.cum_floor.desc(), rows=(None, 0))
+
     running = select(
         c.position,
         c.turn,
         c.role,
         c.content,
         c.name,
-        func.sum(c.cost).over(**newest_first).label("running"),
+        newest_first(func.sum(c.cost)).label("running"),
         c.counted,
         # the budget of a string window: plus the newest row's newline
-        (budget + func.first_value(c.newline).over(**newest_first)).label("budget")
+        (budget + newest_first(func.first_value(c.newline))).label("budget")
         if mode == "text"
         else budget.label("budget"),
     ).subquery("running")

@@ -40,10 +40,12 @@ from .messages import StoredMessage
 from .models import MESSAGES, SESSIONS, TURNS, utcnow
 from .tokens import TokenCounter
 from .validate import PreparedAppend, SessionKey
-from .window import count_message
+from .window import Counts, count_message
 
 __all__ = [
+    "RECOUNT_BATCH",
     "Erased",
+    "Recount",
     "align",
     "append",
     "bump_statement",
@@ -51,11 +53,13 @@ __all__ = [
     "erase",
     "erase_owner",
     "prune",
-    "recount",
+    "recount_batch",
+    "recount_start",
     "session_upsert",
 ]
 
-_RECOUNT_BATCH = 1000
+# Messages a recount counts per transaction (writes.recount_batch).
+RECOUNT_BATCH = 1000
 
 
 def session_upsert(
@@ -181,9 +185,8 @@ def append(conn: Connection, p: PreparedAppend) -> list[StoredMessage]:
         "now": now,
     }
     bumped = direct.execute(conn, bump, params)
-    if not bumped:  # counted with another encoding: recount, then bump
-        recount(conn, sid, p.counter)
-        bumped = direct.execute(conn, bump, params)
+    if not bumped:  # the session has another encoding: count these with it
+        return append(conn, _in_session_encoding(conn, p))
     ((next_position, next_turn, floor_total),) = bumped
     position, turn = next_position - len(rows), next_turn - p.turns
     cum = floor_total - p.floor
@@ -193,6 +196,142 @@ def append(conn: Connection, p: PreparedAppend) -> list[StoredMessage]:
         cum += c.floor
     direct.execute(conn, _INSERT_MESSAGES, rows)
     return stored
+
+
+def _in_session_encoding(conn: Connection, p: PreparedAppend) -> PreparedAppend:
+    """``p`` counted with the encoding its session has now."""
+    encoding = conn.execute(select(SESSIONS.c.encoding).where(SESSIONS.c.id == p.key.id)).scalar()
+    if encoding is None or encoding == p.encoding:  # the bump's WHERE admits these
+        raise ConfigurationError(f"session {p.key.name!r} changed its encoding during an append")
+    return p.counted_with(TokenCounter(encoding))
+
+
+# --- recounting: a model with another encoding, in bounded batches -------------
+
+
+@dataclass(frozen=True)
+class Recount:
+    """How far a recount of one session to ``encoding`` has come: the
+    messages up to position ``after`` (-1: none yet) are counted with it, and
+    their floors sum to ``cum``. ``done``: the session now is."""
+
+    encoding: str
+    after: int = -1
+    cum: int = 0
+    done: bool = False
+
+
+def recount_start(conn: Connection, sid: uuid.UUID, encoding: str) -> Recount:
+    """Where a recount of the session to ``encoding`` goes on. Batches count
+    the oldest messages first, so the messages already counted with it are
+    the oldest ones (while the session itself, and every message appended
+    meanwhile, keeps the old encoding until the last batch): found by a
+    binary search over positions, one index probe each. A session already
+    counted with ``encoding`` is counted again from its oldest message (rows
+    from before migration 0003 get their newline counts)."""
+    s, m = SESSIONS.c, MESSAGES.c
+    found = conn.execute(select(s.encoding, s.next_position).where(s.id == sid)).first()
+    if found is None:
+        raise SessionNotFound(str(sid))
+    if found.encoding in (None, encoding):
+        return Recount(encoding)
+
+    def at_or_after(position: int) -> Any:
+        return conn.execute(
+            select(m.position, m.encoding, m.cum_floor, *_COUNTS)
+            .where(m.session_id == sid, m.position >= position)
+            .order_by(m.position)
+            .limit(1)
+        ).first()
+
+    first = at_or_after(0)
+    if first is None or first.encoding != encoding:
+        return Recount(encoding)
+    # the last message counted with `encoding`: in [first, next_position)
+    done, lo, hi = first, first.position + 1, int(found.next_position)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        row = at_or_after(mid)
+        if row is not None and row.encoding == encoding:
+            done, lo = row, row.position + 1
+        else:
+            hi = mid
+    floor = Counts(done.text_tokens, done.chat_tokens, _newline_of(done)).floor
+    return Recount(encoding, after=done.position, cum=done.cum_floor + floor)
+
+
+_COUNTS = (MESSAGES.c.text_tokens, MESSAGES.c.chat_tokens, MESSAGES.c.newline_tokens)
+
+
+def _newline_of(row: Any) -> int:
+    return 1 if row.newline_tokens is None else int(row.newline_tokens)
+
+
+def recount_batch(
+    conn: Connection, sid: uuid.UUID, counter: TokenCounter, at: Recount, size: int
+) -> Recount:
+    """Count the next ``size`` messages after ``at`` again with ``counter``
+    (its encoding is ``at.encoding``) and return how far the recount has
+    come. The last batch — when no more than ``size`` messages are left —
+    takes the session's row lock, counts what is left (with the messages
+    appended meanwhile) and switches the session to the new encoding, its
+    floor total and its window start with it: no transaction holds a lock
+    for more than a batch."""
+    s, m = SESSIONS.c, MESSAGES.c
+
+    def rows_after(limit: int | None) -> list[Any]:
+        stmt = (
+            select(m.position, m.role, m.content, m.name)
+            .where(m.session_id == sid, m.position > at.after)
+            .order_by(m.position)
+        )
+        return list(conn.execute(stmt if limit is None else stmt.limit(limit)).all())
+
+    batch = rows_after(size + 1)
+    last = len(batch) <= size
+    start = None
+    if last:  # appends wait from here on; then count what is left
+        start = conn.execute(select(s.start_position).where(s.id == sid).with_for_update()).scalar()
+        if start is None:
+            raise SessionNotFound(str(sid))
+        batch = rows_after(None)
+    else:
+        batch = batch[:size]
+    cum, params = at.cum, []
+    for position, role, content, name in batch:
+        c = count_message(counter, role, content, name)
+        params.append(
+            {
+                "sid": sid,
+                "pos": position,
+                "enc": counter.encoding_name,
+                "text": c.text_tokens,
+                "chat": c.chat_tokens,
+                "newline": c.newline_tokens,
+                "cum": cum,
+            }
+        )
+        cum += c.floor
+    if params:
+        conn.execute(_RECOUNTED, params)
+    if start is None:
+        return Recount(at.encoding, after=batch[-1].position, cum=cum)
+    start_floor = conn.execute(
+        select(m.cum_floor)
+        .where(m.session_id == sid, m.position >= start)
+        .order_by(m.position)
+        .limit(1)
+    ).scalar()
+    conn.execute(
+        update(SESSIONS)
+        .where(s.id == sid)
+        .values(
+            encoding=counter.encoding_name,
+            floor_total=cum,
+            start_floor=cum if start_floor is None else start_floor,
+        )
+    )
+    return Recount(at.encoding, after=batch[-1].position if batch else at.after, cum=cum, done=True)
 
 
 _RECOUNTED = (
@@ -206,51 +345,6 @@ _RECOUNTED = (
         cum_floor=bindparam("cum"),
     )
 )
-
-
-def recount(conn: Connection, sid: uuid.UUID, counter: TokenCounter) -> None:
-    """Count every message of the session again with ``counter``'s encoding
-    (the session row is locked by the caller's bump or here)."""
-    s, m = SESSIONS.c, MESSAGES.c
-    start = conn.execute(select(s.start_position).where(s.id == sid).with_for_update()).scalar_one()
-    cum, after, start_floor = 0, -1, None
-    while True:
-        batch = conn.execute(
-            select(m.position, m.role, m.content, m.name)
-            .where(m.session_id == sid, m.position > after)
-            .order_by(m.position)
-            .limit(_RECOUNT_BATCH)
-        ).all()
-        if not batch:
-            break
-        params = []
-        for position, role, content, name in batch:
-            if start_floor is None and position >= start:  # start itself may be pruned
-                start_floor = cum
-            c = count_message(counter, role, content, name)
-            params.append(
-                {
-                    "sid": sid,
-                    "pos": position,
-                    "enc": counter.encoding_name,
-                    "text": c.text_tokens,
-                    "chat": c.chat_tokens,
-                    "newline": c.newline_tokens,
-                    "cum": cum,
-                }
-            )
-            cum += c.floor
-        conn.execute(_RECOUNTED, params)
-        after = batch[-1].position
-    conn.execute(
-        update(SESSIONS)
-        .where(s.id == sid)
-        .values(
-            encoding=counter.encoding_name,
-            floor_total=cum,
-            start_floor=cum if start_floor is None else start_floor,
-        )
-    )
 
 
 def align(conn: Connection, key: SessionKey, position: int, turn: int) -> None:
