@@ -5,6 +5,7 @@ first load, and the stored counts catch up one bounded batch at a time."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -191,3 +192,57 @@ def test_clear_and_prune_survive_a_recount(store: Store) -> None:
     assert store.recount(old.session_id, new.counter, batch_size=150)
     assert new.buffer == old.buffer == "Human: after clear\nAI: only this"
     assert len(list(store.history(old.session_id))) == 502
+
+
+def test_saves_racing_a_recount_end_counted_with_the_new_encoding(store: Store) -> None:
+    """The new model saves (each save running a batch of its own) while
+    ``Store.recount`` runs in small batches: every row ends counted with the
+    new encoding and the running floors stay exact."""
+    import threading
+
+    old, _ = _fill(store, 300)
+    new = ConversationTokenBufferMemory(
+        store=store, session_id=old.session_id, encoding=NEW, max_token_limit=200
+    )
+    stop = threading.Event()
+    saved: list[int] = []
+
+    def writer() -> None:
+        while not stop.is_set() or len(saved) < 20:
+            new.save_context({"input": f"race {len(saved)}"}, {"output": "racing"})
+            saved.append(1)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        while not saved:
+            time.sleep(0.001)
+        assert store.recount(old.session_id, new.counter, batch_size=40)
+    finally:
+        stop.set()
+        thread.join()
+    history = list(store.history(old.session_id))
+    assert len(history) == 600 + 2 * len(saved)
+    _assert_consistent(store, old.session_id, NEW)
+
+
+def test_two_models_writing_one_session_keep_it_consistent(store: Store) -> None:
+    """Old and new model alternate (a rolling deploy): each save by the
+    model whose encoding the session does not have runs a batch towards its
+    own, so the session may switch back and forth, but every state is
+    consistent and both windows stay exact."""
+    old, messages = _fill(store, 600)
+    new = ConversationTokenBufferMemory(
+        store=store, session_id=old.session_id, encoding=NEW, max_token_limit=200
+    )
+    for i in range(6):
+        for memory in (new, old):
+            said = memory.counter.encoding_name
+            memory.save_context({"input": f"deploy {i}"}, {"output": said})
+            messages += [Message("human", f"deploy {i}"), Message("ai", said)]
+        for memory in (new, old):
+            assert [w.message for w in memory.window()] == reference_text(
+                messages, memory.rule, memory.counter
+            )
+    assert store.recount(old.session_id, new.counter)
+    _assert_consistent(store, old.session_id, NEW)

@@ -290,8 +290,13 @@ def recount_batch(
     batch = rows_after(size + 1)
     last = len(batch) <= size
     start = None
-    if last:  # appends wait from here on; then count what is left
-        start = conn.execute(select(s.start_position).where(s.id == sid).with_for_update()).scalar()
+    if last:  # appends wait from here on (a write: SQLite has no FOR UPDATE)
+        start = conn.execute(
+            update(SESSIONS)
+            .where(s.id == sid)
+            .values(updated_at=s.updated_at)
+            .returning(s.start_position)
+        ).scalar()
         if start is None:
             raise SessionNotFound(str(sid))
         batch = rows_after(None)
