@@ -871,9 +871,10 @@ def recount(
     session: str | None = None,
     progress: Progress | None = None,
 ) -> int:
-    """Count every message again with ``counter``'s encoding, one session
-    per transaction, skipping sessions already counted with it (so an
-    interrupted run resumes where it stopped) unless they hold messages
+    """Count every message again with ``counter``'s encoding, session by
+    session in batches (:meth:`tokenmem.Store.recount`: no transaction holds
+    a lock longer than a batch), skipping sessions already counted with it
+    (an interrupted run resumes where it stopped, mid-session too) unless they hold messages
     written before migration 0003 counted newlines. With ``counter=None``,
     only fill those in, each session with its own encoding. Returns sessions
     recounted.
