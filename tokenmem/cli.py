@@ -235,7 +235,9 @@ def cmd_db(args: argparse.Namespace, store: Store, out: _Out) -> int:
 def _partition(args: argparse.Namespace, store: Store, out: _Out) -> int:
     """``db partition --partitions N`` and ``db unpartition``: rebuild the
     message and turn tables (PostgreSQL), asking first like ``downgrade``."""
-    n = args.partitions if args.action == "partition" else 0
+    from .partition import checked
+
+    n = checked(args.partitions) if args.action == "partition" else 0
     if store.dialect != "postgresql":
         raise ConfigurationError(
             f"db {args.action} needs PostgreSQL; this database is {store.dialect} "

@@ -34,6 +34,7 @@ from .models import MESSAGES, SESSIONS, TURNS, Base
 __all__ = [
     "MAX_PARTITIONS",
     "TABLES",
+    "checked",
     "include_name",
     "is_partition",
     "layout",
@@ -103,11 +104,17 @@ def partition(conn: Connection, partitions: int) -> dict[str, int]:
     the caller's transaction (plain or already partitioned tables alike).
     Returns :func:`layout`. Raises :class:`ConfigurationError` on SQLite or
     for a count outside 1..:data:`MAX_PARTITIONS`."""
+    return _rebuild(conn, checked(partitions))
+
+
+def checked(partitions: int) -> int:
+    """``partitions``, if it is a partition count :func:`partition` takes;
+    else :class:`ConfigurationError`."""
     if isinstance(partitions, bool) or not isinstance(partitions, int):
         raise ConfigurationError(f"partitions must be an int, not {partitions!r}")
     if not 1 <= partitions <= MAX_PARTITIONS:
         raise ConfigurationError(f"partitions must be 1 to {MAX_PARTITIONS}, not {partitions}")
-    return _rebuild(conn, partitions)
+    return partitions
 
 
 def unpartition(conn: Connection) -> dict[str, int]:
