@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, Engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 
 from tokenmem import (
     ConfigurationError,
@@ -29,6 +29,7 @@ from tokenmem import (
     Message,
     Rule,
     Store,
+    StoreError,
     TokenCounter,
     migrate,
 )
@@ -534,3 +535,30 @@ def test_partition_needs_the_migrated_schema(pg: Engine) -> None:
     with pytest.raises(SchemaError):
         store.partition(4)
     assert migrate.head() != "0002"
+
+
+def test_audit_reads_run_on_a_read_only_replica(pg: Engine, o200k: TokenCounter) -> None:
+    """What docs/scaling.md sends to a read replica — history, the turn log,
+    rebuilt prompts, sessions, exports — never writes: a store whose every
+    transaction is read-only (as on a hot standby) serves all of it."""
+    store = Store(pg, upgrade=True)
+    memory = ConversationTokenBufferMemory(store=store, session_id="r", max_token_limit=50)
+    memory.save_context({"input": "hi"}, {"output": "there"})
+    store.record_turn("r", record("q", 0, 1), [Message("human", "q")], o200k)
+    url = pg.url.update_query_dict(
+        {"options": pg.url.query["options"] + " -cdefault_transaction_read_only=on"}
+    )
+    replica = create_engine(url)
+    try:
+        audit = Store(replica)
+        assert [m.content for m in audit.history("r")] == ["hi", "there", "q"]
+        assert [t.input for t in audit.turns("r")] == ["q"]
+        assert audit.rebuild_prompt("r", 0)
+        assert [s.session_id for s in audit.session_stats(all_owners=True)] == ["r"]
+        exported = io.StringIO()
+        assert export_jsonl(audit, exported) == 3
+        assert audit.window("r", Rule(limit=50), o200k)
+        with pytest.raises(StoreError, match="read-only transaction"):
+            audit.append("r", [Message("human", "no")], o200k)
+    finally:
+        replica.dispose()
