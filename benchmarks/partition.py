@@ -99,6 +99,15 @@ def relations(plan: Any) -> list[str]:
     return found
 
 
+def index_names(plan: Any) -> set[str]:
+    if isinstance(plan, dict):
+        found = {plan["Index Name"]} if "Index Name" in plan else set()
+        return found.union(*(index_names(v) for v in plan.values()))
+    if isinstance(plan, list):
+        return set().union(*(index_names(v) for v in plan))
+    return set()
+
+
 def explain(engine: Engine, statement: tuple[str, Any]) -> dict[str, Any]:
     sql, params = statement
     planning, execution = [], []
@@ -125,6 +134,7 @@ def explain(engine: Engine, statement: tuple[str, Any]) -> dict[str, Any]:
     return {
         "scanned": sorted(set(relations(plan))),
         "rows": plan[0]["Plan"]["Actual Rows"],
+        "cum_floor_index": any("cum_floor" in name for name in index_names(plan)),
         "planning_ms": sorted(planning)[len(planning) // 2],
         "execution_ms": sorted(execution)[len(execution) // 2],
         "generic_scanned": sorted(set(relations(generic))),
@@ -216,16 +226,17 @@ def show(r: dict[str, Any]) -> None:
     )
     print(
         "| layout | window median (ms) | p99 (ms) | rows | messages relations scanned "
-        "| planning (ms) | execution (ms) | generic plan: scanned / subplans removed "
-        "| count(owner) scans |"
+        "| cum_floor index | planning (ms) | execution (ms) "
+        "| generic plan: scanned / subplans removed | count(owner) scans |"
     )
-    print("|---|---:|---:|---:|---|---:|---:|---|---:|")
+    print("|---|---:|---:|---:|---|---|---:|---:|---|---:|")
     for label in ("plain", "partitioned", CUSTOM):
         x = r[label]
         generic = f"{', '.join(x['generic_scanned'])} / {x['generic_subplans_removed'] or '-'}"
         print(
             f"| {label} | {x['window_median_ms']:.3f} | {x['window_p99_ms']:.3f} | {x['rows']} "
-            f"| {', '.join(x['scanned'])} | {x['planning_ms']:.3f} | {x['execution_ms']:.3f} "
+            f"| {', '.join(x['scanned'])} | {'yes' if x['cum_floor_index'] else 'no'} "
+            f"| {x['planning_ms']:.3f} | {x['execution_ms']:.3f} "
             f"| {generic} | {x['count_owner_scanned']} |"
         )
 
