@@ -562,3 +562,41 @@ def test_audit_reads_run_on_a_read_only_replica(pg: Engine, o200k: TokenCounter)
             audit.append("r", [Message("human", "no")], o200k)
     finally:
         replica.dispose()
+
+
+def test_partitions_go_where_the_schema_translate_map_says(
+    tmp_path: Path, o200k: TokenCounter
+) -> None:
+    """A host keeps tokenmem's tables in a schema of its own through a
+    ``schema_translate_map``; the connection's search_path is another, empty
+    schema: the rebuilt tables and their partitions land in the mapped one."""
+    with (
+        fresh_engine("postgresql", tmp_path / "t") as home,
+        fresh_engine("postgresql", tmp_path / "d") as decoy,
+    ):
+        schema = str(home.url.query["options"]).split("=")[-1]  # -csearch_path=...
+        mapped = decoy.execution_options(schema_translate_map={None: schema})
+        store = Store(mapped, upgrade=True)
+        memory = ConversationTokenBufferMemory(store=store, session_id="t", max_token_limit=50)
+        memory.save_context({"input": "hi"}, {"output": "there"})
+        assert store.partition(4) == parts(4)
+        memory.save_context({"input": "and"}, {"output": "now"})
+        assert memory.load_memory_variables({})["history"].endswith("Human: and\nAI: now")
+        with home.connect() as conn:
+            assert layout(conn) == parts(4)
+            tables = set(
+                conn.execute(
+                    text("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+                ).scalars()
+            )
+        assert {f"tokenmem_messages_p{r}" for r in range(4)} <= tables
+        with decoy.connect() as conn:
+            found = conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_class "
+                    "WHERE relnamespace = current_schema()::regnamespace"
+                )
+            ).scalar_one()
+        assert found == 0
+        assert store.unpartition() == PLAIN
+        assert [m.content for m in Store(home).history("t")] == ["hi", "there", "and", "now"]
