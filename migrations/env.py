@@ -15,6 +15,7 @@ from sqlalchemy import Connection
 from tokenmem.engine import default_url, make_engine
 from tokenmem.migrate import VERSION_TABLE, schema
 from tokenmem.models import Base
+from tokenmem.partition import include_name
 
 
 def _run(connection: Connection) -> None:
@@ -25,6 +26,7 @@ def _run(connection: Connection) -> None:
         version_table_schema=schema(connection),
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        include_name=include_name,  # a partitioned database's partitions are not drift
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -31,6 +31,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from . import audit, migrate, reads, writes
+from . import partition as partitioning
 from .audit import TurnRecord, rebuild
 from .engine import Attempt, default_url, retry_delay, schema_error, transaction, tune
 from .errors import ConfigurationError
@@ -170,6 +171,19 @@ class AsyncStore(StoreBase):
         if error:
             raise error
         self._ready = True
+
+    async def partition(self, partitions: int) -> dict[str, int]:
+        """Hash-partition ``tokenmem_messages`` and ``tokenmem_turns`` by
+        ``session_id`` into ``partitions`` partitions each (PostgreSQL only),
+        keeping every row, in one transaction that blocks the tables while it
+        copies them. Returns each table's number of partitions. Raises
+        :class:`ConfigurationError` on SQLite. See :mod:`tokenmem.partition`."""
+        return await self.run(functools.partial(partitioning.partition, partitions=partitions))
+
+    async def unpartition(self) -> dict[str, int]:
+        """Make both tables plain again (the reverse of :meth:`partition`),
+        keeping every row; returns each table's number of partitions (0)."""
+        return await self.run(partitioning.unpartition)
 
     async def run(self, work: Callable[[Connection], T]) -> T:
         """Run ``work(connection)`` in one transaction on a connection of the

@@ -216,6 +216,8 @@ def cmd_db(args: argparse.Namespace, store: Store, out: _Out) -> int:
             return 0
         store.downgrade(args.revision)
         did = "downgraded"
+    elif args.action in ("partition", "unpartition"):
+        return _partition(args, store, out)
     current = store.current_revision() if did else before
     if out.as_json:
         out.json({"current": current, "head": head, "at_head": current == head, "before": before})
@@ -227,6 +229,34 @@ def cmd_db(args: argparse.Namespace, store: Store, out: _Out) -> int:
         out.line(f"current: {current or '(not migrated)'}  head: {head}")
     if args.action == "check":
         store.check()
+    return 0
+
+
+def _partition(args: argparse.Namespace, store: Store, out: _Out) -> int:
+    """``db partition --partitions N`` and ``db unpartition``: rebuild the
+    message and turn tables (PostgreSQL), asking first like ``downgrade``."""
+    from .partition import checked
+
+    n = checked(args.partitions) if args.action == "partition" else 0
+    if store.dialect != "postgresql":
+        raise ConfigurationError(
+            f"db {args.action} needs PostgreSQL; this database is {store.dialect} "
+            "(SQLite has no table partitioning)"
+        )
+    what = (
+        f"rebuild tokenmem_messages and tokenmem_turns as {n} hash partitions each"
+        if n
+        else "rebuild tokenmem_messages and tokenmem_turns as plain tables"
+    )
+    if not _confirm(what + " (they are locked while their rows are copied)", args):
+        out.line("nothing changed")
+        return 0
+    layout = store.partition(n) if n else store.unpartition()
+    if out.as_json:
+        out.json({"partitions": layout})
+    else:
+        for table, count in layout.items():
+            out.line(f"{table}: {f'{count} hash partitions by session_id' if count else 'plain'}")
     return 0
 
 
@@ -726,12 +756,17 @@ def _parser() -> argparse.ArgumentParser:
         group.add_argument("--model", help=f"count tokens as this model does (default: {default})")
         group.add_argument("--encoding", help="tiktoken encoding, e.g. o200k_base")
 
-    db = command("db", "migrations: upgrade, downgrade REV, current, check", cmd_db)
+    db = command(
+        "db",
+        "migrations: upgrade, downgrade REV, current, check; partition --partitions N, "
+        "unpartition (PostgreSQL)",
+        cmd_db,
+    )
     db.add_argument(
         "action",
         metavar="ACTION",
-        choices=["upgrade", "downgrade", "current", "check"],
-        help="upgrade, downgrade, current or check",
+        choices=["upgrade", "downgrade", "current", "check", "partition", "unpartition"],
+        help="upgrade, downgrade, current, check, partition or unpartition",
     )
     db.add_argument(
         "revision",
@@ -741,7 +776,13 @@ def _parser() -> argparse.ArgumentParser:
     db.add_argument(
         "--yes",
         action="store_true",
-        help="downgrade without asking (it drops columns or tables; else type yes)",
+        help="downgrade or (un)partition without asking (else type yes)",
+    )
+    db.add_argument(
+        "--partitions",
+        metavar="N",
+        type=int,
+        help="partition: how many hash partitions by session_id (1 to 1024)",
     )
 
     sessions = command("sessions", "sessions with message count, tokens and activity", cmd_sessions)
@@ -852,7 +893,8 @@ def _check_exists(args: argparse.Namespace) -> None:
     from .urls import sqlite_path
 
     url = args.db or os.environ.get("TOKENMEM_DATABASE_URL")
-    if not url or not (args.command in _EXISTING or args.action in ("current", "check")):
+    existing = ("current", "check", "partition", "unpartition")
+    if not url or not (args.command in _EXISTING or args.action in existing):
         return  # the embedded default is made on first use
     try:
         parsed = make_url(url)
@@ -871,6 +913,13 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigurationError(f"{args.command} has no JSON output: drop --json")
     if args.command == "db" and args.action in ("current", "check") and args.revision:
         raise ConfigurationError(f"db {args.action} takes no revision, not {args.revision!r}")
+    if args.command == "db" and args.action in ("partition", "unpartition"):
+        if args.revision:
+            raise ConfigurationError(f"db {args.action} takes no revision, not {args.revision!r}")
+        if args.action == "partition" and args.partitions is None:
+            raise ConfigurationError("db partition needs --partitions N (e.g. 16)")
+    if args.command == "db" and args.action != "partition" and args.partitions is not None:
+        raise ConfigurationError("--partitions goes with db partition")
     if args.command == "import":
         if args.file and args.from_langchain:
             raise ConfigurationError("import reads a FILE or --from-langchain URL, not both")

@@ -38,6 +38,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import audit, migrate, reads, writes
+from . import partition as partitioning
 from .audit import TurnRecord, rebuild
 from .engine import (
     Attempt,
@@ -265,6 +266,19 @@ class Store(StoreBase):
         if error:
             raise error
         self._ready = True
+
+    def partition(self, partitions: int) -> dict[str, int]:
+        """Hash-partition ``tokenmem_messages`` and ``tokenmem_turns`` by
+        ``session_id`` into ``partitions`` partitions each (PostgreSQL only),
+        keeping every row, in one transaction that blocks the tables while it
+        copies them. Returns each table's number of partitions. Raises
+        :class:`ConfigurationError` on SQLite. See :mod:`tokenmem.partition`."""
+        return self.run(functools.partial(partitioning.partition, partitions=partitions))
+
+    def unpartition(self) -> dict[str, int]:
+        """Make both tables plain again (the reverse of :meth:`partition`),
+        keeping every row; returns each table's number of partitions (0)."""
+        return self.run(partitioning.unpartition)
 
     def run(self, work: Callable[[Connection], T]) -> T:
         """Run ``work(connection)`` in one transaction on a connection of the
