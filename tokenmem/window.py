@@ -50,6 +50,7 @@ import regex
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
+    FromClause,
     FunctionElement,
     Integer,
     Over,
@@ -59,6 +60,7 @@ from sqlalchemy import (
     func,
     literal_column,
     select,
+    true,
 )
 
 from .messages import Message, StoredMessage
@@ -362,18 +364,18 @@ def window_select(
     m = MESSAGES.c
     s = SESSIONS.c
     budget: ColumnElement[int] = bindparam("w_budget", type_=BigInteger)
-    if mode == "text":  # plus what the newest message's newline adds
+    bound: ColumnElement[int] = budget
+    sources: FromClause = SESSIONS
+    if mode == "text":  # plus what the newest message's newline adds: one probe
         n = MESSAGES.alias("newest_message").c
-        newest_newline = (
-            select(_newline(n.newline_tokens))
+        newest = (
+            select(_newline(n.newline_tokens).label("newline"))
             .where(n.session_id == bindparam("w_session"))
             .order_by(n.position.desc())
             .limit(_const("1"))
-            .scalar_subquery()
+            .subquery("newest")
         )
-        bound = budget + newest_newline
-    else:
-        bound = budget
+        bound, sources = budget + newest.c.newline, SESSIONS.join(newest, true())
     # The oldest message that could fit, or the start set by clear(); NULL
     # (no rows) when the session is missing or counted with another encoding.
     start = (
@@ -383,6 +385,7 @@ def window_select(
                 else_=s.floor_total - bound,
             )
         )
+        .select_from(sources)
         .where(s.id == bindparam("w_session"), s.encoding == bindparam("w_encoding"))
         .scalar_subquery()
     )
