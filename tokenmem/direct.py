@@ -23,14 +23,14 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Dialect, Executable
+from sqlalchemy import Connection, Dialect, Executable, Insert
 from sqlalchemy.exc import DBAPIError
 
-__all__ = ["DIRECT", "execute"]
+__all__ = ["DIRECT", "execute", "insert_many"]
 
 # The execution option a store sets on a connection to take this path.
 DIRECT = "tokenmem_direct"
@@ -94,21 +94,76 @@ def execute(
         result = conn.execute(statement, params)
         return result.all() if result.returns_rows else ()
     compiled = _compile(statement, conn.dialect)
-    raw = conn.connection
-    cursor: Any = raw.cursor()
-    try:
+    with _cursor(conn, compiled.sql) as cursor:
         if isinstance(params, Mapping):
             cursor.execute(compiled.sql, compiled.bind(params))
             return cursor.fetchall() if cursor.description else ()
         cursor.executemany(compiled.sql, [compiled.bind(p) for p in params])
         return ()
+
+
+def insert_many(conn: Connection, statement: Insert, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert ``rows`` (each naming every column of ``statement``'s table):
+    on PostgreSQL's direct path (sync) with ``COPY ... FROM STDIN`` (psycopg's
+    public ``Cursor.copy``, values put through each column type's
+    ``bind_processor``), else as :func:`execute`'s executemany."""
+    dialect = conn.dialect  # psycopg's async connection has its own COPY, not this one
+    direct = conn.get_execution_options().get(DIRECT)
+    if dialect.name != "postgresql" or dialect.is_async or not direct:
+        execute(conn, statement, rows)
+        return
+    copy = _copy_of(statement, conn.dialect)
+    with _cursor(conn, copy.sql) as cursor, cursor.copy(copy.sql) as writer:
+        for row in rows:
+            writer.write_row([process(row[name]) for name, process in copy.columns])
+
+
+@dataclass(frozen=True)
+class _Copy:
+    sql: str
+    columns: tuple[tuple[str, Callable[[Any], Any]], ...]
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+_copies: weakref.WeakKeyDictionary[Dialect, dict[int, tuple[Insert, _Copy]]]
+_copies = weakref.WeakKeyDictionary()
+
+
+def _copy_of(statement: Insert, dialect: Dialect) -> _Copy:
+    found = _copies.get(dialect, {}).get(id(statement))
+    if found is not None:
+        return found[1]
+    quote = dialect.identifier_preparer.quote
+    table = statement.table
+    names = [c.name for c in table.columns]
+    columns = tuple(
+        (c.name, c.type.dialect_impl(dialect).bind_processor(dialect) or _same)
+        for c in table.columns
+    )
+    made = _Copy(f"COPY {quote(table.name)} ({', '.join(map(quote, names))}) FROM STDIN", columns)
+    with _lock:  # the statement is kept, so its id stays its own
+        _copies.setdefault(dialect, {})[id(statement)] = (statement, made)
+    return made
+
+
+@contextlib.contextmanager
+def _cursor(conn: Connection, sql: str) -> Iterator[Any]:
+    """A cursor of ``conn``'s DBAPI connection, the driver's errors raised as
+    SQLAlchemy's (a lost connection invalidated) and the cursor closed."""
+    raw = conn.connection
+    cursor: Any = raw.cursor()
+    try:
+        yield cursor
     except conn.dialect.loaded_dbapi.Error as exc:
         lost = conn.dialect.is_disconnect(exc, raw.dbapi_connection, cursor)
         if lost:  # as SQLAlchemy does: this connection, and the idle ones of its age
             conn.invalidate(exc)
             conn.engine.pool.dispose()
         raise DBAPIError.instance(
-            compiled.sql,
+            sql,
             None,
             exc,
             conn.dialect.loaded_dbapi.Error,
