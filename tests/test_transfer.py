@@ -471,7 +471,7 @@ def test_an_import_racing_the_application_stops_at_its_message(
     """The documented semantics: an import writes each record at its own
     position or not at all; a position the application took meanwhile stops
     it with an error naming the line, and nothing is written twice."""
-    lines = jsonl(*(rec("s", f"m{i}", "human" if i % 2 == 0 else "ai") for i in range(1200)))
+    lines = jsonl(*(rec("s", f"m{i}", "human" if i % 2 == 0 else "ai") for i in range(2400)))
     written: list[int] = []
 
     def progress(n: int) -> None:
@@ -481,11 +481,11 @@ def test_an_import_racing_the_application_stops_at_its_message(
 
     with pytest.raises(
         InvalidInputError,
-        match=r"^line 501: session 's' already holds a different message at position 500",
+        match=r"^line 2001: session 's' already holds a different message at position 2000",
     ):
         import_jsonl(store, lines, o200k, progress=progress)
-    assert written == [500]
-    assert contents(store, "s") == [f"m{i}" for i in range(500)] + ["from the app"]
+    assert written == [2000]  # a batch: 2,000 records
+    assert contents(store, "s") == [f"m{i}" for i in range(2000)] + ["from the app"]
 
 
 # --- QA B4: turns as the records group them ---------------------------------------

@@ -85,7 +85,7 @@ from .validate import (
     check_text,
     prepare_append,
 )
-from .writes import align, append, session_upsert
+from .writes import BULK_BATCH, align, append_many, session_upsert
 
 __all__ = [
     "ImportResult",
@@ -98,7 +98,7 @@ __all__ = [
 ]
 
 Progress = Callable[[int], None]
-_BATCH = 500
+_BATCH = BULK_BATCH  # a session's records per transaction, as Store.append_many's statements
 # For records that name no encoding: gpt-4o-mini's, the default everywhere.
 _DEFAULT_ENCODING = "o200k_base"
 
@@ -306,6 +306,7 @@ class _Reader:
         self.owner = owner
         self.counter = counter
         self.seen: dict[SessionKey, _Seen] = {}
+        self.keys: dict[tuple[str, str], SessionKey] = {}  # checked once per session
 
     def read(self, lines: Iterable[str]) -> Iterator[_Line]:
         number, it = 0, iter(lines)
@@ -344,7 +345,7 @@ class _Reader:
         if missing:
             needs = " and ".join(filter(None, [", ".join(required[:-1]), required[-1]]))
             raise InvalidInputError(f"missing {', '.join(missing)} (a {kind} needs {needs})")
-        key = SessionKey.of(record["session_id"], self._owner(record.get("owner")))
+        key = self._key(record["session_id"], self._owner(record.get("owner")))
         seen = self.seen.setdefault(key, _Seen())
         if kind == "session":
             for field in ("next_position", "next_turn", "window_start"):
@@ -381,6 +382,14 @@ class _Reader:
                 )
         seen.ended = False
         return _Line(f"line {number}", key, record, message, position)
+
+    def _key(self, session_id: object, owner: str) -> SessionKey:
+        if not isinstance(session_id, str):
+            return SessionKey.of(session_id, owner)  # raises
+        key = self.keys.get((session_id, owner))
+        if key is None:
+            key = self.keys[session_id, owner] = SessionKey.of(session_id, owner)
+        return key
 
     def _owner(self, named: object) -> str:
         if self.owner is None:
@@ -602,8 +611,8 @@ def _put(
             counter=prepared.counter,
             created_at=prepared.created_at[cut],
         )
-        stored = append(conn, run)
-        if stored[0].position != lines[i].position:  # the lock rules this out
+        stored = append_many(conn, run)
+        if stored.start != lines[i].position:  # the lock rules this out
             raise StoreError(f"session {_label(key)} moved while locked: nothing imported")
         have, i = lines[j - 1].position + 1, j
     return _Put(len(lines) - old, old, last)
