@@ -23,12 +23,12 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Dialect, Executable, Insert
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 
 __all__ = ["DIRECT", "execute", "insert_many"]
 
@@ -39,17 +39,18 @@ DIRECT = "tokenmem_direct"
 @dataclass(frozen=True)
 class _Compiled:
     sql: str
-    order: tuple[str, ...] | None  # parameter names in order, for a positional paramstyle
+    positional: bool  # the driver takes a list in ``names`` order, else a dict
+    # The parameters (in order, for a positional paramstyle), each with its
+    # type's bind processor or None.
+    plan: tuple[tuple[str, Callable[[Any], Any] | None], ...]
     defaults: dict[str, Any]  # values the statement binds itself
-    processors: dict[str, Callable[[Any], Any]]
 
     def bind(self, given: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
-        values = {**self.defaults, **given}
-        for name, process in self.processors.items():
-            values[name] = process(values[name])
-        if self.order is None:
-            return values
-        return [values[name] for name in self.order]
+        if self.defaults:
+            given = {**self.defaults, **given}
+        if self.positional:
+            return [given[k] if process is None else process(given[k]) for k, process in self.plan]
+        return {k: given[k] if process is None else process(given[k]) for k, process in self.plan}
 
 
 # Per dialect (bind processors follow an engine's settings; a disposed
@@ -65,16 +66,14 @@ def _compile(statement: Executable, dialect: Dialect) -> _Compiled:
         return found[1]
     compiled: Any = statement.compile(dialect=dialect)  # type: ignore[attr-defined]
     binds = compiled.binds
-    processors = {}
-    for name, bind in binds.items():
-        process = bind.type.dialect_impl(dialect).bind_processor(dialect)
-        if process is not None:
-            processors[name] = process
+    names = tuple(compiled.positiontup) if compiled.positional else tuple(binds)
     made = _Compiled(
         sql=compiled.string,
-        order=tuple(compiled.positiontup) if compiled.positional else None,
+        positional=bool(compiled.positional),
+        plan=tuple(
+            (name, binds[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in names
+        ),
         defaults={k: v for k, v in compiled.params.items() if not binds[k].required},
-        processors=processors,
     )
     with _lock:  # the statement is kept, so its id stays its own
         _compiled.setdefault(dialect, {})[id(statement)] = (statement, made)
@@ -94,12 +93,19 @@ def execute(
         result = conn.execute(statement, params)
         return result.all() if result.returns_rows else ()
     compiled = _compile(statement, conn.dialect)
-    with _cursor(conn, compiled.sql) as cursor:
+    raw = conn.connection
+    cursor: Any = raw.cursor()
+    try:
         if isinstance(params, Mapping):
             cursor.execute(compiled.sql, compiled.bind(params))
             return cursor.fetchall() if cursor.description else ()
         cursor.executemany(compiled.sql, [compiled.bind(p) for p in params])
         return ()
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise _error(conn, raw, cursor, compiled.sql, exc) from exc
+    finally:
+        with contextlib.suppress(conn.dialect.loaded_dbapi.Error):  # a lost connection's
+            cursor.close()
 
 
 def insert_many(conn: Connection, statement: Insert, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -113,9 +119,17 @@ def insert_many(conn: Connection, statement: Insert, rows: Sequence[Mapping[str,
         execute(conn, statement, rows)
         return
     copy = _copy_of(statement, conn.dialect)
-    with _cursor(conn, copy.sql) as cursor, cursor.copy(copy.sql) as writer:
-        for row in rows:
-            writer.write_row([process(row[name]) for name, process in copy.columns])
+    raw = conn.connection
+    cursor: Any = raw.cursor()
+    try:
+        with cursor.copy(copy.sql) as writer:
+            for row in rows:
+                writer.write_row([process(row[name]) for name, process in copy.columns])
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise _error(conn, raw, cursor, copy.sql, exc) from exc
+    finally:
+        with contextlib.suppress(conn.dialect.loaded_dbapi.Error):
+            cursor.close()
 
 
 @dataclass(frozen=True)
@@ -149,28 +163,21 @@ def _copy_of(statement: Insert, dialect: Dialect) -> _Copy:
     return made
 
 
-@contextlib.contextmanager
-def _cursor(conn: Connection, sql: str) -> Iterator[Any]:
-    """A cursor of ``conn``'s DBAPI connection, the driver's errors raised as
-    SQLAlchemy's (a lost connection invalidated) and the cursor closed."""
-    raw = conn.connection
-    cursor: Any = raw.cursor()
-    try:
-        yield cursor
-    except conn.dialect.loaded_dbapi.Error as exc:
-        lost = conn.dialect.is_disconnect(exc, raw.dbapi_connection, cursor)
-        if lost:  # as SQLAlchemy does: this connection, and the idle ones of its age
-            conn.invalidate(exc)
-            conn.engine.pool.dispose()
-        raise DBAPIError.instance(
-            sql,
-            None,
-            exc,
-            conn.dialect.loaded_dbapi.Error,
-            hide_parameters=True,
-            connection_invalidated=lost,
-            dialect=conn.dialect,
-        ) from exc
-    finally:
-        with contextlib.suppress(conn.dialect.loaded_dbapi.Error):  # a lost connection's
-            cursor.close()
+def _error(conn: Connection, raw: Any, cursor: Any, sql: str, exc: Any) -> StatementError:
+    """The driver's ``exc`` as SQLAlchemy raises it (without parameters); a
+    lost connection invalidated, as SQLAlchemy does: this one, and the idle
+    ones of its age."""
+    lost = conn.dialect.is_disconnect(exc, raw.dbapi_connection, cursor)
+    if lost:
+        conn.invalidate(exc)
+        conn.engine.pool.dispose()
+    error: StatementError = DBAPIError.instance(
+        sql,
+        None,
+        exc,
+        conn.dialect.loaded_dbapi.Error,
+        hide_parameters=True,
+        connection_invalidated=lost,
+        dialect=conn.dialect,
+    )
+    return error

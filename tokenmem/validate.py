@@ -10,6 +10,7 @@ held while tiktoken works::
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -47,7 +48,8 @@ def check_text(value: object, what: str) -> str:
             f"{what} contains a NUL character (U+0000), which SQL text cannot hold"
         )
     try:
-        value.encode("utf-8")
+        if not value.isascii():  # (ASCII is valid: no copy made to find out)
+            value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidInputError(
             f"{what} is not valid Unicode: {exc.reason} at {exc.start}"
@@ -109,7 +111,7 @@ class PreparedAppend:
     # Original timestamps of imported messages (None: now).
     created_at: list[datetime | None]
 
-    @property
+    @functools.cached_property
     def floor(self) -> int:
         return sum(c.floor for c in self.counts)
 
