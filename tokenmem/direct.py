@@ -20,7 +20,6 @@ checks that both paths write and read identical rows.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -96,7 +95,7 @@ def execute(
     raw = conn.connection
     cursor: Any = raw.cursor()
     try:
-        if isinstance(params, Mapping):
+        if type(params) is dict or isinstance(params, Mapping):
             cursor.execute(compiled.sql, compiled.bind(params))
             return cursor.fetchall() if cursor.description else ()
         cursor.executemany(compiled.sql, [compiled.bind(p) for p in params])
@@ -104,8 +103,7 @@ def execute(
     except conn.dialect.loaded_dbapi.Error as exc:
         raise _error(conn, raw, cursor, compiled.sql, exc) from exc
     finally:
-        with contextlib.suppress(conn.dialect.loaded_dbapi.Error):  # a lost connection's
-            cursor.close()
+        _close(conn, cursor)
 
 
 def insert_many(conn: Connection, statement: Insert, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -128,8 +126,7 @@ def insert_many(conn: Connection, statement: Insert, rows: Sequence[Mapping[str,
     except conn.dialect.loaded_dbapi.Error as exc:
         raise _error(conn, raw, cursor, copy.sql, exc) from exc
     finally:
-        with contextlib.suppress(conn.dialect.loaded_dbapi.Error):
-            cursor.close()
+        _close(conn, cursor)
 
 
 @dataclass(frozen=True)
@@ -161,6 +158,14 @@ def _copy_of(statement: Insert, dialect: Dialect) -> _Copy:
     with _lock:  # the statement is kept, so its id stays its own
         _copies.setdefault(dialect, {})[id(statement)] = (statement, made)
     return made
+
+
+def _close(conn: Connection, cursor: Any) -> None:
+    # (contextlib.suppress would cost three calls a statement)
+    try:  # noqa: SIM105
+        cursor.close()
+    except conn.dialect.loaded_dbapi.Error:  # a lost connection's
+        pass
 
 
 def _error(conn: Connection, raw: Any, cursor: Any, sql: str, exc: Any) -> StatementError:
