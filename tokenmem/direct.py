@@ -9,8 +9,12 @@ the public compiler API (``statement.compile(dialect=...)``: its string,
 ``positiontup``, ``binds`` and ``params``), parameters put through each type's
 public ``bind_processor``, errors wrapped as SQLAlchemy's own
 (``DBAPIError.instance``) and a lost connection invalidated
-(``dialect.is_disconnect``, ``Connection.invalidate``). The transaction
-itself — connect, begin, commit, the pool — stays SQLAlchemy's.
+(``dialect.is_disconnect``, ``Connection.invalidate``). A bulk append's rows
+(:func:`insert_many`) go by ``COPY ... FROM STDIN`` on PostgreSQL (psycopg's
+public ``Cursor.copy`` on the same connection, values through the same bind
+processors): 1.3 to 1.6 times the rows a second of a pipelined executemany in
+``benchmarks/bulk_write.py``. The transaction itself — connect, begin,
+commit, the pool — stays SQLAlchemy's.
 
 An engine a host passes in (its listeners, ``echo``, ``schema_translate_map``,
 tracing) always runs every statement through ``Connection.execute``, where
