@@ -489,3 +489,27 @@ def test_end_of_input_at_a_prompt_is_no(
     monkeypatch.setattr("builtins.input", eof)
     code, out, _ = run(capsys, "--db", url_of(store.engine), "db", "downgrade", "base")
     assert code == 0 and out == "nothing downgraded\n"
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_import_shows_progress_only_on_a_terminal(
+    tty: bool,
+    store: Store,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lines = [
+        json.dumps({"session_id": "p", "role": "human" if i % 2 == 0 else "ai", "content": f"m{i}"})
+        for i in range(4500)
+    ]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    code, out, err = run(capsys, "--db", url_of(store.engine), "import", str(path))
+    assert code == 0 and out.startswith("4500 message(s) imported into 1 session(s)"), out
+    if tty:  # a count after each batch written, on one line, then a newline
+        assert err == "\rimported 2000\rimported 4000\rimported 4500\n", repr(err)
+    else:
+        assert err == ""
+    assert store.session("p").next_position == 4500

@@ -281,6 +281,13 @@ def test_an_explicit_encoding_recounts_and_records_name_one_each(
     with pytest.raises(InvalidInputError, match=r"^line 2: encoding 'o200k_base' .*line 1"):
         import_jsonl(store, mixed)
     assert import_jsonl(store, mixed, cl100k).imported == 2  # one encoding for both
+    # Into a session counted with another encoding: its records are counted
+    # with the session's, then the session is recounted in batches.
+    assert import_jsonl(store, jsonl(rec("a", "more", position=1)), o200k).imported == 1
+    assert store.session("a").encoding == "o200k_base"
+    history = list(store.history("a"))
+    assert [m.encoding for m in history] == ["o200k_base"] * 2
+    assert [m.text_tokens for m in history] == [o200k.count(" " + m.content) for m in history]
 
 
 # --- issue 10.3: import --owner --------------------------------------------------
@@ -471,7 +478,7 @@ def test_an_import_racing_the_application_stops_at_its_message(
     """The documented semantics: an import writes each record at its own
     position or not at all; a position the application took meanwhile stops
     it with an error naming the line, and nothing is written twice."""
-    lines = jsonl(*(rec("s", f"m{i}", "human" if i % 2 == 0 else "ai") for i in range(1200)))
+    lines = jsonl(*(rec("s", f"m{i}", "human" if i % 2 == 0 else "ai") for i in range(2400)))
     written: list[int] = []
 
     def progress(n: int) -> None:
@@ -481,11 +488,11 @@ def test_an_import_racing_the_application_stops_at_its_message(
 
     with pytest.raises(
         InvalidInputError,
-        match=r"^line 501: session 's' already holds a different message at position 500",
+        match=r"^line 2001: session 's' already holds a different message at position 2000",
     ):
         import_jsonl(store, lines, o200k, progress=progress)
-    assert written == [500]
-    assert contents(store, "s") == [f"m{i}" for i in range(500)] + ["from the app"]
+    assert written == [2000]  # a batch: 2,000 records
+    assert contents(store, "s") == [f"m{i}" for i in range(2000)] + ["from the app"]
 
 
 # --- QA B4: turns as the records group them ---------------------------------------

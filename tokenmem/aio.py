@@ -234,6 +234,24 @@ class AsyncStore(StoreBase):
             await self.recount(session_id, counter, owner=owner, batches=1)
         return stored
 
+    async def append_many(
+        self,
+        session_id: str,
+        messages: Iterable[Message],
+        counter: TokenCounter,
+        *,
+        owner: str | None = None,
+        batch_size: int = writes.BULK_BATCH,
+    ) -> range:
+        """Append many messages at once (a backfill, a migration from another
+        store), in one transaction: all of them or, on any error, none.
+
+        As :meth:`tokenmem.Store.append_many`; the checking and counting (CPU
+        work: seconds for 100,000 messages) run in a worker thread, off the
+        event loop."""
+        work = await asyncio.to_thread(self._bulk, session_id, messages, counter, owner, batch_size)
+        return await self.run(work)
+
     async def append_turns(
         self,
         session_id: str,

@@ -55,7 +55,14 @@ from .models import utcnow
 from .reads import SessionStats, WindowMessage, WindowRow, window_messages
 from .tokens import TokenCounter
 from .urls import scrub, shown
-from .validate import DEFAULT_OWNER, PreparedAppend, SessionKey, batches, prepare_append
+from .validate import (
+    DEFAULT_OWNER,
+    PreparedAppend,
+    SessionKey,
+    batches,
+    prepare_append,
+    prepare_messages,
+)
 from .window import Rule, row_cap, window_select
 from .writes import RECOUNT_BATCH, Erased
 
@@ -160,6 +167,20 @@ class StoreBase:
         if exchange and counter is None:
             raise ConfigurationError("record_turn needs the counter to save an exchange")
         return key, prepare_append(key, [exchange], counter) if exchange and counter else None
+
+    def _bulk(
+        self,
+        session_id: str,
+        messages: Iterable[Message],
+        counter: TokenCounter,
+        owner: str | None,
+        batch_size: int,
+    ) -> Callable[[Connection], range]:
+        """append_many's operation: the messages checked and counted."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigurationError(f"batch_size must be a positive int, not {batch_size!r}")
+        prepared = prepare_messages(self._key(session_id, owner), messages, counter)
+        return functools.partial(writes.append_many, p=prepared, batch_size=batch_size)
 
     def _error(self, what: str, exc: BaseException) -> StoreError:
         """The driver's ``exc`` as a :class:`StoreError`, without the URL's
@@ -320,6 +341,32 @@ class Store(StoreBase):
         if stored[0].encoding != counter.encoding_name:  # the model changed: one batch
             self.recount(session_id, counter, owner=owner, batches=1)
         return stored
+
+    def append_many(
+        self,
+        session_id: str,
+        messages: Iterable[Message],
+        counter: TokenCounter,
+        *,
+        owner: str | None = None,
+        batch_size: int = writes.BULK_BATCH,
+    ) -> range:
+        """Append many messages at once (a backfill, a migration from another
+        store), in one transaction: all of them or, on any error, none.
+
+        Every message is checked and counted with ``counter`` before the
+        transaction opens (a bad one raises :class:`InvalidInputError` naming
+        it, and nothing is written); then one statement reserves their
+        positions in the session and the rows go in statements of
+        ``batch_size`` — ``COPY`` on PostgreSQL (on an engine the store made;
+        on one passed in, an executemany through ``Connection.execute``), an
+        executemany on SQLite. Turns are as ``save_context`` makes them: a
+        human message and the AI message right after it are one turn, any
+        other message a turn of its own. The session's row stays locked until
+        the commit (on SQLite, the database: other writers wait), so split a
+        very large backfill into several calls. Returns the positions the
+        messages were stored at (``len()`` of it: how many)."""
+        return self.run(self._bulk(session_id, messages, counter, owner, batch_size))
 
     def append_turns(
         self,

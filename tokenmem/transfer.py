@@ -85,7 +85,7 @@ from .validate import (
     check_text,
     prepare_append,
 )
-from .writes import align, append, session_upsert
+from .writes import BULK_BATCH, align, append_many, session_upsert
 
 __all__ = [
     "ImportResult",
@@ -98,7 +98,7 @@ __all__ = [
 ]
 
 Progress = Callable[[int], None]
-_BATCH = 500
+_BATCH = BULK_BATCH  # a session's records per transaction, as Store.append_many's statements
 # For records that name no encoding: gpt-4o-mini's, the default everywhere.
 _DEFAULT_ENCODING = "o200k_base"
 
@@ -306,6 +306,7 @@ class _Reader:
         self.owner = owner
         self.counter = counter
         self.seen: dict[SessionKey, _Seen] = {}
+        self.keys: dict[tuple[str, str], SessionKey] = {}  # checked once per session
 
     def read(self, lines: Iterable[str]) -> Iterator[_Line]:
         number, it = 0, iter(lines)
@@ -344,7 +345,7 @@ class _Reader:
         if missing:
             needs = " and ".join(filter(None, [", ".join(required[:-1]), required[-1]]))
             raise InvalidInputError(f"missing {', '.join(missing)} (a {kind} needs {needs})")
-        key = SessionKey.of(record["session_id"], self._owner(record.get("owner")))
+        key = self._key(record["session_id"], self._owner(record.get("owner")))
         seen = self.seen.setdefault(key, _Seen())
         if kind == "session":
             for field in ("next_position", "next_turn", "window_start"):
@@ -381,6 +382,14 @@ class _Reader:
                 )
         seen.ended = False
         return _Line(f"line {number}", key, record, message, position)
+
+    def _key(self, session_id: object, owner: str) -> SessionKey:
+        if not isinstance(session_id, str):
+            return SessionKey.of(session_id, owner)  # raises
+        key = self.keys.get((session_id, owner))
+        if key is None:
+            key = self.keys[session_id, owner] = SessionKey.of(session_id, owner)
+        return key
 
     def _owner(self, named: object) -> str:
         if self.owner is None:
@@ -602,8 +611,8 @@ def _put(
             counter=prepared.counter,
             created_at=prepared.created_at[cut],
         )
-        stored = append(conn, run)
-        if stored[0].position != lines[i].position:  # the lock rules this out
+        stored = append_many(conn, run)
+        if stored.start != lines[i].position:  # the lock rules this out
             raise StoreError(f"session {_label(key)} moved while locked: nothing imported")
         have, i = lines[j - 1].position + 1, j
     return _Put(len(lines) - old, old, last)
@@ -663,6 +672,9 @@ class _Importer:
         self.held = 0
         self.last: dict[SessionKey, _Last] = {}
         self.counters: dict[str, TokenCounter] = {}
+        # Sessions that were counted with another encoding than the one the
+        # import was asked for: recounted, in batches, once it is written.
+        self.recount: set[SessionKey] = set()
 
     def add(self, line: _Line) -> None:
         if line.message is None:  # a session line: its records first
@@ -682,6 +694,14 @@ class _Importer:
         for key in list(self.batches):
             self._flush(key)
 
+    def finish(self) -> None:
+        """Write what is held, then recount the sessions the import's
+        encoding (``--model``/``--encoding``) is not yet the encoding of."""
+        self.flush()
+        if self.counter is not None:
+            for key in sorted(self.recount, key=lambda k: (k.owner, k.name)):
+                self.store.recount(key.name, self.counter, owner=key.owner)
+
     def _flush(self, key: SessionKey) -> None:
         lines = self.batches.pop(key, None)
         if not lines:
@@ -695,6 +715,8 @@ class _Importer:
         # lock); _put checks, under it, that no others need to be.
         state = _state(self.store, key)
         seen = state.next_position if state else 0
+        if self.counter and state and state.encoding not in (None, self.counter.encoding_name):
+            self.recount.add(key)  # its records are counted with its encoding till then
         counted = bisect.bisect_left([line.position for line in lines], seen)
         while True:
             messages = [[line.message] for line in lines[counted:] if line.message is not None]
@@ -776,7 +798,7 @@ def import_jsonl(
         importer = _Importer(store, counter, lambda key: check.seen[key].encoding, progress)
         for line in _Reader(scope, counter).read(again()):
             importer.add(line)
-        importer.flush()
+        importer.finish()
     return ImportResult(len(check.seen), importer.imported, importer.skipped)
 
 
@@ -829,7 +851,7 @@ def import_langchain(
                     sessions, current, position = sessions + 1, line.key, 0
                 importer.add(dataclasses.replace(line, position=position))
                 position += 1
-            importer.flush()
+        importer.finish()
         return ImportResult(sessions, importer.imported, importer.skipped)
     except SQLAlchemyError as exc:
         where, why = shown(engine.url), scrub(str(exc), engine.url)

@@ -11,6 +11,7 @@ held while tiktoken works::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,6 +33,7 @@ __all__ = [
     "check_key",
     "check_text",
     "prepare_append",
+    "prepare_messages",
 ]
 
 DEFAULT_OWNER = ""
@@ -47,7 +49,8 @@ def check_text(value: object, what: str) -> str:
             f"{what} contains a NUL character (U+0000), which SQL text cannot hold"
         )
     try:
-        value.encode("utf-8")
+        if not value.isascii():  # (ASCII is valid: no copy made to find out)
+            value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidInputError(
             f"{what} is not valid Unicode: {exc.reason} at {exc.start}"
@@ -109,7 +112,7 @@ class PreparedAppend:
     # Original timestamps of imported messages (None: now).
     created_at: list[datetime | None]
 
-    @property
+    @functools.cached_property
     def floor(self) -> int:
         return sum(c.floor for c in self.counts)
 
@@ -136,10 +139,38 @@ def batches(turns: Iterable[Sequence[Message]], size: int) -> Iterator[list[Sequ
 def prepare_append(
     key: SessionKey, turns: Sequence[Sequence[Message]], counter: TokenCounter
 ) -> PreparedAppend:
+    """``turns`` checked and counted with ``counter``: each a turn of its own."""
     if not turns or not all(turns):
         raise InvalidInputError("nothing to append: a turn needs at least one message")
     messages = [m for turn in turns for m in turn]
+    turn_of = [t for t, turn in enumerate(turns) for _ in turn]
+    return _prepare(key, messages, turn_of, counter)
+
+
+def prepare_messages(
+    key: SessionKey, messages: Iterable[Message], counter: TokenCounter
+) -> PreparedAppend:
+    """``messages`` checked and counted with ``counter``, in turns as
+    ``save_context`` makes them: a human message and the AI message right
+    after it are one turn, every other message a turn of its own."""
+    listed = list(messages)
+    if not listed:
+        raise InvalidInputError("nothing to append: no messages")
+    turn_of, turn, previous = [], -1, None
+    for msg in listed:
+        if not (previous == "human" and getattr(msg, "type", None) == "ai"):
+            turn += 1
+        turn_of.append(turn)
+        previous = None if previous == "human" else getattr(msg, "type", None)
+    return _prepare(key, listed, turn_of, counter)
+
+
+def _prepare(
+    key: SessionKey, messages: list[Message], turn_of: list[int], counter: TokenCounter
+) -> PreparedAppend:
     for i, msg in enumerate(messages):
+        if not isinstance(msg, Message):
+            raise InvalidInputError(f"message {i} must be a Message, not {type(msg).__name__}")
         if msg.type not in ROLES:
             raise InvalidInputError(f"message {i}: type must be one of {ROLES}, not {msg.type!r}")
         check_text(msg.content, f"message {i} content")
@@ -154,8 +185,8 @@ def prepare_append(
         encoding=counter.encoding_name,
         messages=messages,
         counts=[count_message(counter, m.type, m.content, m.name) for m in messages],
-        turn_of=[t for t, turn in enumerate(turns) for _ in turn],
-        turns=len(turns),
+        turn_of=turn_of,
+        turns=turn_of[-1] + 1,
         counter=counter,
         created_at=[getattr(m, "created_at", None) for m in messages],
     )

@@ -48,6 +48,7 @@ __all__ = [
     "Recount",
     "align",
     "append",
+    "append_many",
     "bump_statement",
     "clear",
     "erase",
@@ -135,33 +136,61 @@ def bump_statement(dialect: str) -> Insert:
 
 
 _INSERT_MESSAGES = insert(MESSAGES)  # run as an executemany: compiled once, cached
+BULK_BATCH = 2000  # rows a bulk append sends per statement (COPY or executemany)
 
 
-def append(conn: Connection, p: PreparedAppend) -> list[StoredMessage]:
-    """Append prepared turns: all of them or, on any error, none (the
-    caller's transaction). The rows are made ready before the session row is
-    locked; only their positions are filled in while it is (on SQLite, while
-    the database is). Returns the messages as stored."""
-    now = utcnow()
-    sid, encoding = p.key.id, p.encoding
-    stored, rows = [], []
-    for msg, c, created in zip(p.messages, p.counts, p.created_at, strict=True):
-        stored.append(
-            StoredMessage(
-                type=msg.type,
-                content=msg.content,
-                name=msg.name,
-                metadata=msg.metadata,
-                created_at=created or now,
-                encoding=encoding,
-                text_tokens=c.text_tokens,
-                chat_tokens=c.chat_tokens,
-                newline_tokens=c.newline_tokens,
+def _reserve(
+    conn: Connection, p: PreparedAppend, now: datetime
+) -> tuple[PreparedAppend, tuple[int, int, int]]:
+    """Bump the session (locking its row until the transaction ends) for all
+    of ``p``; return ``p`` as it is stored and the first position, the first
+    turn and the ``cum_floor`` of the first message reserved.
+
+    A session counted with another encoding than ``p``'s (the model
+    changed) keeps its own until :func:`recount_batch` has counted every
+    message again: ``p``'s messages are then counted with the session's
+    encoding (a few, not the whole session, inside this transaction)."""
+    bumped = direct.execute(conn, bump_statement(conn.dialect.name), _bump_params(p, now))
+    if not bumped:  # the session has another encoding: count these with it
+        p = _in_session_encoding(conn, p)
+        bumped = direct.execute(conn, bump_statement(conn.dialect.name), _bump_params(p, now))
+        if not bumped:
+            raise ConfigurationError(
+                f"session {p.key.name!r} changed its encoding during an append"
             )
-        )
+    ((next_position, next_turn, floor_total),) = bumped
+    n = len(p.messages)
+    return p, (next_position - n, next_turn - p.turns, floor_total - p.floor)
+
+
+def _bump_params(p: PreparedAppend, now: datetime) -> dict[str, Any]:
+    return {
+        "id": p.key.id,
+        "owner": p.key.owner,
+        "name": p.key.name,
+        "encoding": p.encoding,
+        "n": len(p.messages),
+        "turns": p.turns,
+        "floor": p.floor,
+        "now": now,
+    }
+
+
+def _rows(
+    p: PreparedAppend, lo: int, hi: int, at: tuple[int, int, int], now: datetime
+) -> list[dict[str, Any]]:
+    """Messages ``lo`` to ``hi`` of ``p`` as rows, placed from ``at`` (the
+    first reserved position and turn, and the ``cum_floor`` of message ``lo``)."""
+    sid, encoding = p.key.id, p.encoding
+    position, turn, cum = at
+    rows = []
+    for i in range(lo, hi):
+        msg, c, created = p.messages[i], p.counts[i], p.created_at[i]
         rows.append(
             {
                 "session_id": sid,
+                "position": position + i,
+                "turn": turn + p.turn_of[i],
                 "role": msg.type,
                 "content": msg.content,
                 "name": msg.name,
@@ -169,33 +198,55 @@ def append(conn: Connection, p: PreparedAppend) -> list[StoredMessage]:
                 "created_at": created or now,
                 "encoding": encoding,
                 "text_tokens": c.text_tokens,
-                "chat_tokens": c.chat_tokens,
                 "newline_tokens": c.newline_tokens,
+                "chat_tokens": c.chat_tokens,
+                "cum_floor": cum,
             }
         )
-    bump = bump_statement(conn.dialect.name)
-    params = {
-        "id": sid,
-        "owner": p.key.owner,
-        "name": p.key.name,
-        "encoding": encoding,
-        "n": len(rows),
-        "turns": p.turns,
-        "floor": p.floor,
-        "now": now,
-    }
-    bumped = direct.execute(conn, bump, params)
-    if not bumped:  # the session has another encoding: count these with it
-        return append(conn, _in_session_encoding(conn, p))
-    ((next_position, next_turn, floor_total),) = bumped
-    position, turn = next_position - len(rows), next_turn - p.turns
-    cum = floor_total - p.floor
-    for i, (msg, row, c) in enumerate(zip(stored, rows, p.counts, strict=True)):
-        msg.position, msg.turn = position + i, turn + p.turn_of[i]
-        row["position"], row["turn"], row["cum_floor"] = msg.position, msg.turn, cum
         cum += c.floor
+    return rows
+
+
+def append(conn: Connection, p: PreparedAppend) -> list[StoredMessage]:
+    """Append prepared turns: all of them or, on any error, none (the
+    caller's transaction). The messages were counted before; only their
+    positions are filled in while the session row is locked (on SQLite,
+    while the database is). Returns the messages as stored."""
+    now = utcnow()
+    p, at = _reserve(conn, p, now)
+    rows = _rows(p, 0, len(p.messages), at, now)
     direct.execute(conn, _INSERT_MESSAGES, rows)
-    return stored
+    return [
+        StoredMessage(
+            type=row["role"],
+            content=row["content"],
+            name=row["name"],
+            metadata=row["metadata"],
+            created_at=row["created_at"],
+            encoding=row["encoding"],
+            text_tokens=row["text_tokens"],
+            chat_tokens=row["chat_tokens"],
+            newline_tokens=row["newline_tokens"],
+            position=row["position"],
+            turn=row["turn"],
+        )
+        for row in rows
+    ]
+
+
+def append_many(conn: Connection, p: PreparedAppend, batch_size: int = BULK_BATCH) -> range:
+    """Append many prepared messages in the caller's transaction (all or
+    none): one bump of the session for all of them, then the rows in
+    statements of ``batch_size`` (COPY on PostgreSQL on the direct path, else
+    an executemany). Returns the positions they were stored at."""
+    now = utcnow()
+    p, (first, turn, cum) = _reserve(conn, p, now)
+    n = len(p.messages)
+    for lo in range(0, n, batch_size):
+        hi = min(n, lo + batch_size)
+        direct.insert_many(conn, _INSERT_MESSAGES, _rows(p, lo, hi, (first, turn, cum), now))
+        cum += sum(c.floor for c in p.counts[lo:hi])
+    return range(first, first + n)
 
 
 def _in_session_encoding(conn: Connection, p: PreparedAppend) -> PreparedAppend:
