@@ -131,9 +131,11 @@ def test_a_failed_batch_writes_nothing_of_the_call(
         store.append("s", [Message("human", "kept")], o200k)
         with store.engine.begin() as conn:
             _refuse_from(conn, 25)
+        sent = messages(40)
         with pytest.raises(StoreError, match="refused") as info:
-            store.append_many("s", messages(40), o200k, batch_size=10)
-        assert "plain words" not in str(info.value)  # no parameters in errors
+            store.append_many("s", sent, o200k, batch_size=10)
+        for m in sent:  # no values sent in errors (COPY quotes the row it failed on)
+            assert len(m.content) < 8 or m.content not in str(info.value)
         assert [r[3] for r in rows(store, "s")] == ["kept"]
         assert store.session("s").next_position == 1
         store.close()

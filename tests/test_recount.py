@@ -115,13 +115,10 @@ def test_a_new_model_takes_over_a_long_session_a_batch_at_a_time(
         messages += [Message("human", human), Message("ai", ai)]
         history = list(store.history(old.session_id))
         recounted.append(sum(m.encoding == NEW for m in history))
-        # Each model's window is exact at every step: the new one counted in
-        # Python while the session is recounted, the old one by the statement.
+        # Each model's window is exact at every step: counted in Python while
+        # the session is recounted (the statement serves neither then).
         assert [w.message for w in new.window()] == reference_text(messages, new.rule, new.counter)
-        if recounted[-1] < len(history):
-            assert [w.message for w in old.window()] == reference_text(
-                messages, old.rule, old.counter
-            )
+        assert [w.message for w in old.window()] == reference_text(messages, old.rule, old.counter)
     assert recounted == [1000, 2000, 2506]
     for transaction in _transactions(statements):
         assert _updated_messages(transaction) <= 1000
@@ -230,8 +227,10 @@ def test_two_models_writing_one_session_keep_it_consistent(store: Store) -> None
     """Old and new model alternate (a rolling deploy): each save by the
     model whose encoding the session does not have runs a batch towards its
     own, so the session may switch back and forth, but every state is
-    consistent and both windows stay exact."""
-    old, messages = _fill(store, 600)
+    consistent and both windows stay exact — also when the recount has come
+    within a window of the newest message (2,000 messages: the new model's
+    second save recounts up to position 1,999, six newer ones are left)."""
+    old, messages = _fill(store, 1000)
     new = ConversationTokenBufferMemory(
         store=store, session_id=old.session_id, encoding=NEW, max_token_limit=200
     )
@@ -246,3 +245,27 @@ def test_two_models_writing_one_session_keep_it_consistent(store: Store) -> None
             )
     assert store.recount(old.session_id, new.counter)
     _assert_consistent(store, old.session_id, NEW)
+
+
+def test_a_switch_abandoned_halfway_is_finished_by_recount(store: Store) -> None:
+    """The new model saved once and went away (rolled back): the session
+    keeps its encoding, its oldest messages another; loads are counted in
+    Python. ``tokenmem recount --encoding`` with the session's own encoding
+    finishes it; without one it is left alone."""
+    from tokenmem.transfer import recount
+
+    old, messages = _fill(store, 700)
+    new = ConversationTokenBufferMemory(
+        store=store, session_id=old.session_id, encoding=NEW, max_token_limit=200
+    )
+    new.save_context({"input": "hello"}, {"output": "from the new model"})
+    messages += [Message("human", "hello"), Message("ai", "from the new model")]
+    (stats,) = store.session_stats()
+    assert (stats.encoding, stats.recounting) == (OLD, 1000)
+    assert [w.message for w in old.window()] == reference_text(messages, old.rule, old.counter)
+    assert recount(store, None) == 0  # filling in uncounted rows only: not this
+    assert recount(store, TokenCounter(OLD)) == 1
+    (stats,) = store.session_stats()
+    assert (stats.encoding, stats.recounting) == (OLD, 0)
+    _assert_consistent(store, old.session_id, OLD)
+    assert recount(store, TokenCounter(OLD)) == 0

@@ -277,10 +277,13 @@ def test_an_explicit_encoding_recounts_and_records_name_one_each(
     assert [store.session(s).encoding for s in "abc"] == ["cl100k_base", "o200k_base", "o200k_base"]
     assert import_jsonl(store, jsonl(rec("d", "x", encoding="cl100k_base")), o200k).imported == 1
     assert store.session("d").encoding == "o200k_base"
-    mixed = jsonl(rec("e", "x", encoding="cl100k_base"), rec("e", "y", encoding="o200k_base"))
-    with pytest.raises(InvalidInputError, match=r"^line 2: encoding 'o200k_base' .*line 1"):
-        import_jsonl(store, mixed)
-    assert import_jsonl(store, mixed, cl100k).imported == 2  # one encoding for both
+    # A session exported part-way through a model switch (its oldest records
+    # recounted for the new model): counted with its newest record's encoding.
+    mixed = jsonl(rec("e", "x", encoding="o200k_base"), rec("e", "y", encoding="cl100k_base"))
+    assert import_jsonl(store, mixed).imported == 2
+    assert {m.encoding for m in store.history("e")} == {"cl100k_base"}
+    assert import_jsonl(store, mixed, o200k).imported == 0  # all there; recounted
+    assert {m.encoding for m in store.history("e")} == {"o200k_base"}
     # Into a session counted with another encoding: its records are counted
     # with the session's, then the session is recounted in batches.
     assert import_jsonl(store, jsonl(rec("a", "more", position=1)), o200k).imported == 1

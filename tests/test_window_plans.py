@@ -16,6 +16,7 @@ first version sent read the whole session here on analysed tables.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ SMALL_SESSIONS, SMALL = 300, 200
 ENCODING = "o200k_base"
 CUM_FLOOR_INDEX = "ix_tokenmem_messages_session_id_cum_floor"
 COUNTER = TokenCounter(ENCODING)
+OTHER = TokenCounter("cl100k_base")
 
 
 def _fill(conn: Connection, name: str, n: int) -> None:
@@ -97,13 +99,18 @@ def _check_plans(store: Store, rule: Rule) -> None:
     assert 0 < len(window) < cap
     assert window[-1].position == BIG - 1
     if store.dialect == "sqlite":
-        plan = store.explain_window("big", rule, COUNTER)
-        assert f"SEARCH tokenmem_messages USING INDEX {CUM_FLOOR_INDEX}" in plan, plan
-        assert not re.search(r"SCAN tokenmem_messages\b", plan), plan
+        for counter in (COUNTER, OTHER):
+            plan = store.explain_window("big", rule, counter)
+            assert f"SEARCH tokenmem_messages USING INDEX {CUM_FLOOR_INDEX}" in plan, plan
+            assert not re.search(r"SCAN tokenmem_messages\b", plan), plan
         return
-    for mode in ("force_custom_plan", "force_generic_plan"):
-        plan = _postgres_plan(store, rule, mode)
-        shown = f"{rule} {mode}:\n" + "\n".join(_tree(plan["Plan"]))
+    # Asked with another encoding than the session's (a new model, before the
+    # session is recounted), the statement finds nothing: by the same plan.
+    for mode, encoding in itertools.product(
+        ("force_custom_plan", "force_generic_plan"), (ENCODING, OTHER.encoding_name)
+    ):
+        plan = _postgres_plan(store, rule, mode, encoding)
+        shown = f"{rule} {mode} {encoding}:\n" + "\n".join(_tree(plan["Plan"]))
         scans = list(_scans(plan["Plan"], "tokenmem_messages"))
         assert scans, shown
         for node in scans:
@@ -115,7 +122,7 @@ def _check_plans(store: Store, rule: Rule) -> None:
         assert plan["Plan"]["Total Cost"] < _jit_above_cost(store), shown
 
 
-def _postgres_plan(store: Store, rule: Rule, plan_cache_mode: str) -> dict[str, Any]:
+def _postgres_plan(store: Store, rule: Rule, plan_cache_mode: str, encoding: str) -> dict[str, Any]:
     """``EXPLAIN (ANALYZE, FORMAT JSON)`` of the window statement, prepared."""
     statement = window_select(rule.mode, row_cap(rule))
     sql = str(statement.compile(dialect=store.engine.dialect))
@@ -127,7 +134,7 @@ def _postgres_plan(store: Store, rule: Rule, plan_cache_mode: str) -> dict[str, 
         return f"${names.index(found[1]) + 1}"
 
     prepared = re.sub(r"%\((\w+)\)s", number, sql)
-    params = rule.params(session_uuid("", "big"), ENCODING, rule.prefix_tokens(COUNTER))
+    params = rule.params(session_uuid("", "big"), encoding, rule.prefix_tokens(COUNTER))
     values = [params[name] for name in names]
     literals = ", ".join(str(v) if isinstance(v, int) else f"'{v}'" for v in values)
     with store.engine.connect() as conn:

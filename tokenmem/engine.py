@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -113,13 +114,19 @@ def retryable(exc: SQLAlchemyError, *, committing: bool = False) -> bool:
 
 
 def without_parameters(text: str) -> str:
-    """A SQLAlchemy error's text less its ``[parameters: ...]`` part: the
-    values bound are users' messages, which errors and logs must not carry."""
+    """A SQLAlchemy error's text less its ``[parameters: ...]`` part and the
+    row PostgreSQL quotes in the context of a failed ``COPY`` (``COPY t,
+    line 2: "..."``): the values sent are users' messages, which errors and
+    logs must not carry."""
+    text = _COPY_ROW.sub(r"\1", text)
     head, found, rest = text.partition("\n[parameters: ")
     if not found:
         return text
     _, background, tail = rest.partition("\n(Background on this error")
     return head + (background + tail if background else "")
+
+
+_COPY_ROW = re.compile(r"(COPY [^\n,]+, line \d+(?:, column [^\n:]+)?): [^\n]*")
 
 
 def retrying(exc: SQLAlchemyError, attempt: int, url: URL) -> float:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, case, func, select
 
 from . import direct
 from .errors import InvalidInputError, SessionNotFound
@@ -106,19 +106,18 @@ def _window_recounting(
     counter: TokenCounter,
     prefix_tokens: Mapping[str, int],
 ) -> Sequence[WindowRow]:
-    """The window of a session counted with another encoding (the model
-    changed, and the session is being recounted in batches): its newest
-    messages counted in Python, read newest first in pages that double, so
-    that no more are read and counted than the window and one page."""
+    """The window when the statement has none: counted in Python from the
+    newest messages, read newest first in pages that double, so that no more
+    are read and counted than the window and one page. The statement has no
+    rows when the session is counted with another encoding (the model
+    changed), is being recounted (writes.recount_batch), or its newest
+    message alone is over the limit."""
     s, m = SESSIONS.c, MESSAGES.c
     found = conn.execute(
         select(s.encoding, s.start_position, s.next_position).where(s.id == sid)
     ).first()
     if found is None or found.encoding is None or found.next_position == found.start_position:
         return []  # no session, or nothing since it was cleared
-    if found.encoding == counter.encoding_name:  # recounted since the first read, or
-        # the newest message alone is over the limit: the statement answers
-        return _window(conn, rule, rule.params(sid, counter.encoding_name, prefix_tokens))
     rows: list[Any] = []
     costs: list[int] = []
     budget, total, before, page = None, 0, found.next_position, 16
@@ -268,6 +267,9 @@ class SessionStats:
     updated_at: datetime
     # Messages written before newline_tokens was counted (migration 0003).
     uncounted: int = 0
+    # Messages counted with another encoding than the session's: a recount
+    # to it is under way (or was abandoned halfway).
+    recounting: int = 0
 
 
 def session_stats(conn: Connection, owner: str | None) -> list[SessionStats]:
@@ -284,6 +286,7 @@ def session_stats(conn: Connection, owner: str | None) -> list[SessionStats]:
             s.created_at,
             s.updated_at,
             func.count(m.position) - func.count(m.newline_tokens),
+            func.count(case((m.encoding != s.encoding, m.position))),
         )
         .select_from(SESSIONS.outerjoin(MESSAGES, m.session_id == s.id))
         .group_by(s.id, s.owner_id, s.name, s.encoding, s.created_at, s.updated_at)

@@ -7,7 +7,9 @@ lines ``tokenmem history --format jsonl`` prints), then one session line
 started the window, the next position and turn, the session's metadata. An
 import restores all of it, each session counted with the encoding its records
 name, so ``export | import | export`` into an empty database writes the same
-file again. Not carried: the turn audit log and the sessions' timestamps.
+file again (but for a session exported part-way through a model switch: its
+oldest records name the new encoding, and the import counts it all with its
+newest record's, the session's own). Not carried: the turn audit log and the sessions' timestamps.
 
 Exports and recounts stream, page by page. An import reads its input twice
 (a stream is spooled to a temporary file): first to check every line, so a
@@ -292,7 +294,6 @@ class _Seen:
     position: int = -1
     line: int = 0
     encoding: str | None = None
-    encoding_line: int = 0
     ended: bool = False
 
 
@@ -368,18 +369,15 @@ class _Reader:
         if encoding is not None and self.counter is None:
             if not isinstance(encoding, str):
                 raise InvalidInputError(f"encoding must be a str, not {_json_type(encoding)}")
-            if seen.encoding is None or seen.ended:
+            # A session exported part-way through a model switch names two:
+            # its oldest records the new one (recounted), the rest its own.
+            # The session is counted with its newest record's.
+            if encoding != seen.encoding:
                 try:
                     TokenCounter(encoding)  # one that cannot be loaded fails now
                 except TokenmemError as exc:
                     raise InvalidInputError(str(exc)) from None
-                seen.encoding, seen.encoding_line = encoding, number
-            elif encoding != seen.encoding:
-                raise InvalidInputError(
-                    f"encoding {encoding!r} differs from {seen.encoding!r} (line "
-                    f"{seen.encoding_line}): a session is counted with one encoding; "
-                    "import with an explicit encoding (--encoding) to count them all with it"
-                )
+                seen.encoding = encoding
         seen.ended = False
         return _Line(f"line {number}", key, record, message, position)
 
@@ -896,8 +894,10 @@ def recount(
     """Count every message again with ``counter``'s encoding, session by
     session in batches (:meth:`tokenmem.Store.recount`: no transaction holds
     a lock longer than a batch), skipping sessions already counted with it
-    (an interrupted run resumes where it stopped, mid-session too) unless they hold messages
-    written before migration 0003 counted newlines. With ``counter=None``,
+    (an interrupted run resumes where it stopped, mid-session too) unless
+    they hold messages written before migration 0003 counted newlines, or
+    messages recounted for another encoding (a switch abandoned halfway:
+    this finishes it the other way). With ``counter=None``,
     only fill those in, each session with its own encoding. Returns sessions
     recounted.
 
@@ -917,7 +917,9 @@ def recount(
         use = counter
         if use is None and info.uncounted and info.encoding is not None:
             use = TokenCounter(info.encoding)
-        if use is not None and (info.encoding not in (None, use.encoding_name) or info.uncounted):
+        if use is not None and (
+            info.encoding not in (None, use.encoding_name) or info.uncounted or info.recounting
+        ):
             store.recount(info.session_id, use, owner=info.owner_id)
             done += 1
         if progress:

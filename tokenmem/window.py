@@ -50,7 +50,6 @@ import regex
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
-    FromClause,
     FunctionElement,
     Integer,
     Over,
@@ -349,8 +348,9 @@ def window_select(
     ``running`` being the cost of the row and every newer one, ``counted``
     whether the row's newline_tokens were counted at write time. Its
     parameters come from :meth:`Rule.params`. It returns no rows when the
-    session is missing, empty, or counted with another encoding than the one
-    asked for.
+    session is missing, empty, being recounted (its oldest message counted
+    with another encoding than the session) or counted with another encoding
+    than the one asked for.
 
     Its shape is chosen so that no plan can go wrong (docs/window-plans.md):
     the oldest message that could fit is a scalar subquery over the session
@@ -365,7 +365,19 @@ def window_select(
     s = SESSIONS.c
     budget: ColumnElement[int] = bindparam("w_budget", type_=BigInteger)
     bound: ColumnElement[int] = budget
-    sources: FromClause = SESSIONS
+    # The session's oldest message: while a recount to another encoding runs
+    # (writes.recount_batch), the oldest messages hold that one, and the
+    # stored counts are no one's window: no rows, the window is counted in
+    # Python (reads.window_rows). One probe of the primary key.
+    o = MESSAGES.alias("oldest_message").c
+    oldest = (
+        select(o.encoding)
+        .where(o.session_id == bindparam("w_session"))
+        .order_by(o.position)
+        .limit(_const("1"))
+        .subquery("oldest")
+    )
+    sources = SESSIONS.join(oldest, oldest.c.encoding == s.encoding)
     if mode == "text":  # plus what the newest message's newline adds: one probe
         n = MESSAGES.alias("newest_message").c
         newest = (
@@ -375,9 +387,10 @@ def window_select(
             .limit(_const("1"))
             .subquery("newest")
         )
-        bound, sources = budget + newest.c.newline, SESSIONS.join(newest, true())
+        bound, sources = budget + newest.c.newline, sources.join(newest, true())
     # The oldest message that could fit, or the start set by clear(); NULL
-    # (no rows) when the session is missing or counted with another encoding.
+    # (no rows) when the session is missing, empty, being recounted, or
+    # counted with another encoding.
     start = (
         select(
             case(
@@ -399,13 +412,7 @@ def window_select(
         _cost_sql(mode).label("cost"),
         _newline(m.newline_tokens).label("newline"),
         m.newline_tokens.is_not(None).label("counted"),
-    ).where(
-        m.session_id == bindparam("w_session"),
-        m.cum_floor >= start,
-        # while a recount to another encoding runs, its oldest rows hold it
-        # (writes.recount_batch): not this window's
-        m.encoding == bindparam("w_encoding"),
-    )
+    ).where(m.session_id == bindparam("w_session"), m.cum_floor >= start)
     # cum_floor grows with position (every floor is at least 1): the index
     # order is the session's order, newest first.
     candidates = candidates.order_by(m.cum_floor.desc())
