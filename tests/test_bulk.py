@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection
+from sqlalchemy import Connection, event
 
 from tokenmem import (
     ConfigurationError,
@@ -21,6 +21,7 @@ from tokenmem import (
     StoreError,
     TokenCounter,
 )
+from tokenmem import direct as direct_module
 from tokenmem.aio import AsyncStore
 
 from .conftest import async_twin, fresh_engine
@@ -85,8 +86,16 @@ def test_append_many_writes_what_append_turns_writes(
         store = _store(direct, engine)
         for name in ("bulk", "turns"):
             store.append(name, [Message("human", "before"), Message("ai", "it")], o200k)
+        sent: list[str] = []
+        event.listen(store.engine, "before_cursor_execute", lambda *a: sent.append(a[2]))
         stored = store.append_many("bulk", msgs, o200k, batch_size=7)
         assert stored == range(2, 55)
+        # COPY on PostgreSQL's direct path (the DBAPI cursor: no event for it)
+        copied = backend == "postgresql" and direct
+        inserts = [sql for sql in sent if sql.startswith("INSERT INTO tokenmem_messages")]
+        assert len(inserts) == (0 if direct else 8), sent
+        if copied:
+            assert direct_module._copies.get(store.engine.dialect), "COPY was not used"
         store.append_turns("turns", turns_of(msgs), o200k, batch_size=1)
         bulk, one_by_one = rows(store, "bulk"), rows(store, "turns")
         assert bulk == one_by_one
@@ -209,3 +218,15 @@ def test_async_append_many(backend: str, tmp_path: Path, o200k: TokenCounter, di
         assert asyncio.run(run()) == range(23)
         assert rows(sync, "async") == rows(sync, "sync")
         sync.close()
+
+
+def test_turns_pair_a_human_message_with_the_ai_reply_right_after_it(
+    store: Store, o200k: TokenCounter
+) -> None:
+    kinds = ["human", "human", "ai", "ai", "system", "human", "ai", "human"]
+    sent = [Message(k, f"{k} {i}") for i, k in enumerate(kinds)]  # type: ignore[arg-type]
+    store.append_many("s", sent, o200k)
+    assert [m.turn for m in store.history("s")] == [0, 1, 1, 2, 3, 4, 4, 5]
+    assert [len(t) for t in turns_of(sent)] == [1, 2, 1, 1, 2, 1]
+    with pytest.raises(ConfigurationError, match="counter must be a TokenCounter, not NoneType"):
+        store.append_many("s", sent, None)  # type: ignore[arg-type]

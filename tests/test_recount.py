@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, select
 
-from tokenmem import ConversationTokenBufferMemory, Message, Store, TokenCounter
+from tokenmem import ConfigurationError, ConversationTokenBufferMemory, Message, Store, TokenCounter
 from tokenmem.models import MESSAGES, SESSIONS
 from tokenmem.window import Counts
 
@@ -269,3 +269,80 @@ def test_a_switch_abandoned_halfway_is_finished_by_recount(store: Store) -> None
     assert (stats.encoding, stats.recounting) == (OLD, 0)
     _assert_consistent(store, old.session_id, OLD)
     assert recount(store, TokenCounter(OLD)) == 0
+
+
+def test_two_recounts_at_once_never_switch_a_session_half_counted(store: Store) -> None:
+    """A recount to o200k_base counts the oldest 1,000 messages; a recount
+    to the session's own cl100k_base then rewrites them; when the first
+    goes on, its last batch finds its work undone and starts again, so the
+    session is never switched with messages of another encoding."""
+    from functools import partial
+
+    from tokenmem import writes
+    from tokenmem.validate import SessionKey
+
+    old, _ = _fill(store, 1000)
+    key, new_counter = SessionKey.of(old.session_id, ""), TokenCounter(NEW)
+    at = store.run(partial(writes.recount_start, key=key, encoding=NEW))
+    at = store.run(partial(writes.recount_batch, key=key, counter=new_counter, at=at, size=1000))
+    assert (at.after, at.done) == (999, False)
+    assert store.recount(old.session_id, old.counter)  # the session's own: whole, at once
+    _assert_consistent(store, old.session_id, OLD)
+    at = store.run(partial(writes.recount_batch, key=key, counter=new_counter, at=at, size=5000))
+    assert (at.after, at.done) == (-1, False)  # its work was undone: from the oldest again
+    while not at.done:
+        at = store.run(
+            partial(writes.recount_batch, key=key, counter=new_counter, at=at, size=5000)
+        )
+    _assert_consistent(store, old.session_id, NEW)
+
+
+def test_an_old_encoding_that_cannot_be_loaded_switches_the_session_at_once(
+    store: Store,
+) -> None:
+    """A session counted with an encoding this machine cannot load (no
+    network): the new model's append counts the whole session with its own
+    in its transaction, as it always did, rather than failing."""
+    from sqlalchemy import update
+
+    old, messages = _fill(store, 50)
+    with store.engine.begin() as conn:
+        conn.execute(update(SESSIONS).values(encoding="nosuch_base"))
+        conn.execute(update(MESSAGES).values(encoding="nosuch_base"))
+    new = ConversationTokenBufferMemory(
+        store=store, session_id=old.session_id, encoding=NEW, max_token_limit=200
+    )
+    new.save_context({"input": "hi"}, {"output": "there"})
+    messages += [Message("human", "hi"), Message("ai", "there")]
+    _assert_consistent(store, old.session_id, NEW)
+    assert [w.message for w in new.window()] == reference_text(messages, new.rule, new.counter)
+
+
+def test_a_failed_recount_batch_after_a_save_does_not_fail_the_save(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The batch a save by another model runs comes after the save's commit:
+    an error in it is logged, and the exchange is saved once."""
+    from tokenmem import StoreError, writes
+
+    old, _ = _fill(store, 50)
+    new = ConversationTokenBufferMemory(
+        store=store, session_id=old.session_id, encoding=NEW, max_token_limit=200
+    )
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise StoreError("database error: simulated")
+
+    original = writes.recount_batch
+    writes.recount_batch = failing  # type: ignore[assignment]
+    try:
+        new.save_context({"input": "saved"}, {"output": "once"})
+    finally:
+        writes.recount_batch = original  # type: ignore[assignment]
+    assert [m.content for m in store.history(old.session_id)][-2:] == ["saved", "once"]
+    assert "simulated" in caplog.text
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigurationError, match="batch_size must be an int >= 1"):
+            store.recount(old.session_id, new.counter, batch_size=bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="batches must be an int >= 0"):
+        store.recount(old.session_id, new.counter, batches=-1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -167,3 +168,29 @@ def test_prune_then_encoding_switch_keeps_the_window(store: Store) -> None:
     new.save_context({"input": "q5"}, {"output": "a5"})
     store.recount(new.session_id, TokenCounter("cl100k_base"))
     assert old.buffer == "Human: q5\nAI: a5"
+
+
+def test_a_window_as_long_as_the_row_cap_is_asked_again_without_it(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The statement reads at most row_cap(rule) rows; a window of exactly
+    that many may have been cut, so the store asks again uncapped (a message
+    costs at least two tokens, so the real cap is never reached: forced here)."""
+    from tokenmem import reads
+
+    memory = ConversationTokenBufferMemory(store=store, max_token_limit=200)
+    for i in range(20):
+        memory.save_context({"input": f"q{i}"}, {"output": f"a{i}"})
+    expected = memory.window()
+    assert len(expected) > 8
+    sent: list[int | None] = []
+    select = reads.window_select
+
+    def recording(mode: str, cap: int | None = None) -> object:
+        sent.append(cap)
+        return select(mode, cap)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reads, "window_select", recording)
+    monkeypatch.setattr(reads, "row_cap", lambda rule: 4)
+    assert memory.window() == expected
+    assert sent == [4, None]

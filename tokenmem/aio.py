@@ -33,8 +33,16 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from . import audit, migrate, reads, writes
 from . import partition as partitioning
 from .audit import TurnRecord, rebuild
-from .engine import Attempt, default_url, retry_delay, schema_error, transaction, tune
-from .errors import ConfigurationError
+from .engine import (
+    Attempt,
+    default_url,
+    logger,
+    retry_delay,
+    schema_error,
+    transaction,
+    tune,
+)
+from .errors import ConfigurationError, TokenmemError
 from .messages import Message, SessionInfo, StoredMessage
 from .models import utcnow
 from .reads import SessionStats, WindowMessage, WindowRow, window_messages
@@ -227,11 +235,14 @@ class AsyncStore(StoreBase):
     ) -> list[StoredMessage]:
         """Append ``messages`` as one turn, in one transaction: all or nothing.
 
-        Returns them as stored, with positions and token counts."""
+        Returns them as stored, with positions and token counts. A session
+        counted with another encoding than ``counter``'s counts them with its
+        own, and one batch of its recount runs after the commit (an error in
+        it is logged, not raised: the messages are saved)."""
         prepared = prepare_append(self._key(session_id, owner), [messages], counter)
         stored = await self.run(functools.partial(writes.append, p=prepared))
-        if stored[0].encoding != counter.encoding_name:  # the model changed: one batch
-            await self.recount(session_id, counter, owner=owner, batches=1)
+        if stored[0].encoding != counter.encoding_name:  # the model changed
+            await self._recount_step(session_id, counter, owner)
         return stored
 
     async def append_many(
@@ -249,7 +260,9 @@ class AsyncStore(StoreBase):
         As :meth:`tokenmem.Store.append_many`; the checking and counting (CPU
         work: seconds for 100,000 messages) run in a worker thread, off the
         event loop."""
-        work = await asyncio.to_thread(self._bulk, session_id, messages, counter, owner, batch_size)
+        key = self._key(session_id, owner)
+        encoding = await self.run(functools.partial(reads.encoding_of, key=key))
+        work = await asyncio.to_thread(self._bulk, key, messages, counter, encoding, batch_size)
         return await self.run(work)
 
     async def append_turns(
@@ -320,17 +333,33 @@ class AsyncStore(StoreBase):
         switches the session to it (until then it keeps its own, and so does
         every message appended meanwhile). ``batches``: stop after that many;
         a later call goes on where this one stopped. Returns whether the
-        session is now counted with ``counter``'s encoding. Appends with
-        another encoding than the session's run one batch each."""
+        session is now counted with ``counter``'s encoding. An ``append`` or
+        ``record_turn`` with another encoding than the session's runs one
+        batch after its own transaction. A session that already has
+        ``counter``'s encoding (rows from before migration 0003, or a switch
+        abandoned halfway) is counted again in one transaction."""
+        self._batches(batch_size, batches)
         key = self._key(session_id, owner)
         at = await self.run(
-            functools.partial(writes.recount_start, sid=key.id, encoding=counter.encoding_name)
+            functools.partial(writes.recount_start, key=key, encoding=counter.encoding_name)
         )
-        work = functools.partial(writes.recount_batch, sid=key.id, counter=counter, size=batch_size)
+        work = functools.partial(writes.recount_batch, key=key, counter=counter, size=batch_size)
         done = 0
         while not at.done and (batches is None or done < batches):
             at, done = await self.run(functools.partial(work, at=at)), done + 1
         return at.done
+
+    async def _recount_step(
+        self, session_id: str, counter: TokenCounter, owner: str | None
+    ) -> None:
+        """One batch of the recount a write by another model asks for, after
+        the write committed: an error is logged, not raised (the write stays
+        done; the next write, or ``tokenmem recount``, goes on)."""
+        try:
+            await self.recount(session_id, counter, owner=owner, batches=1)
+        except TokenmemError as exc:
+            encoding = counter.encoding_name
+            logger.warning("recounting session %r for %s: %s", session_id, encoding, exc)
 
     # reads
 
@@ -432,12 +461,13 @@ class AsyncStore(StoreBase):
         owner: str | None = None,
     ) -> TurnRecord:
         """Record a model call and save its ``exchange`` (if any, counted with
-        ``counter``) in one transaction. Returns the record with its ``seq``."""
+        ``counter``) in one transaction. Returns the record with its ``seq``.
+        As :meth:`append`, a batch of the recount may follow the commit."""
         key, prepared = self._turn(session_id, exchange, counter, owner)
         work = functools.partial(audit.record_turn, key=key, record=record, exchange=prepared)
         recorded, encoding = await self.run(work)
         if counter is not None and encoding not in (None, counter.encoding_name):
-            await self.recount(session_id, counter, owner=owner, batches=1)  # the model changed
+            await self._recount_step(session_id, counter, owner)  # the model changed
         return recorded
 
     async def turns(self, session_id: str, *, owner: str | None = None) -> list[TurnRecord]:

@@ -131,7 +131,8 @@ class SessionRow(Base):
     floor_total: Mapped[int] = mapped_column(BigInteger, default=0)
     # clear() moves the window's start past the last message (older rows stay
     # for audit): as a position, and as the cum_floor of that position, which
-    # lets the window query use one index range (recount() keeps it in step).
+    # lets the window query use one index range (a recount's last batch
+    # keeps it in step).
     start_position: Mapped[int] = mapped_column(BigInteger, default=0)
     start_floor: Mapped[int] = mapped_column(BigInteger, default=0)
     # Model calls recorded in tokenmem_turns (migration 0002).

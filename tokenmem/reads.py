@@ -31,6 +31,7 @@ __all__ = [
     "WindowMessage",
     "WindowRow",
     "count",
+    "encoding_of",
     "history_page",
     "messages_between",
     "session",
@@ -224,6 +225,11 @@ _SESSION = (
     SESSIONS.c.start_position,
     SESSIONS.c.metadata,
 )
+
+
+def encoding_of(conn: Connection, key: SessionKey) -> str | None:
+    """The encoding the session's messages are counted with (None: no session)."""
+    return conn.execute(select(SESSIONS.c.encoding).where(SESSIONS.c.id == key.id)).scalar()
 
 
 def session(conn: Connection, key: SessionKey) -> SessionInfo:

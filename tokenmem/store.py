@@ -9,8 +9,10 @@ it between memories (they are cheap to create per request)::
     for msg in alice.history("chat-1"):          # the full audit history, in pages
         print(msg.position, msg.type, msg.content)
 
-Every method is one transaction: an operation of :mod:`tokenmem.writes` or
-:mod:`tokenmem.reads` run by :meth:`Store.run` in ``engine.connect()`` —
+Every method is an operation of :mod:`tokenmem.writes` or
+:mod:`tokenmem.reads` run in one transaction by :meth:`Store.run` in
+``engine.connect()`` (a recount: one per batch; an append or turn by a model
+with another encoding than the session's: then one batch of its recount) —
 public SQLAlchemy only. On an engine passed in every statement goes through
 ``Connection.execute``, so a host's ``schema_translate_map``, event
 listeners, echo and tracing see all of them; a store that made its engine
@@ -25,6 +27,7 @@ times. :class:`tokenmem.aio.AsyncStore` is the same store for asyncio.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
@@ -43,13 +46,14 @@ from .audit import TurnRecord, rebuild
 from .engine import (
     Attempt,
     default_url,
+    logger,
     make_engine,
     retry_delay,
     schema_error,
     transaction,
     without_parameters,
 )
-from .errors import ConfigurationError, StoreError
+from .errors import ConfigurationError, EncodingUnavailable, StoreError, TokenmemError
 from .messages import Message, SessionInfo, StoredMessage
 from .models import utcnow
 from .reads import SessionStats, WindowMessage, WindowRow, window_messages
@@ -60,6 +64,7 @@ from .validate import (
     PreparedAppend,
     SessionKey,
     batches,
+    check_counter,
     prepare_append,
     prepare_messages,
 )
@@ -170,17 +175,34 @@ class StoreBase:
 
     def _bulk(
         self,
-        session_id: str,
+        key: SessionKey,
         messages: Iterable[Message],
         counter: TokenCounter,
-        owner: str | None,
+        encoding: str | None,
         batch_size: int,
     ) -> Callable[[Connection], range]:
-        """append_many's operation: the messages checked and counted."""
+        """append_many's operation: the messages checked and counted — with
+        the session's ``encoding`` when it has another than ``counter``'s (as
+        :func:`tokenmem.writes.append` would count them, but here before the
+        transaction, not under its lock). Blocking: the async store runs it
+        in a thread."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigurationError(f"batch_size must be a positive int, not {batch_size!r}")
-        prepared = prepare_messages(self._key(session_id, owner), messages, counter)
+        check_counter(counter)
+        if encoding not in (None, counter.encoding_name):
+            with contextlib.suppress(EncodingUnavailable):  # else as append does
+                counter = TokenCounter(encoding)
+        prepared = prepare_messages(key, messages, counter)
         return functools.partial(writes.append_many, p=prepared, batch_size=batch_size)
+
+    @staticmethod
+    def _batches(batch_size: int, batches: int | None) -> None:
+        """Refuse a recount's bad ``batch_size`` or ``batches``."""
+        for name, value, least in (("batch_size", batch_size, 1), ("batches", batches, 0)):
+            if value is None and name == "batches":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigurationError(f"{name} must be an int >= {least}, not {value!r}")
 
     def _error(self, what: str, exc: BaseException) -> StoreError:
         """The driver's ``exc`` as a :class:`StoreError`, without the URL's
@@ -335,11 +357,14 @@ class Store(StoreBase):
     ) -> list[StoredMessage]:
         """Append ``messages`` as one turn, in one transaction: all or nothing.
 
-        Returns them as stored, with positions and token counts."""
+        Returns them as stored, with positions and token counts. A session
+        counted with another encoding than ``counter``'s counts them with its
+        own, and one batch of its recount runs after the commit (an error in
+        it is logged, not raised: the messages are saved)."""
         prepared = prepare_append(self._key(session_id, owner), [messages], counter)
         stored = self.run(functools.partial(writes.append, p=prepared))
-        if stored[0].encoding != counter.encoding_name:  # the model changed: one batch
-            self.recount(session_id, counter, owner=owner, batches=1)
+        if stored[0].encoding != counter.encoding_name:  # the model changed
+            self._recount_step(session_id, counter, owner)
         return stored
 
     def append_many(
@@ -366,7 +391,9 @@ class Store(StoreBase):
         the commit (on SQLite, the database: other writers wait), so split a
         very large backfill into several calls. Returns the positions the
         messages were stored at (``len()`` of it: how many)."""
-        return self.run(self._bulk(session_id, messages, counter, owner, batch_size))
+        key = self._key(session_id, owner)
+        encoding = self.run(functools.partial(reads.encoding_of, key=key))
+        return self.run(self._bulk(key, messages, counter, encoding, batch_size))
 
     def append_turns(
         self,
@@ -433,17 +460,31 @@ class Store(StoreBase):
         switches the session to it (until then it keeps its own, and so does
         every message appended meanwhile). ``batches``: stop after that many;
         a later call goes on where this one stopped. Returns whether the
-        session is now counted with ``counter``'s encoding. Appends with
-        another encoding than the session's run one batch each."""
+        session is now counted with ``counter``'s encoding. An ``append`` or
+        ``record_turn`` with another encoding than the session's runs one
+        batch after its own transaction. A session that already has
+        ``counter``'s encoding (rows from before migration 0003, or a switch
+        abandoned halfway) is counted again in one transaction."""
+        self._batches(batch_size, batches)
         key = self._key(session_id, owner)
         at = self.run(
-            functools.partial(writes.recount_start, sid=key.id, encoding=counter.encoding_name)
+            functools.partial(writes.recount_start, key=key, encoding=counter.encoding_name)
         )
-        work = functools.partial(writes.recount_batch, sid=key.id, counter=counter, size=batch_size)
+        work = functools.partial(writes.recount_batch, key=key, counter=counter, size=batch_size)
         done = 0
         while not at.done and (batches is None or done < batches):
             at, done = self.run(functools.partial(work, at=at)), done + 1
         return at.done
+
+    def _recount_step(self, session_id: str, counter: TokenCounter, owner: str | None) -> None:
+        """One batch of the recount a write by another model asks for, after
+        the write committed: an error is logged, not raised (the write stays
+        done; the next write, or ``tokenmem recount``, goes on)."""
+        try:
+            self.recount(session_id, counter, owner=owner, batches=1)
+        except TokenmemError as exc:
+            encoding = counter.encoding_name
+            logger.warning("recounting session %r for %s: %s", session_id, encoding, exc)
 
     # reads
 
@@ -542,12 +583,13 @@ class Store(StoreBase):
         owner: str | None = None,
     ) -> TurnRecord:
         """Record a model call and save its ``exchange`` (if any, counted with
-        ``counter``) in one transaction. Returns the record with its ``seq``."""
+        ``counter``) in one transaction. Returns the record with its ``seq``.
+        As :meth:`append`, a batch of the recount may follow the commit."""
         key, prepared = self._turn(session_id, exchange, counter, owner)
         work = functools.partial(audit.record_turn, key=key, record=record, exchange=prepared)
         recorded, encoding = self.run(work)
         if counter is not None and encoding not in (None, counter.encoding_name):
-            self.recount(session_id, counter, owner=owner, batches=1)  # the model changed
+            self._recount_step(session_id, counter, owner)  # the model changed
         return recorded
 
     def turns(self, session_id: str, *, owner: str | None = None) -> list[TurnRecord]:

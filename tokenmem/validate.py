@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
-from .errors import InvalidInputError
+from .errors import ConfigurationError, InvalidInputError
 from .messages import Message
 from .models import ROLES, session_uuid
 from .tokens import TokenCounter
@@ -30,6 +30,7 @@ __all__ = [
     "PreparedAppend",
     "SessionKey",
     "batches",
+    "check_counter",
     "check_key",
     "check_text",
     "prepare_append",
@@ -147,21 +148,30 @@ def prepare_append(
     return _prepare(key, messages, turn_of, counter)
 
 
+def check_counter(counter: object) -> None:
+    """Refuse what is not a token counter (``None``, a model name ...)."""
+    if not isinstance(getattr(counter, "encoding_name", None), str):
+        raise ConfigurationError(f"counter must be a TokenCounter, not {type(counter).__name__}")
+
+
 def prepare_messages(
     key: SessionKey, messages: Iterable[Message], counter: TokenCounter
 ) -> PreparedAppend:
     """``messages`` checked and counted with ``counter``, in turns as
     ``save_context`` makes them: a human message and the AI message right
     after it are one turn, every other message a turn of its own."""
+    check_counter(counter)
     listed = list(messages)
     if not listed:
         raise InvalidInputError("nothing to append: no messages")
     turn_of, turn, previous = [], -1, None
     for msg in listed:
-        if not (previous == "human" and getattr(msg, "type", None) == "ai"):
+        kind = getattr(msg, "type", None)
+        paired = previous == "human" and kind == "ai"
+        if not paired:
             turn += 1
         turn_of.append(turn)
-        previous = None if previous == "human" else getattr(msg, "type", None)
+        previous = None if paired else kind
     return _prepare(key, listed, turn_of, counter)
 
 

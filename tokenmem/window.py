@@ -26,10 +26,13 @@ Two modes, as in LangChain:
 Each message also has a *floor*, ``min(text_tokens + newline_tokens + 1,
 chat_tokens + 3)``,
 no more than its cost in either mode. Running totals of the floor are kept at
-write time (``cum_floor``), so the query seeks, through the index on
-``(session_id, cum_floor)``, to the oldest message that could possibly fit and
-reads from there: its cost follows the window, not the history or the limit.
-The exact window is then cut with ``SUM(cost) OVER (ORDER BY position DESC)``.
+write time (``cum_floor``), so the query reads the index on
+``(session_id, cum_floor)`` newest first, down to the oldest message that
+could possibly fit and never more than :func:`row_cap` rows: its cost follows
+the window, not the history. The exact window is then cut with
+``SUM(cost) OVER (ORDER BY cum_floor DESC)`` (the session's order: every
+floor is at least 1). :func:`fit` is the plain-Python reference of that cut
+(tests and benchmarks check the statement against it).
 
     >>> fit([3, 4, 5], budget=9)   # the newest run of costs summing to <= 9
     1

@@ -12,7 +12,6 @@ messages are inserted as one executemany.
 from __future__ import annotations
 
 import functools
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,7 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from . import direct
-from .errors import ConfigurationError, SessionNotFound
+from .errors import ConfigurationError, EncodingUnavailable, SessionNotFound
 from .messages import StoredMessage
 from .models import MESSAGES, SESSIONS, TURNS, utcnow
 from .tokens import TokenCounter
@@ -254,7 +253,11 @@ def _in_session_encoding(conn: Connection, p: PreparedAppend) -> PreparedAppend:
     encoding = conn.execute(select(SESSIONS.c.encoding).where(SESSIONS.c.id == p.key.id)).scalar()
     if encoding is None or encoding == p.encoding:  # the bump's WHERE admits these
         raise ConfigurationError(f"session {p.key.name!r} changed its encoding during an append")
-    return p.counted_with(TokenCounter(encoding))
+    try:
+        return p.counted_with(TokenCounter(encoding))
+    except EncodingUnavailable:  # not on this machine: the whole session goes over now
+        recount_batch(conn, p.key, p.counter, Recount(p.encoding), _ALL)
+        return p
 
 
 # --- recounting: a model with another encoding, in bounded batches -------------
@@ -264,28 +267,33 @@ def _in_session_encoding(conn: Connection, p: PreparedAppend) -> PreparedAppend:
 class Recount:
     """How far a recount of one session to ``encoding`` has come: the
     messages up to position ``after`` (-1: none yet) are counted with it, and
-    their floors sum to ``cum``. ``done``: the session now is."""
+    their floors sum to ``cum``. ``done``: the session now is. ``whole``:
+    the session already has ``encoding`` (rows from before migration 0003
+    get their newline counts): one transaction, as the window statement
+    cannot tell its recounted rows from the others."""
 
     encoding: str
     after: int = -1
     cum: int = 0
     done: bool = False
+    whole: bool = False
 
 
-def recount_start(conn: Connection, sid: uuid.UUID, encoding: str) -> Recount:
+def recount_start(conn: Connection, key: SessionKey, encoding: str) -> Recount:
     """Where a recount of the session to ``encoding`` goes on. Batches count
     the oldest messages first, so the messages already counted with it are
     the oldest ones (while the session itself, and every message appended
     meanwhile, keeps the old encoding until the last batch): found by a
-    binary search over positions, one index probe each. A session already
-    counted with ``encoding`` is counted again from its oldest message (rows
-    from before migration 0003 get their newline counts)."""
+    binary search over positions, one index probe each (the last batch
+    checks that the search was right). A session already counted with
+    ``encoding`` is counted again whole (:attr:`Recount.whole`)."""
     s, m = SESSIONS.c, MESSAGES.c
+    sid = key.id
     found = conn.execute(select(s.encoding, s.next_position).where(s.id == sid)).first()
     if found is None:
-        raise SessionNotFound(str(sid))
+        raise SessionNotFound(key.name)
     if found.encoding in (None, encoding):
-        return Recount(encoding)
+        return Recount(encoding, whole=True)
 
     def at_or_after(position: int) -> Any:
         return conn.execute(
@@ -319,7 +327,7 @@ def _newline_of(row: Any) -> int:
 
 
 def recount_batch(
-    conn: Connection, sid: uuid.UUID, counter: TokenCounter, at: Recount, size: int
+    conn: Connection, key: SessionKey, counter: TokenCounter, at: Recount, size: int
 ) -> Recount:
     """Count the next ``size`` messages after ``at`` again with ``counter``
     (its encoding is ``at.encoding``) and return how far the recount has
@@ -327,8 +335,13 @@ def recount_batch(
     takes the session's row lock, counts what is left (with the messages
     appended meanwhile) and switches the session to the new encoding, its
     floor total and its window start with it: no transaction holds a lock
-    for more than a batch."""
+    for more than a batch. If another recount rewrote some of the messages
+    this one had counted (two at once, to two encodings), the last batch
+    finds them and the recount starts again instead."""
     s, m = SESSIONS.c, MESSAGES.c
+    sid = key.id
+    if at.whole:
+        size = _ALL
 
     def rows_after(limit: int | None) -> list[Any]:
         stmt = (
@@ -349,7 +362,16 @@ def recount_batch(
             .returning(s.start_position)
         ).scalar()
         if start is None:
-            raise SessionNotFound(str(sid))
+            raise SessionNotFound(key.name)
+        if (
+            at.after >= 0
+            and conn.execute(
+                select(m.position)
+                .where(m.session_id == sid, m.position <= at.after, m.encoding != at.encoding)
+                .limit(1)
+            ).first()
+        ):
+            return Recount(at.encoding)  # from the oldest again: done is False
         batch = rows_after(None)
     else:
         batch = batch[:size]
@@ -389,6 +411,8 @@ def recount_batch(
     )
     return Recount(at.encoding, after=batch[-1].position if batch else at.after, cum=cum, done=True)
 
+
+_ALL = 2**62  # a batch with no bound
 
 _RECOUNTED = (
     update(MESSAGES)
