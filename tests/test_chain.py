@@ -425,3 +425,17 @@ def test_ainvoke_is_invoke_awaited(openai_server: FakeOpenAI, store: Store) -> N
     assert [m.content for m in got["history"]] == ["one", "first"]  # type: ignore[attr-defined]
     with pytest.raises(ConfigurationError, match="'input'"):
         asyncio.run(chain.ainvoke({"question": "x"}))
+
+
+def test_the_chain_is_checked_when_it_is_built(store: Store) -> None:
+    """As LangChain's ConversationChain validates at construction: an input
+    key that is the memory's key, a foreign prompt or model object."""
+    model = OpenAI(api_key=KEY, base_url="http://127.0.0.1:9/v1")
+    memory = ConversationTokenBufferMemory(llm=model, store=store)
+    with pytest.raises(ConfigurationError, match="The input key history was also found"):
+        ConversationChain(llm=model, memory=memory, input_key="history")
+    with pytest.raises(ConfigurationError, match="prompt must be a tokenmem PromptTemplate"):
+        ConversationChain(llm=model, memory=memory, prompt="{history} {input}")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=r"llm must be a tokenmem model.*not object"):
+        ConversationChain(llm=object(), memory=memory)  # type: ignore[arg-type]
+    ConversationChain(llm=model, memory=memory, input_key="question")

@@ -76,7 +76,7 @@ def test_several_keys_need_input_key(store: Store) -> None:
     with pytest.raises(InvalidInputError, match="input_key"):
         memory.save_context({"input": "a", "lang": "en"}, {"output": "b"})
     with pytest.raises(InvalidInputError, match="output_key"):
-        memory.save_context({"input": "a"}, {"output": "b", "score": "1"})
+        memory.save_context({"input": "a"}, {"answer": "b", "score": "1"})
     keyed = ConversationTokenBufferMemory(
         input_key="q", output_key="a", store=store, session_id=memory.session_id
     )
@@ -84,6 +84,17 @@ def test_several_keys_need_input_key(store: Store) -> None:
     assert memory.buffer == "Human: question\nAI: answer"
     with pytest.raises(InvalidInputError, match="no key 'q'"):
         keyed.save_context({"input": "x"}, {"a": "y"})
+
+
+def test_an_agent_s_outputs_save_their_output_as_in_langchain(store: Store) -> None:
+    """LangChain's BaseChatMemory takes ``"output"`` among several output
+    keys (an agent's ``intermediate_steps`` beside it), with a warning."""
+    memory = ConversationTokenBufferMemory(store=store)
+    with pytest.warns(UserWarning, match="got multiple output keys.*'output' key is being used"):
+        memory.save_context({"input": "q"}, {"output": "a", "intermediate_steps": []})
+    assert memory.buffer == "Human: q\nAI: a"
+    memory.save_context({"input": "q2", "stop": ["\n"]}, {"text": "only key"})
+    assert memory.buffer.endswith("Human: q2\nAI: only key")
 
 
 def test_new_memory_new_session_same_id_same_window(store: Store) -> None:

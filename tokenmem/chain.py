@@ -90,6 +90,20 @@ class ConversationChain:
     ) -> None:
         if not isinstance(memory, ConversationTokenBufferMemory):
             raise ConfigurationError("memory must be a ConversationTokenBufferMemory")
+        if prompt is not None and not isinstance(prompt, PromptTemplate):
+            raise ConfigurationError(
+                f"prompt must be a tokenmem PromptTemplate, not {type(prompt).__name__}"
+            )
+        if not isinstance(getattr(llm, "model", None), str):
+            raise ConfigurationError(
+                f"llm must be a tokenmem model (OpenAI(), ...) naming its .model, "
+                f"not {type(llm).__name__}"
+            )
+        if input_key in memory.memory_variables:  # as LangChain's ConversationChain checks
+            raise ConfigurationError(
+                f"The input key {input_key} was also found in the memory keys "
+                f"({memory.memory_variables}) - please provide keys that don't overlap."
+            )
         # Checked now, not when the call is recorded after the model answered.
         check_text(llm.model, "llm.model")
         self.llm = llm

@@ -18,6 +18,7 @@ import functools
 import operator
 import threading
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -258,10 +259,24 @@ class ConversationTokenBufferMemory:
     # writing
 
     def _one(self, values: Mapping[str, Any], key: str | None, what: str) -> str:
+        """The input or output to save, its key chosen as LangChain's
+        ``BaseChatMemory._get_input_output`` does: an input is the one key
+        that is neither the memory's nor ``"stop"``; an output is the only
+        key or, among several (an agent's ``output`` and
+        ``intermediate_steps``), ``"output"``, with LangChain's warning."""
         if not isinstance(values, Mapping):
             raise InvalidInputError(f"{what} must be a dict, not {type(values).__name__}")
+        if key is None and what == "outputs" and len(values) > 1 and "output" in values:
+            key = "output"
+            warnings.warn(
+                f"'{type(self).__name__}' got multiple output keys: {values.keys()}. The "
+                "default 'output' key is being used. If this is not desired, please "
+                "manually set 'output_key'.",
+                stacklevel=4,
+            )
         if key is None:
-            keys = [k for k in values if k not in (self.memory_key, "stop")]
+            ignored = (self.memory_key, "stop") if what == "inputs" else ()
+            keys = [k for k in values if k not in ignored]
             if len(keys) != 1:
                 raise InvalidInputError(
                     f"{what} has {len(keys)} keys {keys}; set {what[:-1]}_key= to choose one"
