@@ -8,7 +8,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tokenmem import ConversationTokenBufferMemory, Message, Rule, Store, TokenCounter
+from tokenmem import (
+    ConfigurationError,
+    ConversationTokenBufferMemory,
+    Message,
+    Rule,
+    Store,
+    TokenCounter,
+)
 from tokenmem.window import fit, get_buffer_string
 
 
@@ -23,9 +30,23 @@ def reference_text(messages: list[Message], rule: Rule, counter: TokenCounter) -
     """LangChain's rule on the rendered string itself: drop the oldest line
     while the lines joined by newlines count more than the limit."""
     window = list(messages)
-    while window and counter.count(get_buffer_string(window, rule)) > rule.limit:
+
+    def rendered(window: list[Message]) -> str:
+        return get_buffer_string(window, rule.human_prefix, rule.ai_prefix)
+
+    while window and counter.count(rendered(window)) > rule.limit:
         window = window[1:]
     return window
+
+
+def test_get_buffer_string_has_langchain_s_signature() -> None:
+    messages = [Message("system", "be brief"), Message("human", "hi"), Message("ai", "yo")]
+    assert get_buffer_string(messages) == "System: be brief\nHuman: hi\nAI: yo"
+    assert get_buffer_string(messages[1:], human_prefix="人类", ai_prefix="助手") == (
+        "人类: hi\n助手: yo"
+    )
+    with pytest.raises(ConfigurationError, match="takes str prefixes, as LangChain's, not Rule"):
+        get_buffer_string(messages, Rule(limit=5))  # type: ignore[arg-type]
 
 
 def reference_messages(messages: list[Message], limit: int, counter: TokenCounter) -> list[Message]:

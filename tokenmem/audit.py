@@ -24,7 +24,7 @@ from .models import SESSIONS, TURNS, utcnow
 from .prompt import PromptTemplate
 from .reads import messages_between
 from .validate import PreparedAppend, SessionKey
-from .window import Rule, get_buffer_string
+from .window import get_buffer_string
 from .writes import append, session_upsert
 
 __all__ = ["TurnRecord", "build_prompt", "rebuild", "record_turn", "turn", "turns"]
@@ -71,8 +71,7 @@ def build_prompt(
     """The prompt a chain sends: used both to send it and to rebuild it."""
     if api == "chat":
         return template.render_chat(window, input)
-    rule = Rule(limit=1, human_prefix=human_prefix, ai_prefix=ai_prefix)
-    return template.render_text(get_buffer_string(window, rule), input)
+    return template.render_text(get_buffer_string(window, human_prefix, ai_prefix), input)
 
 
 def rebuild(record: TurnRecord, window: list[Message]) -> list[dict[str, str]] | str:

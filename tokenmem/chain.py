@@ -34,7 +34,7 @@ from .prompt import PromptTemplate, render_chat_text
 from .reads import WindowMessage
 from .store import Store
 from .validate import check_text
-from .window import Rule, chat_prompt_tokens, get_buffer_string
+from .window import chat_prompt_tokens, get_buffer_string
 
 __all__ = ["ConversationChain"]
 
@@ -270,8 +270,7 @@ class ConversationChain:
         history: str | list[Message] = window
         if self.llm.api == "completions":
             memory = self.memory
-            rule = Rule(limit=1, human_prefix=memory.human_prefix, ai_prefix=memory.ai_prefix)
-            history = get_buffer_string(window, rule)
+            history = get_buffer_string(window, memory.human_prefix, memory.ai_prefix)
         return {
             self.input_key: inputs[self.input_key],
             self.memory.memory_key: history,

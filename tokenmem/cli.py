@@ -337,7 +337,6 @@ def cmd_history(args: argparse.Namespace, store: Store, out: _Out) -> int:
 def cmd_window(args: argparse.Namespace, store: Store, out: _Out) -> int:
     from .memory import ConversationTokenBufferMemory
     from .tokens import TokenCounter
-    from .window import get_buffer_string
 
     session = store.session(args.session, owner=args.owner)
     if args.model or args.encoding:
@@ -362,7 +361,7 @@ def cmd_window(args: argparse.Namespace, store: Store, out: _Out) -> int:
     if rule.mode == "text":
         after = 0
         for i in reversed(range(len(window))):
-            total = counter.count(get_buffer_string([w.message for w in window[i:]], rule))
+            total = counter.count(rule.render([w.message for w in window[i:]]))
             costs[i], after = total - after, total
     rows, running = [], 0
     for w, cost in zip(window, costs, strict=True):

@@ -65,6 +65,7 @@ from sqlalchemy import (
     true,
 )
 
+from .errors import ConfigurationError
 from .messages import Message, StoredMessage
 from .models import MESSAGES, SESSIONS
 from .tokens import TokenCounter, split_pattern
@@ -237,6 +238,12 @@ class Rule:
         """Each role's ``tokens(prefix + ":")`` (remembered: do not change it)."""
         return _prefix_tokens(self, counter.encoding_name)
 
+    def render(self, messages: Sequence[Message]) -> str:
+        """The messages as this rule's lines ``"{prefix}: {content}"``, joined
+        by newlines (LangChain's ``get_buffer_string``)."""
+        prefixes = self.line_prefixes
+        return "\n".join([prefixes[m.type] + m.content for m in messages])
+
     @functools.cached_property
     def line_prefixes(self) -> Mapping[str, str]:
         """Each role's ``prefix + ": "``, as lines are rendered."""
@@ -296,10 +303,19 @@ def _prefix_tokens(rule: Rule, encoding: str) -> Mapping[str, int]:
     return {role: counter.count_label(rule.prefix(role) + ":") for role in CHAT_ROLES}
 
 
-def get_buffer_string(messages: Sequence[Message], rule: Rule) -> str:
-    """Render messages as LangChain does: one ``"{prefix}: {content}"`` line each."""
-    prefixes = rule.line_prefixes
-    return "\n".join([prefixes[m.type] + m.content for m in messages])
+def get_buffer_string(
+    messages: Sequence[Message], human_prefix: str = "Human", ai_prefix: str = "AI"
+) -> str:
+    """Render messages as LangChain's ``get_buffer_string`` does (same
+    signature): one ``"{prefix}: {content}"`` line each, ``System`` for a
+    system message. Raises :class:`ConfigurationError` for a prefix that is
+    not a str (before 0.2 the second argument was a :class:`Rule`)."""
+    if not isinstance(human_prefix, str) or not isinstance(ai_prefix, str):
+        raise ConfigurationError(
+            "get_buffer_string(messages, human_prefix='Human', ai_prefix='AI') takes "
+            f"str prefixes, as LangChain's, not {type(human_prefix).__name__}"
+        )
+    return Rule(limit=1, human_prefix=human_prefix, ai_prefix=ai_prefix).render(messages)
 
 
 def render_rows(rows: Sequence[Sequence[Any]], rule: Rule) -> str:
