@@ -439,3 +439,29 @@ def test_the_chain_is_checked_when_it_is_built(store: Store) -> None:
     with pytest.raises(ConfigurationError, match=r"llm must be a tokenmem model.*not object"):
         ConversationChain(llm=object(), memory=memory)  # type: ignore[arg-type]
     ConversationChain(llm=model, memory=memory, input_key="question")
+
+
+def test_the_chain_s_langchain_surface(openai_server: FakeOpenAI, store: Store) -> None:
+    """run, __call__, invoke(str), batch and their async twins, input_keys
+    and output_keys, as LangChain's Chain has them."""
+    chain = make_chain(openai_server, store, limit=200)
+    assert (chain.input_keys, chain.output_keys) == (["input"], ["response"])
+    openai_server.reply("one", "two", "three", "four", "five", "six", "seven", "eight")
+    assert chain.run("a") == "one"
+    assert chain.run(input="b") == "two"
+    assert chain("c")["response"] == "three"
+    assert chain.invoke("d")["input"] == "d"
+    assert [r["response"] for r in chain.batch(["e", {"input": "f"}])] == ["five", "six"]
+    with pytest.raises(ConfigurationError, match="run takes one positional input"):
+        chain.run("x", input="y")
+
+    async def go() -> tuple[str, list[dict[str, object]]]:
+        try:
+            return await chain.arun("g"), await chain.abatch(["h"])
+        finally:
+            await chain.llm.aclose()  # type: ignore[attr-defined]
+
+    ran, batched = asyncio.run(go())
+    assert (ran, batched[0]["response"]) == ("seven", "eight")
+    contents = [m.content for m in chain.memory.history()]
+    assert contents[::2] == list("abcdefgh")  # in order, one after the other

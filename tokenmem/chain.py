@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -258,10 +258,36 @@ class ConversationChain:
         Raises :class:`ModelError` (nothing saved) when the call fails."""
         return self._call(input)[1].text
 
-    def _invoke_input(self, inputs: Mapping[str, Any]) -> object:
+    @property
+    def input_keys(self) -> list[str]:
+        """The keys ``invoke`` reads (LangChain's ``Chain.input_keys``)."""
+        return [self.input_key]
+
+    @property
+    def output_keys(self) -> list[str]:
+        """The key of the reply in ``invoke``'s result (LangChain's ``Chain.output_keys``)."""
+        return [self.output_key]
+
+    def _invoke_input(self, inputs: str | Mapping[str, Any]) -> dict[str, Any]:
+        """``invoke``'s input as a dict: a str is the input, as LangChain's
+        ``Chain.prep_inputs`` takes it for a chain with one input key."""
+        if isinstance(inputs, str):
+            return {self.input_key: inputs}
         if not isinstance(inputs, Mapping) or self.input_key not in inputs:
-            raise ConfigurationError(f"invoke needs a dict with the key {self.input_key!r}")
-        return inputs[self.input_key]
+            raise ConfigurationError(
+                f"invoke needs the input as a str or a dict with the key {self.input_key!r}"
+            )
+        return dict(inputs)
+
+    def _run_input(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        if len(args) == 1 and not kwargs:
+            return self._invoke_input(args[0])
+        if kwargs and not args:
+            return self._invoke_input(kwargs)
+        raise ConfigurationError(
+            "run takes one positional input or keyword inputs (run('hi'), "
+            f"run({self.input_key}='hi')), as LangChain's Chain.run"
+        )
 
     def _invoke_result(
         self, inputs: Mapping[str, Any], plan: _Plan, reply: Reply
@@ -277,12 +303,29 @@ class ConversationChain:
             self.output_key: reply.text,
         }
 
-    def invoke(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    def invoke(self, inputs: str | Mapping[str, Any]) -> dict[str, Any]:
         """``{input, history, response}`` like LangChain's chain.invoke; the
         history is the window the prompt was built from (messages for a chat
-        model, the rendered string for a completion model)."""
-        plan, reply = self._call(self._invoke_input(inputs))
-        return self._invoke_result(inputs, plan, reply)
+        model, the rendered string for a completion model). ``inputs``: a
+        dict with the input key, or the input itself."""
+        given = self._invoke_input(inputs)
+        plan, reply = self._call(given[self.input_key])
+        return self._invoke_result(given, plan, reply)
+
+    def __call__(self, inputs: str | Mapping[str, Any]) -> dict[str, Any]:
+        """:meth:`invoke` (LangChain's older ``chain(inputs)``)."""
+        return self.invoke(inputs)
+
+    def run(self, *args: Any, **kwargs: Any) -> str:
+        """The reply alone, as LangChain's ``Chain.run``: ``run("hi")`` or
+        ``run(input="hi")``."""
+        return str(self.invoke(self._run_input(args, kwargs))[self.output_key])
+
+    def batch(self, inputs: Sequence[str | Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """:meth:`invoke` for each input, in order: one after the other, as
+        each turn's window holds the turns before it (LangChain's ``batch``
+        runs them at once, which a conversation memory cannot order)."""
+        return [self.invoke(one) for one in inputs]
 
     def stream(self, *, input: str) -> Iterator[str]:
         """Yield the reply in chunks; the exchange is saved when the stream
@@ -344,10 +387,19 @@ class ConversationChain:
         """:meth:`predict` with the async OpenAI client."""
         return (await self._acall(input))[1].text
 
-    async def ainvoke(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    async def ainvoke(self, inputs: str | Mapping[str, Any]) -> dict[str, Any]:
         """:meth:`invoke` with the async OpenAI client."""
-        plan, reply = await self._acall(self._invoke_input(inputs))
-        return self._invoke_result(inputs, plan, reply)
+        given = self._invoke_input(inputs)
+        plan, reply = await self._acall(given[self.input_key])
+        return self._invoke_result(given, plan, reply)
+
+    async def arun(self, *args: Any, **kwargs: Any) -> str:
+        """:meth:`run` with the async OpenAI client."""
+        return str((await self.ainvoke(self._run_input(args, kwargs)))[self.output_key])
+
+    async def abatch(self, inputs: Sequence[str | Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """:meth:`batch` with the async OpenAI client (in order, one by one)."""
+        return [await self.ainvoke(one) for one in inputs]
 
     async def astream(self, *, input: str) -> AsyncIterator[str]:
         """:meth:`stream` with the async OpenAI client."""
