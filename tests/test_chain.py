@@ -465,3 +465,30 @@ def test_the_chain_s_langchain_surface(openai_server: FakeOpenAI, store: Store) 
     assert (ran, batched[0]["response"]) == ("seven", "eight")
     contents = [m.content for m in chain.memory.history()]
     assert contents[::2] == list("abcdefgh")  # in order, one after the other
+
+
+def test_verbose_output_is_langchain_s_byte_for_byte(
+    openai_server: FakeOpenAI, store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Printed as LangChain's StdOutCallbackHandler prints a ConversationChain
+    (langchain_core/callbacks/stdout.py, LLMChain.prep_prompts): the start
+    line in bold, the prompt in bold italic green, a blank line, the end."""
+    model = OpenAI(
+        base_url=openai_server.base_url,
+        api_key=KEY,
+        max_retries=0,
+        api="completions",
+        model="gpt-3.5-turbo-instruct",
+    )
+    memory = ConversationTokenBufferMemory(llm=model, max_token_limit=60, store=store)
+    chain = ConversationChain(llm=model, memory=memory, verbose=True)
+    openai_server.reply(" Fine, thanks.")
+    capsys.readouterr()
+    chain.predict(input="Hi there!")
+    prompt = openai_server.requests[-1].body["prompt"]  # type: ignore[index]
+    assert capsys.readouterr().out == (
+        "\n\n\033[1m> Entering new ConversationChain chain...\033[0m\n"
+        "Prompt after formatting:\n"
+        f"\u001b[32;1m\033[1;3m{prompt}\u001b[0m\n"
+        "\n\033[1m> Finished chain.\033[0m\n"
+    )

@@ -50,6 +50,11 @@ _VERBOSE = {
 }
 
 
+# LangChain's StdOutCallbackHandler: the chain's lines in bold, the prompt in
+# bold italic green (langchain_core.utils.input.get_colored_text).
+_BOLD, _GREEN, _PLAIN = "\033[1m", "\u001b[32;1m\033[1;3m", "\u001b[0m"
+
+
 @dataclass(frozen=True)
 class _Plan:
     """One call, before it is made."""
@@ -114,16 +119,20 @@ class ConversationChain:
         self.language = language
         self.verbose = verbose
         self.log = log or print
+        self._prints = log is None
         self.reserve_tokens = reserve_tokens
         self.input_key = input_key
         self.output_key = output_key
 
     # planning: the same for every way of calling
 
-    def _say(self, text: str) -> None:
+    def _say(self, text: str, styled: str) -> None:
+        """``text`` to the DEBUG log and, when verbose, to ``log`` — printed
+        (the default) as LangChain's ``StdOutCallbackHandler`` prints it, in
+        bold and green: ``styled``, the same bytes."""
         logger.debug(text)
         if self.verbose:
-            self.log(text)
+            self.log(styled if self._prints else text)
 
     def _limit(self, scaffold: int) -> int:
         """The window's token budget, given what the prompt costs without it."""
@@ -167,17 +176,24 @@ class ConversationChain:
             if not window or context is None or tokens <= context - self.reserve_tokens:
                 break
             window = window[1:]
-        self._say(self._start_text(prompt))
+        self._say(*self._start_text(prompt))
         return _Plan(input, window, prompt, limit, tokens)
 
-    def _start_text(self, prompt: Prompt) -> str:
+    def _start_text(self, prompt: Prompt) -> tuple[str, str]:
         start, formatted, _ = _VERBOSE[self.language]
         text = (
             prompt
             if isinstance(prompt, str)
             else render_chat_text(prompt, self.memory.human_prefix, self.memory.ai_prefix)
         )
-        return f"\n\n{start}\n{formatted}\n{text}"
+        return (
+            f"\n\n{start}\n{formatted}\n{text}",
+            f"\n\n{_BOLD}{start}{_PLAIN}\n{formatted}\n{_GREEN}{text}{_PLAIN}",
+        )
+
+    def _finished(self) -> None:
+        finished = _VERBOSE[self.language][2]
+        self._say(f"\n{finished}", f"\n{_BOLD}{finished}{_PLAIN}")
 
     def _record(
         self, plan: _Plan, started: float, reply: Reply | None, error: ModelError | None
@@ -226,7 +242,7 @@ class ConversationChain:
             memory.session_id, record, exchange, memory.counter, owner=memory.owner
         )
         if reply:
-            self._say(_VERBOSE[self.language][2])
+            self._finished()
 
     # sync
 
@@ -370,7 +386,7 @@ class ConversationChain:
             memory.session_id, record, exchange, memory.counter, owner=memory.owner
         )
         if reply:
-            self._say(_VERBOSE[self.language][2])
+            self._finished()
 
     async def _acall(self, input: object) -> tuple[_Plan, Reply]:
         plan = await self._aprepare(input)
