@@ -299,6 +299,11 @@ def test_custom_templates_are_validated() -> None:
     assert custom.system_text == "Be terse."
     assert custom.render_text("Human: a", "b") == "Be terse.\nHuman: a\nQ: b\nA:"
     assert PromptTemplate("Use {{json}}.\n{history}\n{input}").system_text == "Use {json}."
+    # LangChain's PromptTemplate surface
+    assert custom.input_variables == ["history", "input"]
+    assert custom.format(history="Human: a", input="b") == custom.render_text("Human: a", "b")
+    with pytest.raises(KeyError):
+        custom.format(history="only")
 
 
 def test_rebuild_after_prune_says_so(openai_server: FakeOpenAI, store: Store) -> None:
@@ -344,13 +349,16 @@ def test_invoke_returns_the_history_used(openai_server: FakeOpenAI, store: Store
     chain = make_chain(openai_server, store, limit=200)
     openai_server.reply("first answer", "second answer")
     first = chain.invoke({"input": "first"})
-    assert first == {"input": "first", "history": [], "response": "first answer"}
+    assert first == {"input": "first", "history": "", "response": "first answer"}
     second = chain.invoke({"input": "second"})
-    assert [(m.type, m.content) for m in second["history"]] == [
-        ("human", "first"),
-        ("ai", "first answer"),
-    ]
+    # the type load_memory_variables gives (return_messages), as in LangChain
+    assert second["history"] == "Human: first\nAI: first answer"
     assert second["response"] == "second answer"
+    chain.memory.return_messages = True
+    openai_server.reply("third answer")
+    third = chain.invoke("third")
+    assert [(m.type, m.content) for m in third["history"]][-1] == ("ai", "second answer")
+    chain.memory.return_messages = False
     with pytest.raises(ConfigurationError, match="'input'"):
         chain.invoke({"question": "x"})
 
@@ -422,7 +430,7 @@ def test_ainvoke_is_invoke_awaited(openai_server: FakeOpenAI, store: Store) -> N
     got = asyncio.run(run())
     assert set(got) == set(sync) == {"input", "history", "response"}
     assert got["input"] == "two" and got["response"] == "second"
-    assert [m.content for m in got["history"]] == ["one", "first"]  # type: ignore[attr-defined]
+    assert got["history"] == "Human: one\nAI: first"
     with pytest.raises(ConfigurationError, match="'input'"):
         asyncio.run(chain.ainvoke({"question": "x"}))
 

@@ -263,3 +263,18 @@ def test_a_database_failure_mid_exchange_writes_nothing(store: Store) -> None:
     assert store.session("atomic").next_position == 2  # the counters rolled back too
     memory.save_context({"input": "next"}, {"output": "works"})
     assert [m.position for m in memory.history()] == [0, 1, 2, 3]
+
+
+def test_chat_memory_is_langchain_s_history_surface(store: Store) -> None:
+    """memory.chat_memory: messages, add_user_message, add_ai_message, clear."""
+    memory = ConversationTokenBufferMemory(store=store, max_token_limit=30)
+    history = memory.chat_memory
+    history.add_user_message("hi")
+    history.add_ai_message("whats up")
+    assert [(m.type, m.content) for m in history.messages] == [("human", "hi"), ("ai", "whats up")]
+    assert memory.load_memory_variables({}) == {"history": "Human: hi\nAI: whats up"}
+    assert [m.turn for m in memory.history()] == [0, 1]  # each its own turn
+    with pytest.raises(InvalidInputError, match="message"):
+        history.add_user_message(None)  # type: ignore[arg-type]
+    history.clear()
+    assert history.messages == [] and len(list(memory.history())) == 2

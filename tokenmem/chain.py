@@ -309,9 +309,9 @@ class ConversationChain:
         self, inputs: Mapping[str, Any], plan: _Plan, reply: Reply
     ) -> dict[str, Any]:
         window = [w.message for w in plan.window]
+        memory = self.memory
         history: str | list[Message] = window
-        if self.llm.api == "completions":
-            memory = self.memory
+        if not memory.return_messages:  # the type load_memory_variables gives, as in LangChain
             history = get_buffer_string(window, memory.human_prefix, memory.ai_prefix)
         return {
             self.input_key: inputs[self.input_key],

@@ -35,7 +35,7 @@ from .window import Mode, Rule, get_buffer_string, render_rows
 if TYPE_CHECKING:
     from .aio import AsyncStore
 
-__all__ = ["ConversationTokenBufferMemory", "ModelInfo", "get_buffer_string"]
+__all__ = ["ChatMemory", "ConversationTokenBufferMemory", "ModelInfo", "get_buffer_string"]
 
 
 class ModelInfo(Protocol):
@@ -310,6 +310,13 @@ class ConversationTokenBufferMemory:
         """Start an empty window; the old messages stay in the history."""
         self._sync().clear(self.session_id, owner=self.owner)
 
+    @property
+    def chat_memory(self) -> ChatMemory:
+        """LangChain's ``memory.chat_memory``: ``messages`` (the window, as
+        LangChain's buffer holds it after pruning), ``add_user_message``,
+        ``add_ai_message``, ``add_message``, ``clear``."""
+        return ChatMemory(self)
+
     async def aclear(self) -> None:
         """:meth:`clear`, awaited."""
         if isinstance(self.store, Store):
@@ -326,3 +333,30 @@ class ConversationTokenBufferMemory:
         if isinstance(self.store, Store):
             return await asyncio.to_thread(self.erase)
         return await self.store.erase(self.session_id, owner=self.owner)
+
+
+class ChatMemory:
+    """The memory's session as LangChain's ``BaseChatMessageHistory`` surface
+    (:attr:`ConversationTokenBufferMemory.chat_memory`). A message added here
+    is a turn of its own, saved in its own transaction."""
+
+    def __init__(self, memory: ConversationTokenBufferMemory) -> None:
+        self.memory = memory
+
+    @property
+    def messages(self) -> list[Message]:
+        """The window, as messages (what LangChain's buffer keeps)."""
+        return self.memory.buffer_as_messages
+
+    def add_message(self, message: Message) -> None:
+        memory = self.memory
+        memory._sync().append(memory.session_id, [message], memory.counter, owner=memory.owner)
+
+    def add_user_message(self, message: str) -> None:
+        self.add_message(Message("human", check_text(message, "message")))
+
+    def add_ai_message(self, message: str) -> None:
+        self.add_message(Message("ai", check_text(message, "message")))
+
+    def clear(self) -> None:
+        self.memory.clear()

@@ -93,6 +93,16 @@ class PromptTemplate:
             lines = lines[:-1]
         return "\n".join(lines).strip().replace("{{", "{").replace("}}", "}")
 
+    @property
+    def input_variables(self) -> list[str]:
+        """The template's variables, as LangChain's ``PromptTemplate`` lists them."""
+        return ["history", "input"]
+
+    def format(self, **kwargs: str) -> str:
+        """The template filled in, as LangChain's ``PromptTemplate.format``
+        (``KeyError`` for a variable not given)."""
+        return self.template.format(**kwargs)
+
     def render_text(self, history: str, input: str) -> str:
         """The prompt for a completion model, given the rendered history."""
         return self.template.format(history=history, input=input)
