@@ -278,3 +278,16 @@ def test_chat_memory_is_langchain_s_history_surface(store: Store) -> None:
         history.add_user_message(None)  # type: ignore[arg-type]
     history.clear()
     assert history.messages == [] and len(list(memory.history())) == 2
+
+
+def test_a_langchain_model_object_names_the_model_by_model_name(store: Store) -> None:
+    """langchain_openai's OpenAI and ChatOpenAI name their model
+    ``model_name`` (no ``.model``): counted for it, LangChain not imported."""
+
+    class ChatOpenAI:  # the attribute langchain_openai's models have
+        model_name = "gpt-4"
+
+    memory = ConversationTokenBufferMemory(llm=ChatOpenAI(), store=store)  # type: ignore[arg-type]
+    assert memory.counter.encoding_name == "cl100k_base"
+    with pytest.raises(ConfigurationError, match=r"llm must name its model .*not object"):
+        ConversationTokenBufferMemory(llm=object(), store=store)  # type: ignore[arg-type]

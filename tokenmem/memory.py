@@ -40,10 +40,27 @@ __all__ = ["ChatMemory", "ConversationTokenBufferMemory", "ModelInfo", "get_buff
 
 class ModelInfo(Protocol):
     """What a memory needs to know of its model: its name, and optionally
-    the tiktoken encoding (for models tiktoken's table does not know)."""
+    the tiktoken encoding (for models tiktoken's table does not know). A
+    LangChain model, naming it ``model_name``, is taken too."""
 
     @property
     def model(self) -> str: ...
+
+
+def _model_name(llm: object) -> str:
+    """The model a memory counts for: tokenmem's ``llm.model``, or a LangChain
+    model's ``model_name`` (``langchain_openai.OpenAI``, ``ChatOpenAI``: read
+    without importing LangChain); gpt-4o-mini's without a model."""
+    if llm is None:
+        return "gpt-4o-mini"
+    for attribute in ("model", "model_name"):
+        name = getattr(llm, attribute, None)
+        if isinstance(name, str) and name:
+            return name
+    raise ConfigurationError(
+        f"llm must name its model (.model, or LangChain's .model_name), "
+        f"not {type(llm).__name__}; or pass encoding="
+    )
 
 
 _PAGE = 500  # history rows read at a time
@@ -116,7 +133,7 @@ class ConversationTokenBufferMemory:
         if encoding is None:
             encoding = getattr(llm, "encoding", None)
         if encoding is None:
-            encoding = encoding_for_model(llm.model if llm is not None else "gpt-4o-mini")
+            encoding = encoding_for_model(_model_name(llm))
         self.llm = llm
         self.counter = TokenCounter(encoding)
         self.max_token_limit = max_token_limit
