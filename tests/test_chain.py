@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from tokenmem import (
+    ChatOpenAI,
     ConfigurationError,
     ConversationChain,
     ConversationTokenBufferMemory,
@@ -36,7 +37,7 @@ def make_chain(
         "timeout": 5.0,
         **llm,
     }
-    model = OpenAI(**options)  # type: ignore[arg-type]
+    model = ChatOpenAI(**options)  # type: ignore[arg-type]
     memory = ConversationTokenBufferMemory(llm=model, max_token_limit=limit, store=store)
     lines: list[str] = []
     chain = ConversationChain(llm=model, memory=memory, verbose=verbose, log=lines.append)
@@ -146,7 +147,7 @@ def test_missing_key_is_reported_at_call_time(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    llm = OpenAI()  # constructing needs no key
+    llm = ChatOpenAI()  # constructing needs no key
     chain = ConversationChain(llm=llm, memory=ConversationTokenBufferMemory(llm=llm, store=store))
     with pytest.raises(ModelError, match="OPENAI_API_KEY") as info:
         chain.predict(input="hi")
@@ -158,7 +159,7 @@ def test_environment_base_url_and_key(
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     monkeypatch.setenv("OPENAI_BASE_URL", openai_server.base_url)
-    llm = OpenAI(max_retries=0)
+    llm = ChatOpenAI(max_retries=0)
     chain = ConversationChain(llm=llm, memory=ConversationTokenBufferMemory(llm=llm, store=store))
     assert chain.predict(input="from the environment") == "echo: from the environment"
     assert openai_server.requests[-1].headers["authorization"] == f"Bearer {KEY}"
@@ -259,7 +260,7 @@ def test_completion_api_gets_the_rendered_string(openai_server: FakeOpenAI, stor
 
 
 def test_chinese_conversation_end_to_end(openai_server: FakeOpenAI, store: Store) -> None:
-    llm = OpenAI(
+    llm = ChatOpenAI(
         base_url=openai_server.base_url,
         api_key=KEY,
         max_retries=0,

@@ -12,10 +12,10 @@ import pytest
 from sqlalchemy import Column, Engine, Integer, MetaData, Table, Text, create_engine, insert
 
 from tokenmem import (
+    ChatOpenAI,
     ConversationChain,
     ConversationTokenBufferMemory,
     Message,
-    OpenAI,
     Store,
     TokenCounter,
 )
@@ -37,7 +37,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 @pytest.fixture
 def filled(store: Store, openai_server: FakeOpenAI) -> Store:
     """A session 'talk' with 6 exchanges made through the chain (so turns exist)."""
-    llm = OpenAI(base_url=openai_server.base_url, api_key="k", max_retries=0)
+    llm = ChatOpenAI(base_url=openai_server.base_url, api_key="k", max_retries=0)
     memory = ConversationTokenBufferMemory(
         llm=llm, store=store, session_id="talk", max_token_limit=40
     )

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from tokenmem import (
+    ChatOpenAI,
     ConversationChain,
     ConversationTokenBufferMemory,
     Message,
-    OpenAI,
     Store,
     TokenCounter,
 )
@@ -128,7 +128,7 @@ def test_turns_session_and_seq(
     store: Store, openai_server: FakeOpenAI, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = url_of(store.engine)
-    llm = OpenAI(base_url=openai_server.base_url, api_key="k", max_retries=0)
+    llm = ChatOpenAI(base_url=openai_server.base_url, api_key="k", max_retries=0)
     for name in ("show", "talk"):  # a session named "show" is listable
         memory = ConversationTokenBufferMemory(llm=llm, store=store, session_id=name)
         ConversationChain(llm=llm, memory=memory).predict(input=f"hi {name}")
@@ -248,7 +248,7 @@ def test_stored_text_is_shown_with_visible_controls(
     tmp_path: Path,
 ) -> None:
     url, owner, session = url_of(store.engine), f"o{EVIL}", f"s{EVIL}"
-    llm = OpenAI(
+    llm = ChatOpenAI(
         base_url=openai_server.base_url,
         api_key="k",
         max_retries=0,

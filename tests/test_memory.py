@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from tokenmem import (
+    ChatOpenAI,
     ConfigurationError,
     ConversationTokenBufferMemory,
     InvalidInputError,
@@ -24,6 +25,28 @@ def test_reference_notebook_default_store() -> None:
     memory.save_context({"input": "hi"}, {"output": "whats up"})
     memory.save_context({"input": "not much you"}, {"output": "not much"})
     assert memory.load_memory_variables({}) == {"history": "Human: not much you\nAI: not much"}
+
+
+def test_reference_notebook_second_snippet_one_window_two_formats(store: Store) -> None:
+    """The notebook's second snippet (return_messages=True, llm=OpenAI(),
+    limit 10): LangChain counts for the model — a completion model the
+    rendered string — whatever return_messages is, so the messages are the
+    string's window: [HumanMessage 'not much you', AIMessage 'not much']."""
+    memory = ConversationTokenBufferMemory(
+        llm=OpenAI(), max_token_limit=10, return_messages=True, store=store
+    )
+    memory.save_context({"input": "hi"}, {"output": "whats up"})
+    memory.save_context({"input": "not much you"}, {"output": "not much"})
+    assert memory.load_memory_variables({}) == {
+        "history": [Message("human", "not much you"), Message("ai", "not much")]
+    }
+    assert memory.buffer_as_str == "Human: not much you\nAI: not much"
+    # A chat model counts OpenAI's chat formula, also for the string.
+    chat = ConversationTokenBufferMemory(
+        llm=ChatOpenAI(), max_token_limit=10, store=store, session_id=memory.session_id
+    )
+    assert chat.load_memory_variables({}) == {"history": "AI: not much"}
+    assert chat.buffer_as_messages == [Message("ai", "not much")]
 
 
 @pytest.mark.parametrize("encoding", ["cl100k_base", "o200k_base"])
@@ -163,7 +186,9 @@ def test_model_picks_encoding() -> None:
         ConversationTokenBufferMemory(llm=OpenAI(model="gpt-4")).counter.encoding_name
         == "cl100k_base"
     )
-    assert ConversationTokenBufferMemory(llm=OpenAI()).counter.encoding_name == "o200k_base"
+    # LangChain's defaults: OpenAI() is gpt-3.5-turbo-instruct, ChatOpenAI() ours gpt-4o-mini
+    assert ConversationTokenBufferMemory(llm=OpenAI()).counter.encoding_name == "cl100k_base"
+    assert ConversationTokenBufferMemory(llm=ChatOpenAI()).counter.encoding_name == "o200k_base"
 
 
 @pytest.mark.parametrize(

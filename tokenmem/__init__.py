@@ -23,7 +23,7 @@ from .errors import (
     TokenmemError,
     TurnNotFound,
 )
-from .llm import OpenAI, Reply
+from .llm import ChatOpenAI, OpenAI, Reply
 from .memory import ConversationTokenBufferMemory
 from .messages import Message, SessionInfo, StoredMessage
 from .prompt import PromptTemplate
@@ -49,6 +49,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "AsyncStore",
+    "ChatOpenAI",
     "ConfigurationError",
     "ConversationChain",
     "ConversationTokenBufferMemory",

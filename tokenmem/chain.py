@@ -1,6 +1,6 @@
 """ConversationChain: the token window, a prompt, a model call, the exchange saved.
 
-    llm = OpenAI(model="gpt-4o-mini")
+    llm = ChatOpenAI(model="gpt-4o-mini")   # or OpenAI(): the completions API
     chain = ConversationChain(
         llm=llm,
         memory=ConversationTokenBufferMemory(llm=llm, max_token_limit=60),

@@ -477,10 +477,10 @@ def cmd_turns(args: argparse.Namespace, store: Store, out: _Out) -> int:
 
 def cmd_chat(args: argparse.Namespace, store: Store, out: _Out) -> int:
     from .chain import ConversationChain
-    from .llm import OpenAI
+    from .llm import ChatOpenAI
     from .memory import ConversationTokenBufferMemory
 
-    llm = OpenAI(model=args.model, encoding=args.encoding, base_url=args.base_url)
+    llm = ChatOpenAI(model=args.model, encoding=args.encoding, base_url=args.base_url)
     try:
         llm.client  # noqa: B018  (made now: a missing key is told before any input is read)
     except ModelError as exc:

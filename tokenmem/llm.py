@@ -5,9 +5,8 @@ at the first call, which is where a missing ``OPENAI_API_KEY`` is reported.
 ``OPENAI_BASE_URL`` (or ``base_url=``) points it at any OpenAI-compatible
 server (vLLM, Ollama, a gateway)::
 
-    llm = OpenAI(model="gpt-4o-mini")
-    llm.generate([{"role": "user", "content": "hi"}]).text   # chat completions
-    OpenAI(model="gpt-3.5-turbo-instruct", api="completions").generate("Say hi:")
+    ChatOpenAI(model="gpt-4o-mini").generate([{"role": "user", "content": "hi"}]).text
+    OpenAI().generate("Say hi:")    # completions, gpt-3.5-turbo-instruct (LangChain's)
 
 A prompt that is a list of messages goes to chat completions, a string to the
 legacy completions endpoint. Every failure is raised as :class:`ModelError`.
@@ -26,7 +25,7 @@ from .errors import ModelError
 if TYPE_CHECKING:
     import openai
 
-__all__ = ["ChatModel", "OpenAI", "Prompt", "Reply", "context_window"]
+__all__ = ["ChatModel", "ChatOpenAI", "OpenAI", "Prompt", "Reply", "context_window"]
 
 Prompt = list[dict[str, str]] | str
 
@@ -97,21 +96,23 @@ def _fail(model: str, exc: Exception) -> ModelError:
 
 @dataclass
 class OpenAI:
-    """An OpenAI (or OpenAI-compatible) model.
+    """An OpenAI (or OpenAI-compatible) completion model, as LangChain's
+    ``OpenAI``: the completions API and its default model,
+    ``gpt-3.5-turbo-instruct``; :class:`ChatOpenAI` is the chat one.
 
-    ``api`` is ``"chat"`` (chat completions, the default) or ``"completions"``.
+    ``api`` is ``"completions"`` (the default here) or ``"chat"``.
     ``encoding`` names the tiktoken encoding and ``context_size`` the context
     window for models tokenmem's tables do not know (local servers).
     """
 
-    model: str = "gpt-4o-mini"
+    model: str = "gpt-3.5-turbo-instruct"
     base_url: str | None = None
     api_key: str | None = field(default=None, repr=False)
     timeout: float = 60.0
     max_retries: int = 2
     temperature: float | None = None
     max_tokens: int | None = None
-    api: Literal["chat", "completions"] = "chat"
+    api: Literal["chat", "completions"] = "completions"
     encoding: str | None = None
     context_size: int | None = None
     _clients: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
@@ -277,3 +278,12 @@ class OpenAI:
                 raise
             raise _fail(self.model, exc) from exc
         yield self._final(parts, usage)
+
+
+@dataclass
+class ChatOpenAI(OpenAI):
+    """An OpenAI (or OpenAI-compatible) chat model, as LangChain's
+    ``ChatOpenAI``: the chat completions API, ``gpt-4o-mini`` by default."""
+
+    model: str = "gpt-4o-mini"
+    api: Literal["chat", "completions"] = "chat"

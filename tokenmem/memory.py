@@ -47,6 +47,22 @@ class ModelInfo(Protocol):
     def model(self) -> str: ...
 
 
+def _mode_of(llm: object) -> Mode | None:
+    """How LangChain counts for ``llm``: a completion model the rendered
+    string, a chat model OpenAI's chat formula — whatever ``return_messages``
+    is. tokenmem's models say it by their ``api``; a LangChain model by its
+    base class (read by name: LangChain is not imported). None: unknown."""
+    api = getattr(llm, "api", None)
+    if api in ("completions", "chat"):
+        return "text" if api == "completions" else "messages"
+    bases = {cls.__name__ for cls in type(llm).__mro__}
+    if "BaseChatModel" in bases:
+        return "messages"
+    if "BaseLLM" in bases:
+        return "text"
+    return None
+
+
 def _model_name(llm: object) -> str:
     """The model a memory counts for: tokenmem's ``llm.model``, or a LangChain
     model's ``model_name`` (``langchain_openai.OpenAI``, ``ChatOpenAI``: read
@@ -135,6 +151,7 @@ class ConversationTokenBufferMemory:
         if encoding is None:
             encoding = encoding_for_model(_model_name(llm))
         self.llm = llm
+        self._mode = None if llm is None else _mode_of(llm)
         self.counter = TokenCounter(encoding)
         self.max_token_limit = max_token_limit
         self.return_messages = return_messages
@@ -158,14 +175,23 @@ class ConversationTokenBufferMemory:
         return self._rule(None)
 
     def _rule(self, return_messages: bool | None, limit: int | None = None) -> Rule:
-        if return_messages is None:
-            return_messages = self.return_messages
-        return _rule(
-            self.max_token_limit if limit is None else limit,
-            "messages" if return_messages else "text",
-            self.human_prefix,
-            self.ai_prefix,
-        )
+        """The rule of a load: counted as ``return_messages`` asks when given
+        (the chain asks for its API's), else as the model is counted (as in
+        LangChain: one window, as a string or as messages), else — no model
+        known — as ``self.return_messages`` says."""
+        if return_messages is not None:
+            mode: Mode = "messages" if return_messages else "text"
+        elif self._mode is not None:
+            mode = self._mode
+        else:
+            mode = "messages" if self.return_messages else "text"
+        limit = self.max_token_limit if limit is None else limit
+        return _rule(limit, mode, self.human_prefix, self.ai_prefix)
+
+    def _as(self, messages: bool) -> bool | None:
+        """How ``buffer_as_messages``/``buffer_as_str`` load: the model's one
+        window when the model is known, else counted as its format."""
+        return None if self._mode is not None else messages
 
     @property
     def memory_variables(self) -> list[str]:
@@ -229,13 +255,15 @@ class ConversationTokenBufferMemory:
 
     @property
     def buffer_as_messages(self) -> list[Message]:
-        """The window as messages, counted with the chat formula."""
-        return _messages(self._load(True)[0])
+        """The window as messages: counted as the model is (LangChain's
+        rule), or with the chat formula when no model is known."""
+        return _messages(self._load(self._as(True))[0])
 
     @property
     def buffer_as_str(self) -> str:
-        """The window as one string, counted as rendered."""
-        return self._load(False)[1]
+        """The window as one string: counted as the model is (LangChain's
+        rule), or as rendered when no model is known."""
+        return self._load(self._as(False))[1]
 
     @property
     def buffer(self) -> str | list[Message]:
