@@ -198,9 +198,10 @@ class StoreBase:
     @staticmethod
     def _batches(batch_size: int, batches: int | None) -> None:
         """Refuse a recount's bad ``batch_size`` or ``batches``."""
-        for name, value, least in (("batch_size", batch_size, 1), ("batches", batches, 0)):
-            if value is None and name == "batches":
-                continue
+        checks = [("batch_size", batch_size, 1)]
+        if batches is not None:  # None: until done
+            checks.append(("batches", batches, 0))
+        for name, value, least in checks:
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigurationError(f"{name} must be an int >= {least}, not {value!r}")
 

@@ -159,8 +159,8 @@ def prepare_messages(
 ) -> PreparedAppend:
     """``messages`` checked and counted with ``counter``, in turns as
     ``save_context`` makes them: a human message and the AI message right
-    after it are one turn, every other message a turn of its own."""
-    check_counter(counter)
+    after it are one turn, every other message a turn of its own. (The
+    store checked ``counter`` with :func:`check_counter` first.)"""
     listed = list(messages)
     if not listed:
         raise InvalidInputError("nothing to append: no messages")

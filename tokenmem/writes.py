@@ -37,6 +37,7 @@ from . import direct
 from .errors import ConfigurationError, EncodingUnavailable, SessionNotFound
 from .messages import StoredMessage
 from .models import MESSAGES, SESSIONS, TURNS, utcnow
+from .reads import encoding_of
 from .tokens import TokenCounter
 from .validate import PreparedAppend, SessionKey
 from .window import Counts, count_message
@@ -250,13 +251,13 @@ def append_many(conn: Connection, p: PreparedAppend, batch_size: int = BULK_BATC
 
 def _in_session_encoding(conn: Connection, p: PreparedAppend) -> PreparedAppend:
     """``p`` counted with the encoding its session has now."""
-    encoding = conn.execute(select(SESSIONS.c.encoding).where(SESSIONS.c.id == p.key.id)).scalar()
+    encoding = encoding_of(conn, p.key)
     if encoding is None or encoding == p.encoding:  # the bump's WHERE admits these
         raise ConfigurationError(f"session {p.key.name!r} changed its encoding during an append")
     try:
         return p.counted_with(TokenCounter(encoding))
     except EncodingUnavailable:  # not on this machine: the whole session goes over now
-        recount_batch(conn, p.key, p.counter, Recount(p.encoding), _ALL)
+        recount_batch(conn, p.key, p.counter, Recount(p.encoding, whole=True), RECOUNT_BATCH)
         return p
 
 
