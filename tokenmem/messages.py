@@ -8,17 +8,23 @@ from typing import Any, Literal
 
 __all__ = ["Message", "SessionInfo", "StoredMessage"]
 
-Role = Literal["human", "ai", "system"]
+Role = Literal["human", "ai", "system", "developer", "tool"]
 
 
 @dataclass(slots=True)
 class Message:
-    """A chat message; ``type`` is ``"human"``, ``"ai"`` or ``"system"`` as in LangChain."""
+    """A chat message; ``type`` is ``"human"``, ``"ai"`` or ``"system"`` as in
+    LangChain, or OpenAI's ``"developer"`` or ``"tool"``. ``openai``: the
+    Chat Completions dict it was saved from (``memory.save_messages``) when
+    role, content and name do not rebuild it exactly (tool calls, content
+    parts, extra keys); ``content`` is then its text as a string window
+    renders it (:mod:`tokenmem.chat`)."""
 
     type: Role
     content: str
     name: str | None = None
     metadata: dict[str, Any] | None = field(default=None, compare=False)
+    openai: dict[str, Any] | None = field(default=None, repr=False)
 
 
 @dataclass(slots=True)

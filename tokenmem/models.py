@@ -51,7 +51,9 @@ __all__ = [
     "utcnow",
 ]
 
-ROLES = ("human", "ai", "system")
+# LangChain's names for the roles it has; OpenAI's user/assistant map to
+# human/ai at the edges (tokenmem.chat), developer and tool are OpenAI's.
+ROLES = ("human", "ai", "system", "developer", "tool")
 _SESSION_NAMESPACE = uuid.UUID("5b0f3a52-6d4e-4c1e-9a57-7f1d2e3c4b5a")
 
 
@@ -140,6 +142,10 @@ class SessionRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", _Json)
+    # The pinned prompt (migration 0005): positions of the newest run of
+    # system/developer messages, always sent first (tokenmem.window).
+    pinned_first: Mapped[int | None] = mapped_column(BigInteger)
+    pinned_last: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (Index(None, "owner_id", "name"),)
 
@@ -170,9 +176,21 @@ class MessageRow(Base):
     chat_tokens: Mapped[int] = mapped_column(Integer)
     # Sum of the floor costs of this session's earlier messages.
     cum_floor: Mapped[int] = mapped_column(BigInteger)
+    # Migration 0005, for OpenAI chat messages (tokenmem.chat). The message
+    # exactly as given, as JSON text (PostgreSQL's json, not jsonb, keeps
+    # its keys' order): NULL when role, content and name rebuild it exactly.
+    message: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    # An assistant message's tool calls and a tool message's answer key,
+    # queryable (jsonb on PostgreSQL).
+    tool_calls: Mapped[list[Any] | None] = mapped_column(_Json)
+    tool_call_id: Mapped[str | None] = mapped_column(Text)
+    # The position of the first message of the message's unit: an assistant
+    # message with tool calls and the tool messages answering it are one,
+    # all in a window or none. NULL: a unit of its own.
+    unit: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (
-        CheckConstraint("role IN ('human', 'ai', 'system')", name="role"),
+        CheckConstraint(f"role IN {ROLES!r}".replace('"', "'"), name="role"),
         Index(None, "session_id", "cum_floor"),
     )
 

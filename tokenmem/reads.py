@@ -10,21 +10,22 @@ history is read in pages by position.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple, cast
+from typing import Any, Final, NamedTuple, cast
 
 from sqlalchemy import Connection, case, func, select
 
 from . import direct
-from .errors import InvalidInputError, SessionNotFound
+from .errors import ConfigurationError, InvalidInputError, SessionNotFound
 from .messages import Message, Role, SessionInfo, StoredMessage
 from .models import MESSAGES, SESSIONS
 from .tokens import TokenCounter
 from .validate import SessionKey
-from .window import Rule, count_message, row_cap, window_select
+from .window import REPLY_PRIMING, Rule, count_message, fit_units, row_cap, window_select
 
 __all__ = [
     "SessionStats",
@@ -42,10 +43,17 @@ __all__ = [
 ]
 
 
-WindowRow = tuple[int, int, Role, str, "str | None", int, bool]
+WindowRow = tuple[int, int, Role, str, "str | None", int, bool, int, int, Any, int]
 """A row of the window statement: position, turn, role, content, name,
-running (the cost of the row and every newer one), counted (its
-newline_tokens were counted at write time)."""
+cost (under the window's rule), counted (its newline_tokens were counted at
+write time), pinned (1: the session's pinned prompt, sent first), unit (the
+position its unit starts at), message (the OpenAI dict kept for it, or
+None), newline (its newline_tokens)."""
+
+PINNED: Final = 7  # a window row's pinned flag
+_UNIT: Final = 8
+_MESSAGE: Final = 9
+_NEWLINE: Final = 10
 
 
 class WindowMessage(NamedTuple):
@@ -59,20 +67,32 @@ class WindowMessage(NamedTuple):
     # False for a row written before newline_tokens existed: its cost in
     # text mode assumes its joining newline is one token.
     exact: bool = True
+    pinned: bool = False  # the session's pinned prompt, sent first
 
 
 def window_rows(
     conn: Connection, key: SessionKey, rule: Rule, counter: TokenCounter
 ) -> Sequence[WindowRow]:
-    """The newest messages that fit ``rule``, oldest first, as the window
-    statement's rows (position, turn, role, content, name, running, counted):
-    one query. A memory that only renders them needs no more;
-    :func:`window_messages` makes them messages."""
+    """The session's pinned prompt and the newest messages that fit ``rule``
+    after it, as the window statement's rows (pinned first, then oldest
+    first): one query. A memory that only renders them needs no more;
+    :func:`window_messages` makes them messages. Raises
+    :class:`ConfigurationError` when the pinned prompt alone is over the
+    limit."""
     prefix_tokens = rule.prefix_tokens(counter)
     params = rule.params(key.id, counter.encoding_name, prefix_tokens)
     rows = _window(conn, rule, params)
-    if not rows:
+    if all(row[PINNED] for row in rows):
         rows = _window_recounting(conn, key.id, rule, counter, prefix_tokens)
+    pinned = [row for row in rows if row[PINNED]]
+    if pinned:
+        cost = sum(row[5] for row in pinned)
+        over = cost - pinned[-1][_NEWLINE] if rule.mode == "text" else cost + REPLY_PRIMING
+        if over > rule.limit:
+            raise ConfigurationError(
+                f"session {key.name!r}: its pinned system prompt alone costs {over} tokens, "
+                f"over the limit of {rule.limit}; raise max_token_limit or shorten the prompt"
+            )
     return rows
 
 
@@ -80,24 +100,42 @@ def _window(conn: Connection, rule: Rule, params: Mapping[str, object]) -> Seque
     """The window statement's rows; asked again without its row cap in the
     one case the cap may have cut the window (as many rows as the cap)."""
     cap = row_cap(rule)
-    rows = cast(Sequence[WindowRow], direct.execute(conn, window_select(rule.mode, cap), params))
-    if len(rows) == cap:
-        rows = cast(Sequence[WindowRow], direct.execute(conn, window_select(rule.mode), params))
+    rows = _run(conn, window_select(rule.mode, cap, rule.start_on), params)
+    if sum(not row[PINNED] for row in rows) == cap:
+        rows = _run(conn, window_select(rule.mode, None, rule.start_on), params)
     return rows
+
+
+def _run(conn: Connection, statement: Any, params: Mapping[str, object]) -> Sequence[WindowRow]:
+    rows = direct.execute(conn, statement, params)
+    if any(isinstance(row[_MESSAGE], str) for row in rows):  # SQLite's JSON text
+        rows = [
+            (*row[:_MESSAGE], json.loads(row[_MESSAGE]), *row[_MESSAGE + 1 :])
+            if isinstance(row[_MESSAGE], str)
+            else row
+            for row in rows
+        ]
+    return cast(Sequence[WindowRow], rows)
 
 
 def window_messages(rows: Sequence[WindowRow]) -> list[WindowMessage]:
     """The window's rows as messages with their positions and costs."""
-    # Each row's cost: its running sum less the next (newer) row's. (Built
-    # with tuple.__new__: a load makes one per message, and NamedTuple's own
-    # __new__ is Python code.)
-    window, after = [], 0
-    for position, turn, role, content, name, running, exact in reversed(rows):
-        fields = (position, turn, Message(role, content, name), running - after, bool(exact))
-        window.append(tuple.__new__(WindowMessage, fields))
-        after = running
-    window.reverse()
-    return window
+    # (Built with tuple.__new__: a load makes one per message, and
+    # NamedTuple's own __new__ is Python code.)
+    return [
+        tuple.__new__(
+            WindowMessage,
+            (
+                row[0],
+                row[1],
+                Message(row[2], row[3], row[4], openai=row[_MESSAGE]),
+                row[5],
+                bool(row[6]),
+                bool(row[PINNED]),
+            ),
+        )
+        for row in rows
+    ]
 
 
 def _window_recounting(
@@ -107,41 +145,70 @@ def _window_recounting(
     counter: TokenCounter,
     prefix_tokens: Mapping[str, int],
 ) -> Sequence[WindowRow]:
-    """The window when the statement has none: counted in Python from the
-    newest messages, read newest first in pages that double, so that no more
-    are read and counted than the window and one page. The statement has no
-    rows when the session is counted with another encoding (the model
-    changed), is being recounted (writes.recount_batch), or its newest
-    message alone is over the limit."""
+    """The window when the statement has no unpinned rows: counted in
+    Python from the newest messages, read newest first in pages that double,
+    so that no more are read and counted than the window and one page. The
+    statement has none when the session is counted with another encoding
+    (the model changed), is being recounted (writes.recount_batch), holds
+    only its pinned prompt, or its newest message alone is over the limit.
+    The rows are cut by :func:`tokenmem.window.fit_units`, the reference."""
     s, m = SESSIONS.c, MESSAGES.c
     found = conn.execute(
-        select(s.encoding, s.start_position, s.next_position).where(s.id == sid)
+        select(s.encoding, s.start_position, s.next_position, s.pinned_first, s.pinned_last).where(
+            s.id == sid
+        )
     ).first()
     if found is None or found.encoding is None or found.next_position == found.start_position:
         return []  # no session, or nothing since it was cleared
-    rows: list[Any] = []
-    costs: list[int] = []
-    budget, total, before, page = None, 0, found.next_position, 16
-    while budget is None or total <= budget:
-        newer_first = conn.execute(
-            select(m.position, m.turn, m.role, m.content, m.name)
-            .where(m.session_id == sid, m.position >= found.start_position, m.position < before)
+    columns = (m.position, m.turn, m.role, m.content, m.name, m.unit, m.message)
+    pin = (-1, -1)
+    if found.pinned_first is not None and found.pinned_first >= found.start_position:
+        pin = (found.pinned_first, found.pinned_last)
+
+    def row_of(row: Any, pinned: int) -> tuple[WindowRow, int]:
+        counts = count_message(counter, row.role, row.content, row.name, row.message)
+        cost = rule.cost(row.role, counts, prefix_tokens)
+        unit = row.position if row.unit is None else row.unit
+        made = (*row[:5], cost, True, pinned, unit, row.message, counts.newline_tokens)
+        return cast(WindowRow, made), counts.newline_tokens
+
+    pinned = [
+        row_of(row, 1)[0]
+        for row in conn.execute(
+            select(*columns)
+            .where(m.session_id == sid, m.position.between(*pin))
+            .order_by(m.position)
+        )
+    ]
+    rest = rule.budget(None) - sum(row[5] for row in pinned)
+    newer_first: list[WindowRow] = []
+    total, before, page = 0, found.next_position, 16
+    while total <= rest:
+        got = conn.execute(
+            select(*columns)
+            .where(
+                m.session_id == sid,
+                m.position >= found.start_position,
+                m.position < before,
+                ~m.position.between(*pin),
+            )
             .order_by(m.position.desc())
             .limit(page)
         ).all()
-        for row in newer_first:
-            counts = count_message(counter, row.role, row.content, row.name)
-            if budget is None:  # the newest message's counts set the budget
-                budget = rule.budget(counts)
-            total += rule.cost(row.role, counts, prefix_tokens)
-            if total > budget:
+        for row in got:
+            made, newline = row_of(row, 0)
+            if not newer_first and rule.mode == "text":  # the newest line is joined to nothing
+                rest += newline
+            newer_first.append(made)
+            total += made[5]
+            if total > rest:
                 break
-            rows.append(row)
-            costs.append(total)
-        if len(newer_first) < page:
+        if len(got) < page:
             break
-        before, page = newer_first[-1].position, page * 2
-    return [(*row, running, True) for row, running in zip(rows[::-1], costs[::-1], strict=True)]
+        before, page = got[-1].position, page * 2
+    rows = newer_first[::-1]
+    start = fit_units([(r[0], r[_UNIT], r[2], r[5]) for r in rows], rest, rule.start_on)
+    return [*pinned, *rows[start:]]
 
 
 _HISTORY = (
@@ -156,6 +223,7 @@ _HISTORY = (
     MESSAGES.c.text_tokens,
     MESSAGES.c.chat_tokens,
     MESSAGES.c.newline_tokens,
+    MESSAGES.c.message,
 )
 
 
@@ -197,6 +265,7 @@ def history_page(
             text_tokens=text_tokens,
             chat_tokens=chat_tokens,
             newline_tokens=newline_tokens,
+            openai=message,
         )
         for (
             position,
@@ -210,6 +279,7 @@ def history_page(
             text_tokens,
             chat_tokens,
             newline_tokens,
+            message,
         ) in rows
     ]
 
@@ -251,13 +321,13 @@ def messages_between(conn: Connection, key: SessionKey, first: int, last: int) -
     """Messages ``first`` to ``last`` (positions), all of them or :class:`SessionNotFound`."""
     m = MESSAGES.c
     rows = conn.execute(
-        select(m.position, m.role, m.content, m.name)
+        select(m.position, m.role, m.content, m.name, m.message)
         .where(m.session_id == key.id, m.position.between(first, last))
         .order_by(m.position)
     ).all()
     if [r.position for r in rows] != list(range(first, last + 1)):
         raise SessionNotFound(f"{key.name}: messages {first}..{last} (pruned or erased)")
-    return [Message(r.role, r.content, r.name) for r in rows]
+    return [Message(r.role, r.content, r.name, openai=r.message) for r in rows]
 
 
 @dataclass(frozen=True)

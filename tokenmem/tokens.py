@@ -196,10 +196,13 @@ class TokenCounter:
     """Counts tokens of text with one tiktoken encoding.
 
     Special-token text such as ``<|endoftext|>`` is counted as the ordinary
-    text it is: users may type it.
+    text it is: users may type it. ``image_tokens``: what an ``image_url``
+    content part of a chat message counts (85: OpenAI's price of a
+    low-detail image; see :mod:`tokenmem.chat` for the whole rule).
     """
 
     encoding_name: str
+    image_tokens: int = 85
 
     def __post_init__(self) -> None:
         get_encoding(self.encoding_name)  # fail now, not at the first save

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
+from .chat import FROM_OPENAI, units
 from .errors import ConfigurationError, InvalidInputError
 from .messages import Message
 from .models import ROLES, session_uuid
@@ -39,6 +40,7 @@ __all__ = [
 
 DEFAULT_OWNER = ""
 _MAX_KEY = 255
+_PINNED = ("system", "developer")
 
 
 def check_text(value: object, what: str) -> str:
@@ -112,14 +114,33 @@ class PreparedAppend:
     counter: TokenCounter
     # Original timestamps of imported messages (None: now).
     created_at: list[datetime | None]
+    # Per message, how many messages back its unit starts (tokenmem.chat.units):
+    # 0 for a unit of its own or an assistant message with tool calls, -k for
+    # the tool message answering the call k messages before it. Empty: all 0.
+    unit_back: Sequence[int] = ()
 
     @functools.cached_property
     def floor(self) -> int:
         return sum(c.floor for c in self.counts)
 
+    @functools.cached_property
+    def pinned(self) -> tuple[int, int] | None:
+        """The first and last index of the newest run of system/developer
+        messages, which becomes the session's pinned prompt (or None)."""
+        last = None
+        for i in range(len(self.messages) - 1, -1, -1):
+            pinned = self.messages[i].type in _PINNED
+            if last is None and pinned:
+                last = i
+            elif last is not None and not pinned:
+                return i + 1, last
+        return None if last is None else (0, last)
+
     def counted_with(self, counter: TokenCounter) -> PreparedAppend:
         """The same messages, counted with ``counter``'s encoding."""
-        counts = [count_message(counter, m.type, m.content, m.name) for m in self.messages]
+        counts = [
+            count_message(counter, m.type, m.content, m.name, m.openai) for m in self.messages
+        ]
         return dataclasses.replace(
             self, encoding=counter.encoding_name, counts=counts, counter=counter
         )
@@ -187,16 +208,25 @@ def _prepare(
         if msg.name is not None:
             check_key(msg.name, f"message {i} name")
         check_metadata(msg.metadata, f"message {i} metadata")
+        if msg.openai is not None:
+            check_metadata(msg.openai, f"message {i} openai")
+            if FROM_OPENAI.get(str(msg.openai.get("role"))) != msg.type:
+                raise InvalidInputError(
+                    f"message {i}: its openai role {msg.openai.get('role')!r} is not its "
+                    f"type {msg.type!r}"
+                )
         created = getattr(msg, "created_at", None)
         if created is not None and (not isinstance(created, datetime) or created.tzinfo is None):
             raise InvalidInputError(f"message {i} created_at must be a timezone-aware datetime")
+    unit = units(messages)
     return PreparedAppend(
         key=key,
         encoding=counter.encoding_name,
         messages=messages,
-        counts=[count_message(counter, m.type, m.content, m.name) for m in messages],
+        counts=[count_message(counter, m.type, m.content, m.name, m.openai) for m in messages],
         turn_of=turn_of,
         turns=turn_of[-1] + 1,
         counter=counter,
         created_at=[getattr(m, "created_at", None) for m in messages],
+        unit_back=[0 if u is None else u - i for i, u in enumerate(unit)],
     )

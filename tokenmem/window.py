@@ -52,6 +52,7 @@ from typing import Any, Literal
 import regex
 from sqlalchemy import (
     BigInteger,
+    BindParameter,
     ColumnElement,
     FunctionElement,
     Integer,
@@ -62,9 +63,10 @@ from sqlalchemy import (
     func,
     literal_column,
     select,
-    true,
+    union_all,
 )
 
+from .chat import content_tokens
 from .errors import ConfigurationError
 from .messages import Message, StoredMessage
 from .models import MESSAGES, SESSIONS
@@ -77,13 +79,21 @@ __all__ = [
     "chat_prompt_tokens",
     "count_message",
     "fit",
+    "fit_units",
     "get_buffer_string",
     "row_cap",
     "window_select",
 ]
 
 Mode = Literal["text", "messages"]
-CHAT_ROLES = {"human": "user", "ai": "assistant", "system": "system"}
+StartOn = Literal["human"] | None
+CHAT_ROLES = {
+    "human": "user",
+    "ai": "assistant",
+    "system": "system",
+    "developer": "developer",
+    "tool": "tool",
+}
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
 REPLY_PRIMING = 3
@@ -112,9 +122,23 @@ class Counts:
         )
 
 
-def count_message(counter: TokenCounter, role: str, content: str, name: str | None) -> Counts:
+def count_message(
+    counter: TokenCounter,
+    role: str,
+    content: str,
+    name: str | None,
+    openai: Mapping[str, Any] | None = None,
+) -> Counts:
+    """A message's counts; ``openai``, the Chat Completions dict it was
+    saved from, counts its content parts and tool calls by
+    :func:`tokenmem.chat.content_tokens`'s rule (``content`` is then its
+    rendered text)."""
     text = counter.count(" " + content)
-    chat = counter.count_label(CHAT_ROLES[role]) + unspaced_tokens(counter, content, text)
+    if openai is None:
+        body = unspaced_tokens(counter, content, text)
+    else:
+        body = content_tokens(counter, openai)
+    chat = counter.count_label(CHAT_ROLES[role]) + body
     if name:
         chat += counter.count_label(name) + TOKENS_PER_NAME
     return Counts(
@@ -214,9 +238,16 @@ class Rule:
     human_prefix: str = "Human"
     ai_prefix: str = "AI"
     system_prefix: str = "System"
+    # The window starts at a user message ("human"), or wherever it fits.
+    start_on: StartOn = None
 
     def prefix(self, role: str) -> str:
-        return {"human": self.human_prefix, "ai": self.ai_prefix}.get(role, self.system_prefix)
+        return {
+            "human": self.human_prefix,
+            "ai": self.ai_prefix,
+            "developer": "Developer",
+            "tool": "Tool",
+        }.get(role, self.system_prefix)
 
     def budget(self, newest: Counts | None) -> int:
         """The most the per-message costs of a fitting window may add up to,
@@ -266,6 +297,8 @@ class Rule:
             "w_prefix_human": prefix_tokens["human"],
             "w_prefix_ai": prefix_tokens["ai"],
             "w_prefix_system": prefix_tokens["system"],
+            "w_prefix_developer": prefix_tokens["developer"],
+            "w_prefix_tool": prefix_tokens["tool"],
         }
 
 
@@ -276,6 +309,8 @@ def _cost_sql(mode: Mode) -> ColumnElement[int]:
         per_role = case(
             (m.role == _const("'human'"), bindparam("w_prefix_human", type_=Integer)),
             (m.role == _const("'ai'"), bindparam("w_prefix_ai", type_=Integer)),
+            (m.role == _const("'tool'"), bindparam("w_prefix_tool", type_=Integer)),
+            (m.role == _const("'developer'"), bindparam("w_prefix_developer", type_=Integer)),
             else_=bindparam("w_prefix_system", type_=Integer),
         )
         return per_role + m.text_tokens + _newline(m.newline_tokens)
@@ -347,6 +382,30 @@ def fit(costs: Sequence[int], budget: int) -> int:
     return start
 
 
+def fit_units(
+    rows: Sequence[tuple[int, int, str, int]], budget: int, start_on: StartOn = None
+) -> int:
+    """The plain-Python reference of the window's cut: ``rows`` (position,
+    unit, role, cost), oldest first, ``unit`` the position the row's unit
+    starts at; return the index where the window starts: the oldest unit
+    start of the newest run of costs summing to at most ``budget`` (a unit
+    whose first row is not in ``rows`` never fits) and, with
+    ``start_on="human"``, from there the first human row (``len(rows)``
+    when there is none)."""
+    total, start = 0, len(rows)
+    for i in range(len(rows) - 1, -1, -1):
+        position, unit, _, cost = rows[i]
+        total += cost
+        if total > budget:
+            break
+        if unit == position:
+            start = i
+    if start_on == "human":
+        while start < len(rows) and rows[start][2] != "human":
+            start += 1
+    return start
+
+
 def row_cap(rule: Rule) -> int:
     """The most rows the window statement reads for ``rule``: a constant
     written into the statement, so a planner never estimates from the
@@ -360,28 +419,37 @@ def row_cap(rule: Rule) -> int:
 
 @functools.lru_cache(maxsize=128)
 def window_select(
-    mode: Mode, cap: int | None = None
-) -> Select[tuple[int, int, str, str, str | None, int, bool]]:
-    """The window as one statement, built once per mode and row cap: rows
-    (position, turn, role, content, name, running, counted), oldest first,
-    ``running`` being the cost of the row and every newer one, ``counted``
-    whether the row's newline_tokens were counted at write time. Its
+    mode: Mode, cap: int | None = None, start_on: StartOn = None
+) -> Select[tuple[int, int, str, str, str | None, int, bool, bool, int, Any, int]]:
+    """The window as one statement, built once per mode, row cap and
+    ``start_on``: the session's pinned prompt (its newest run of
+    system/developer messages) first, then the newest messages that fit,
+    oldest first, as rows (position, turn, role, content, name, cost,
+    counted, pinned, unit, message, newline): ``cost`` the row's under the
+    rule, ``counted`` whether its newline_tokens were counted at write
+    time, ``unit`` the position its unit starts at, ``message`` the OpenAI
+    dict kept for it (or NULL), ``newline`` its newline_tokens. Its
     parameters come from :meth:`Rule.params`. It returns no rows when the
     session is missing, empty, being recounted (its oldest message counted
     with another encoding than the session) or counted with another encoding
     than the one asked for.
 
-    Its shape is chosen so that no plan can go wrong (docs/window-plans.md):
-    the oldest message that could fit is a scalar subquery over the session
-    row (an InitPlan in PostgreSQL: run once, its value a parameter of the
-    scan), and the candidates are read newest first through the
-    ``(session_id, cum_floor)`` index with ``LIMIT cap``, a constant. The
-    planner needs no estimate of the runtime bound: whatever it guesses
+    The window's rows fit in the budget less the pinned rows' cost, hold
+    whole units (an assistant message with tool calls and its answers) and,
+    with ``start_on="human"``, start at a user message. Its shape is chosen
+    so that no plan can go wrong (docs/window-plans.md): the oldest message
+    that could fit is a scalar subquery over the session row (an InitPlan
+    in PostgreSQL: run once, its value a parameter of the scan), and the
+    candidates are read newest first through the ``(session_id, cum_floor)``
+    index with ``LIMIT cap``, a constant; the pinned rows by primary key.
+    The planner needs no estimate of the runtime bound: whatever it guesses
     for the range, the capped, index-ordered scan is the cheapest plan, and
     its estimated cost stays far below ``jit_above_cost`` — on analysed and
-    never-analysed tables, in custom and generic plans."""
+    never-analysed tables, in custom and generic plans. Units, the pinned
+    cost and ``start_on`` are window functions over those few rows."""
     m = MESSAGES.c
     s = SESSIONS.c
+    sid: BindParameter[uuid.UUID] = bindparam("w_session")
     budget: ColumnElement[int] = bindparam("w_budget", type_=BigInteger)
     bound: ColumnElement[int] = budget
     # The session's oldest message: while a recount to another encoding runs
@@ -391,25 +459,29 @@ def window_select(
     o = MESSAGES.alias("oldest_message").c
     oldest = (
         select(o.encoding)
-        .where(o.session_id == bindparam("w_session"))
+        .where(o.session_id == sid)
         .order_by(o.position)
         .limit(_const("1"))
         .subquery("oldest")
     )
     sources = SESSIONS.join(oldest, oldest.c.encoding == s.encoding)
-    if mode == "text":  # plus what the newest message's newline adds: one probe
+    # The pinned rows (none after clear() started the window past them).
+    pinned_first = case((s.pinned_first >= s.start_position, s.pinned_first), else_=_const("-1"))
+    pinned_last = case((s.pinned_first >= s.start_position, s.pinned_last), else_=_const("-1"))
+    if mode == "text":  # plus what the newest unpinned message's newline adds: one probe
         n = MESSAGES.alias("newest_message").c
         newest = (
-            select(_newline(n.newline_tokens).label("newline"))
-            .where(n.session_id == bindparam("w_session"))
+            select(_newline(n.newline_tokens))
+            .where(n.session_id == sid, ~n.position.between(pinned_first, pinned_last))
             .order_by(n.position.desc())
             .limit(_const("1"))
-            .subquery("newest")
+            .scalar_subquery()
         )
-        bound, sources = budget + newest.c.newline, sources.join(newest, true())
+        bound = budget + func.coalesce(newest, _const("1"))
     # The oldest message that could fit, or the start set by clear(); NULL
     # (no rows) when the session is missing, empty, being recounted, or
-    # counted with another encoding.
+    # counted with another encoding. (Pinned rows only make the rest's
+    # budget smaller: each costs at least its floor, so the bound holds.)
     start = (
         select(
             case(
@@ -418,46 +490,103 @@ def window_select(
             )
         )
         .select_from(sources)
-        .where(s.id == bindparam("w_session"), s.encoding == bindparam("w_encoding"))
+        .where(s.id == sid, s.encoding == bindparam("w_encoding"))
         .scalar_subquery()
     )
-    candidates = select(
-        m.position,
-        m.turn,
-        m.role,
-        m.content,
-        m.name,
-        m.cum_floor,
-        _cost_sql(mode).label("cost"),
-        _newline(m.newline_tokens).label("newline"),
-        m.newline_tokens.is_not(None).label("counted"),
-    ).where(m.session_id == bindparam("w_session"), m.cum_floor >= start)
+
+    def columns(pinned: bool) -> list[ColumnElement[Any]]:
+        return [
+            m.position,
+            m.turn,
+            m.role,
+            m.content,
+            m.name,
+            m.cum_floor,
+            _cost_sql(mode).label("cost"),
+            _newline(m.newline_tokens).label("newline"),
+            m.newline_tokens.is_not(None).label("counted"),
+            _const("1" if pinned else "0").label("pinned"),
+            func.coalesce(m.unit, m.position).label("unit"),
+            m.message,
+        ]
+
+    pinned = (
+        select(*columns(True))
+        .select_from(MESSAGES.join(SESSIONS, s.id == m.session_id))
+        .where(
+            m.session_id == sid,
+            s.id == sid,
+            s.encoding == bindparam("w_encoding"),
+            m.position.between(pinned_first, pinned_last),
+        )
+    )
+    candidates = select(*columns(False)).where(
+        m.session_id == sid,
+        m.cum_floor >= start,
+        ~m.position.between(
+            select(pinned_first).where(s.id == sid).scalar_subquery(),
+            select(pinned_last).where(s.id == sid).scalar_subquery(),
+        ),
+    )
     # cum_floor grows with position (every floor is at least 1): the index
     # order is the session's order, newest first.
     candidates = candidates.order_by(m.cum_floor.desc())
     if cap is not None:
         candidates = candidates.limit(_const(str(cap)))
-    c = candidates.subquery("candidates").c
+    capped = candidates.subquery("candidates")
+    both = union_all(pinned, select(capped)).subquery("rows")
+    c = both.c
 
     def newest_first(f: FunctionElement[Any]) -> Over[Any]:
-        return f.over(order_by=c.cum_floor.desc(), rows=(None, 0))
+        return f.over(partition_by=c.pinned, order_by=c.cum_floor.desc(), rows=(None, 0))
 
+    # the rest's budget: less the pinned rows' cost; in text mode plus the
+    # newest row's newline (the newest line is joined to nothing)
+    rest = budget - func.coalesce(
+        func.sum(case((c.pinned == _const("1"), c.cost))).over(), _const("0")
+    )
+    if mode == "text":
+        rest = rest + newest_first(func.first_value(c.newline))
     running = select(
-        c.position,
-        c.turn,
-        c.role,
-        c.content,
-        c.name,
+        *[c[k] for k in _OUT],
         newest_first(func.sum(c.cost)).label("running"),
-        c.counted,
-        # the budget of a string window: plus the newest row's newline
-        (budget + newest_first(func.first_value(c.newline))).label("budget")
-        if mode == "text"
-        else budget.label("budget"),
+        rest.label("rest"),
     ).subquery("running")
     r = running.c
-    return (
-        select(r.position, r.turn, r.role, r.content, r.name, r.running, r.counted)
-        .where(r.running <= r.budget)
-        .order_by(r.position)
-    )
+    unit = (r.pinned, r.unit)
+    # a unit fits when its oldest row does, and that row was read
+    fits = select(
+        *[r[k] for k in _OUT],
+        (
+            (r.pinned == _const("1"))
+            | (
+                (func.max(r.running).over(partition_by=unit) <= r.rest)
+                & (func.min(r.position).over(partition_by=unit) == r.unit)
+            )
+        ).label("fits"),
+    ).subquery("fits")
+    f = fits.c
+    keep: ColumnElement[bool] = f.fits
+    if start_on == "human":
+        first_human = func.min(
+            case(((f.pinned == _const("0")) & f.fits & (f.role == _const("'human'")), f.position))
+        ).over()
+        keep = keep & ((f.pinned == _const("1")) | (f.position >= first_human))
+    kept = select(*[f[k] for k in _OUT], keep.label("keep")).subquery("kept")
+    k = kept.c
+    return select(*[k[name] for name in _OUT]).where(k.keep).order_by(k.pinned.desc(), k.position)
+
+
+_OUT = (
+    "position",
+    "turn",
+    "role",
+    "content",
+    "name",
+    "cost",
+    "counted",
+    "pinned",
+    "unit",
+    "message",
+    "newline",
+)

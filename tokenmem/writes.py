@@ -23,6 +23,7 @@ from sqlalchemy import (
     Connection,
     Insert,
     bindparam,
+    case,
     delete,
     insert,
     literal_column,
@@ -110,6 +111,16 @@ def bump_statement(dialect: str) -> Insert:
     floor = bindparam("floor", type_=BigInteger)
     encoding = bindparam("encoding", type_=s.encoding.type)
     now = bindparam("now", type_=s.updated_at.type)
+    # The append's newest run of system/developer messages (indexes in it,
+    # or NULL) becomes the pinned prompt; a run going on from the session's
+    # last message extends it.
+    pin_first = bindparam("pin_first", type_=BigInteger)
+    pin_last = bindparam("pin_last", type_=BigInteger)
+    goes_on = (
+        (pin_first == literal_column("0"))
+        & (s.pinned_last == s.next_position - literal_column("1"))
+        & (s.pinned_first >= s.start_position)
+    )
     stmt = session_upsert(
         dialect,
         {
@@ -122,8 +133,18 @@ def bump_statement(dialect: str) -> Insert:
             "floor_total": floor,
             "created_at": now,
             "updated_at": now,
+            "pinned_first": pin_first,
+            "pinned_last": pin_last,
         },
         {
+            "pinned_first": case(
+                (pin_last.is_(None), s.pinned_first),
+                (goes_on, s.pinned_first),
+                else_=s.next_position + pin_first,
+            ),
+            "pinned_last": case(
+                (pin_last.is_(None), s.pinned_last), else_=s.next_position + pin_last
+            ),
             "next_position": s.next_position + n,
             "next_turn": s.next_turn + turns,
             "floor_total": s.floor_total + floor,
@@ -173,6 +194,8 @@ def _bump_params(p: PreparedAppend, now: datetime) -> dict[str, Any]:
         "turns": p.turns,
         "floor": p.floor,
         "now": now,
+        "pin_first": None if p.pinned is None else p.pinned[0],
+        "pin_last": None if p.pinned is None else p.pinned[1],
     }
 
 
@@ -183,9 +206,11 @@ def _rows(
     first reserved position and turn, and the ``cum_floor`` of message ``lo``)."""
     sid, encoding = p.key.id, p.encoding
     position, turn, cum = at
+    back = p.unit_back or [0] * len(p.messages)
     rows = []
     for i in range(lo, hi):
         msg, c, created = p.messages[i], p.counts[i], p.created_at[i]
+        openai = msg.openai or {}
         rows.append(
             {
                 "session_id": sid,
@@ -201,6 +226,10 @@ def _rows(
                 "newline_tokens": c.newline_tokens,
                 "chat_tokens": c.chat_tokens,
                 "cum_floor": cum,
+                "message": msg.openai,
+                "tool_calls": openai.get("tool_calls"),
+                "tool_call_id": openai.get("tool_call_id"),
+                "unit": position + i + back[i] if back[i] else None,
             }
         )
         cum += c.floor
@@ -229,6 +258,7 @@ def append(conn: Connection, p: PreparedAppend) -> list[StoredMessage]:
             newline_tokens=row["newline_tokens"],
             position=row["position"],
             turn=row["turn"],
+            openai=row["message"],
         )
         for row in rows
     ]
@@ -346,7 +376,7 @@ def recount_batch(
 
     def rows_after(limit: int | None) -> list[Any]:
         stmt = (
-            select(m.position, m.role, m.content, m.name)
+            select(m.position, m.role, m.content, m.name, m.message)
             .where(m.session_id == sid, m.position > at.after)
             .order_by(m.position)
         )
@@ -377,8 +407,8 @@ def recount_batch(
     else:
         batch = batch[:size]
     cum, params = at.cum, []
-    for position, role, content, name in batch:
-        c = count_message(counter, role, content, name)
+    for position, role, content, name, openai in batch:
+        c = count_message(counter, role, content, name, openai)
         params.append(
             {
                 "sid": sid,
