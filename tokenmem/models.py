@@ -42,10 +42,12 @@ __all__ = [
     "MESSAGES",
     "ROLES",
     "SESSIONS",
+    "SUMMARIES",
     "TURNS",
     "Base",
     "MessageRow",
     "SessionRow",
+    "SummaryRow",
     "TurnRow",
     "session_uuid",
     "utcnow",
@@ -236,8 +238,39 @@ class TurnRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     # The exchange saved by this call (tokenmem_messages.turn), when it succeeded.
     turn: Mapped[int | None] = mapped_column(BigInteger)
+    # Migration 0005: the pinned prompt it sent first (positions), and the
+    # summary of older messages it sent (tokenmem_summaries.seq).
+    pinned_first: Mapped[int | None] = mapped_column(BigInteger)
+    pinned_last: Mapped[int | None] = mapped_column(BigInteger)
+    summary_seq: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (CheckConstraint("outcome IN ('ok', 'error')", name="outcome"),)
 
 
 TURNS = cast(Table, TurnRow.__table__)
+
+
+class SummaryRow(Base):
+    """A running summary of a session's messages that fell out of the window
+    (ConversationSummaryBufferMemory, migration 0005): each row replaces the
+    messages ``first_position`` to ``last_position`` and is never changed;
+    the newest is the one sent."""
+
+    __tablename__ = "tokenmem_summaries"
+
+    session_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey(SessionRow.id, ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    first_position: Mapped[int] = mapped_column(BigInteger)
+    last_position: Mapped[int] = mapped_column(BigInteger)
+    content: Mapped[str] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(Text)
+    encoding: Mapped[str] = mapped_column(String(64))
+    text_tokens: Mapped[int] = mapped_column(Integer)
+    newline_tokens: Mapped[int] = mapped_column(Integer)
+    chat_tokens: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+SUMMARIES = cast(Table, SummaryRow.__table__)

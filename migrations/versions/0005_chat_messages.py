@@ -1,5 +1,6 @@
 """OpenAI chat messages: developer and tool roles, the message as given,
-tool calls, units and the session's pinned prompt.
+tool calls, units, the session's pinned prompt; summaries of what fell out
+of the window, and what the turn log needs to rebuild both.
 
 Revision ID: 0005
 Revises: 0004
@@ -46,6 +47,31 @@ def upgrade() -> None:
     with op.batch_alter_table("tokenmem_sessions") as batch:
         batch.add_column(sa.Column("pinned_first", sa.BigInteger(), nullable=True))
         batch.add_column(sa.Column("pinned_last", sa.BigInteger(), nullable=True))
+    with op.batch_alter_table("tokenmem_turns") as batch:
+        batch.add_column(sa.Column("pinned_first", sa.BigInteger(), nullable=True))
+        batch.add_column(sa.Column("pinned_last", sa.BigInteger(), nullable=True))
+        batch.add_column(sa.Column("summary_seq", sa.BigInteger(), nullable=True))
+    op.create_table(
+        "tokenmem_summaries",
+        sa.Column("session_id", sa.Uuid(), nullable=False),
+        sa.Column("seq", sa.BigInteger(), nullable=False),
+        sa.Column("first_position", sa.BigInteger(), nullable=False),
+        sa.Column("last_position", sa.BigInteger(), nullable=False),
+        sa.Column("content", sa.Text(), nullable=False),
+        sa.Column("model", sa.Text(), nullable=False),
+        sa.Column("encoding", sa.String(64), nullable=False),
+        sa.Column("text_tokens", sa.Integer(), nullable=False),
+        sa.Column("newline_tokens", sa.Integer(), nullable=False),
+        sa.Column("chat_tokens", sa.Integer(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["session_id"],
+            ["tokenmem_sessions.id"],
+            name=op.f("fk_tokenmem_summaries_session_id_tokenmem_sessions"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("session_id", "seq", name=op.f("pk_tokenmem_summaries")),
+    )
 
 
 def downgrade() -> None:
@@ -67,6 +93,11 @@ def downgrade() -> None:
         )
     # Not recreated on SQLite (DROP COLUMN, SQLite 3.35+): dropping the old
     # table would cascade to every message and turn.
+    op.drop_table("tokenmem_summaries")
+    with op.batch_alter_table("tokenmem_turns") as batch:
+        batch.drop_column("summary_seq")
+        batch.drop_column("pinned_last")
+        batch.drop_column("pinned_first")
     with op.batch_alter_table("tokenmem_sessions", recreate="never") as batch:
         batch.drop_column("pinned_last")
         batch.drop_column("pinned_first")
