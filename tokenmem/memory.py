@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Engine
 
+from .chat import as_openai, from_openai
 from .errors import ConfigurationError, InvalidInputError
 from .messages import Message, StoredMessage
-from .reads import WindowMessage, WindowRow, window_messages
+from .reads import PINNED, WindowMessage, WindowRow, window_messages
 from .store import Store
 from .tokens import TokenCounter, encoding_for_model
 from .validate import check_text
-from .window import Mode, Rule, get_buffer_string, render_rows
+from .window import Mode, Rule, StartOn, get_buffer_string, render_rows
 
 if TYPE_CHECKING:
     from .aio import AsyncStore
@@ -89,14 +90,16 @@ _counted = operator.itemgetter(6)  # of a window row: its newline_tokens were co
 
 
 @functools.lru_cache(maxsize=256)
-def _rule(limit: int, mode: Mode, human_prefix: str, ai_prefix: str) -> Rule:
+def _rule(limit: int, mode: Mode, human_prefix: str, ai_prefix: str, start_on: StartOn) -> Rule:
     """Rules, made once: a memory is made per request, and a rule remembers
     what it derives (prefix tokens, line prefixes)."""
-    return Rule(limit=limit, mode=mode, human_prefix=human_prefix, ai_prefix=ai_prefix)
+    return Rule(
+        limit=limit, mode=mode, human_prefix=human_prefix, ai_prefix=ai_prefix, start_on=start_on
+    )
 
 
 def _messages(rows: Sequence[WindowRow]) -> list[Message]:
-    return [Message(row[2], row[3], row[4]) for row in rows]
+    return [Message(row[2], row[3], row[4], openai=row[9]) for row in rows]
 
 
 def _store(store: Store | AsyncStore | Engine | str | None) -> Store | AsyncStore:
@@ -139,6 +142,8 @@ class ConversationTokenBufferMemory:
         owner: str | None = None,
         store: Store | AsyncStore | Engine | str | None = None,
         encoding: str | None = None,
+        system_message: str | None = None,
+        start_on: StartOn = None,
     ) -> None:
         if isinstance(max_token_limit, bool) or not isinstance(max_token_limit, int):
             raise ConfigurationError("max_token_limit must be an int")
@@ -146,6 +151,10 @@ class ConversationTokenBufferMemory:
             raise ConfigurationError(f"max_token_limit must be positive, not {max_token_limit}")
         for what, value in (("human_prefix", human_prefix), ("ai_prefix", ai_prefix)):
             check_text(value, what)
+        if system_message is not None:
+            check_text(system_message, "system_message")
+        if start_on not in (None, "human"):
+            raise ConfigurationError(f"start_on must be None or 'human', not {start_on!r}")
         if encoding is None:
             encoding = getattr(llm, "encoding", None)
         if encoding is None:
@@ -163,6 +172,8 @@ class ConversationTokenBufferMemory:
         self.owner = owner
         self.session_id = session_id if session_id is not None else uuid.uuid4().hex
         self.store = _store(store)
+        self.system_message = system_message
+        self.start_on = start_on
 
     def __repr__(self) -> str:
         return (
@@ -186,7 +197,7 @@ class ConversationTokenBufferMemory:
         else:
             mode = "messages" if self.return_messages else "text"
         limit = self.max_token_limit if limit is None else limit
-        return _rule(limit, mode, self.human_prefix, self.ai_prefix)
+        return _rule(limit, mode, self.human_prefix, self.ai_prefix, self.start_on)
 
     def _as(self, messages: bool) -> bool | None:
         """How ``buffer_as_messages``/``buffer_as_str`` load: the model's one
@@ -212,20 +223,43 @@ class ConversationTokenBufferMemory:
         counts the string exactly in text mode unless a prefix does not start
         with a letter or digit, the encoding is not cl100k_base or o200k_base,
         or a row predates newline_tokens (window.py): then the string is
-        counted again and the oldest lines are dropped while it is over the limit."""
+        counted again and the oldest unit is dropped while it is over the
+        limit (the pinned prompt stays; with ``start_on``, the window then
+        starts at its next user message)."""
         text = render_rows(rows, rule)
         if rule.mode != "text" or (rule.exact_lines(self.counter) and all(map(_counted, rows))):
             return rows, text
-        while rows and self.counter.count(text) > rule.limit:
-            rows = rows[1:]
+        pinned = [row for row in rows if row[PINNED]]
+        rest = [row for row in rows if not row[PINNED]]
+        while rest and self.counter.count(text) > rule.limit:
+            unit = rest[0][8]
+            rest = [row for row in rest if row[8] != unit]
+            if rule.start_on == "human":
+                while rest and rest[0][2] != "human":
+                    rest = rest[1:]
+            rows = [*pinned, *rest]
             text = render_rows(rows, rule)
         return rows, text
+
+    def _pinned_ok(self, rows: Sequence[WindowRow]) -> bool:
+        """Whether the session's pinned prompt is ``system_message`` (when set)."""
+        if self.system_message is None:
+            return True
+        pinned = [(row[2], row[3], row[9]) for row in rows if row[PINNED]]
+        return pinned == [("system", self.system_message, None)]
+
+    def _system_turn(self) -> list[Message]:
+        return [Message("system", self.system_message or "")]
 
     def _load(
         self, return_messages: bool | None = None, limit: int | None = None
     ) -> tuple[Sequence[WindowRow], str]:
         rule = self._rule(return_messages, limit)
-        rows = self._sync().window_rows(self.session_id, rule, self.counter, owner=self.owner)
+        store = self._sync()
+        rows = store.window_rows(self.session_id, rule, self.counter, owner=self.owner)
+        if not self._pinned_ok(rows):  # a new session, or a new system_message: saved first
+            store.append(self.session_id, self._system_turn(), self.counter, owner=self.owner)
+            rows = store.window_rows(self.session_id, rule, self.counter, owner=self.owner)
         return self._fit(rows, rule)
 
     async def _aload(
@@ -234,7 +268,11 @@ class ConversationTokenBufferMemory:
         if isinstance(self.store, Store):
             return await asyncio.to_thread(self._load, return_messages, limit)
         rule = self._rule(return_messages, limit)
-        rows = await self.store.window_rows(self.session_id, rule, self.counter, owner=self.owner)
+        store = self.store
+        rows = await store.window_rows(self.session_id, rule, self.counter, owner=self.owner)
+        if not self._pinned_ok(rows):
+            await store.append(self.session_id, self._system_turn(), self.counter, owner=self.owner)
+            rows = await store.window_rows(self.session_id, rule, self.counter, owner=self.owner)
         return self._fit(rows, rule)
 
     def window(
@@ -350,6 +388,38 @@ class ConversationTokenBufferMemory:
             )
         else:
             await self.store.append(self.session_id, exchange, self.counter, owner=self.owner)
+
+    def save_messages(self, messages: Sequence[Mapping[str, Any]]) -> None:
+        """Save OpenAI Chat Completions message dicts as one turn, in one
+        transaction: checked first (:func:`tokenmem.chat.from_openai`: roles,
+        content, tool calls each answered by tool messages right after),
+        nothing written if any is refused. A system or developer message
+        among them becomes the session's pinned prompt."""
+        self._sync().append_turns(
+            self.session_id, [from_openai(messages)], self.counter, owner=self.owner
+        )
+
+    async def asave_messages(self, messages: Sequence[Mapping[str, Any]]) -> None:
+        """:meth:`save_messages`, awaited."""
+        turn = [from_openai(messages)]
+        if isinstance(self.store, Store):
+            await asyncio.to_thread(
+                self.store.append_turns, self.session_id, turn, self.counter, owner=self.owner
+            )
+        else:
+            await self.store.append_turns(self.session_id, turn, self.counter, owner=self.owner)
+
+    def load_messages(self) -> list[dict[str, Any]]:
+        """The window as Chat Completions message dicts, ready for
+        ``client.chat.completions.create(messages=...)``: the pinned
+        system/developer prompt first, then the newest messages that fit
+        (counted with the chat formula; tool calls and their answers whole),
+        each exactly as it was saved."""
+        return [as_openai(m) for m in _messages(self._load(True)[0])]
+
+    async def aload_messages(self) -> list[dict[str, Any]]:
+        """:meth:`load_messages`, awaited."""
+        return [as_openai(m) for m in _messages((await self._aload(True))[0])]
 
     def clear(self) -> None:
         """Start an empty window; the old messages stay in the history."""
