@@ -17,6 +17,13 @@ JSON or, with ``"stream": true``, Server-Sent Events in chunked encoding, split
 one chunk per word), ``GET /v1/models``; anything else is a 404 with an
 OpenAI-style error body.
 
+A chat request's ``messages`` must keep OpenAI's rules (``check_messages`` in
+``tests/openai_rules.py``: roles, content and its parts, tool calls each
+answered by the tool messages right after them). One that breaks a rule is a
+400 with the real API's error text, ``param`` and ``code``, so the SDK raises
+``openai.BadRequestError``; it is recorded and takes its ``delay`` and
+``fail`` like any request, but no reply.
+
 Scripted effects are taken by requests in arrival order, when they arrive (a
 request that times out during its delay has still used up its reply). What a
 request gets, in this order:
@@ -35,8 +42,9 @@ request gets, in this order:
 
 Usage: ``prompt_tokens`` is ``prompt_tokens(body)`` when that attribute is
 set, else the number of whitespace-separated words in all message contents
-(chat) or in the prompt (completions); ``completion_tokens`` is the number of
-words in the reply (or the refusal).
+(chat: strings and the text parts of content lists; a null content has none)
+or in the prompt (completions); ``completion_tokens`` is the number of words in
+the reply (or the refusal).
 """
 
 from __future__ import annotations
@@ -57,6 +65,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+
+from .openai_rules import MessageRuleError, check_messages
 
 __all__ = ["FakeOpenAI", "Recorded", "openai_server"]
 
@@ -227,16 +237,12 @@ def _check_times(times: int) -> None:
 
 
 def _text(content: Any) -> str:
-    """The text of a message's content: a string or a list of content parts."""
+    """The text of a valid message's content: a string, the text parts of a list, or ""."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return ""
-
-
-def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
-    return [m for m in body["messages"] if isinstance(m, dict)]
+        return " ".join(part["text"] for part in content if part["type"] == "text")
+    return ""  # None: an assistant message that called tools or refused
 
 
 def _prompt(body: dict[str, Any]) -> str:
@@ -244,18 +250,32 @@ def _prompt(body: dict[str, Any]) -> str:
     return prompt if isinstance(prompt, str) else " ".join(str(p) for p in prompt)
 
 
-def _problem(kind: str | None, body: Any) -> str | None:
+@dataclass(frozen=True)
+class _Rejection:
+    """Why a generation request is a 400: its error's message, param and code."""
+
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+
+def _problem(kind: str | None, body: Any) -> _Rejection | None:
     """Why a generation request's body is unusable (a 400), or None."""
-    if kind == "chat" and not (isinstance(body, dict) and isinstance(body.get("messages"), list)):
-        return "'messages' is a required property"
+    if kind == "chat":
+        if not (isinstance(body, dict) and "messages" in body):
+            return _Rejection("'messages' is a required property")
+        try:
+            check_messages(body["messages"])
+        except MessageRuleError as broken:
+            return _Rejection(broken.message, broken.param, broken.code)
     if kind == "completion" and not (isinstance(body, dict) and "prompt" in body):
-        return "'prompt' is a required property"
+        return _Rejection("'prompt' is a required property")
     return None
 
 
 def _default_reply(kind: str, body: dict[str, Any]) -> str:
     if kind == "chat":
-        users = [_text(m.get("content")) for m in _messages(body) if m.get("role") == "user"]
+        users = [_text(m.get("content")) for m in body["messages"] if m.get("role") == "user"]
         return f"echo: {users[-1] if users else ''}"
     return f"echo: {_prompt(body)[-40:]}"
 
@@ -269,14 +289,17 @@ def _pieces(text: str) -> list[str]:
     return re.findall(r"\s*\S+\s*", text) or [text]
 
 
-def _error_body(status: int, message: str) -> dict[str, Any]:
-    kind, code = {
+def _error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    kind, default_code = {
         400: ("invalid_request_error", None),
         401: ("invalid_request_error", "invalid_api_key"),
         404: ("invalid_request_error", None),
         429: ("requests", "rate_limit_exceeded"),
     }.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    code = default_code if code is None else code
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 _GENERATORS = {("POST", "/v1/chat/completions"): "chat", ("POST", "/v1/completions"): "completion"}
@@ -376,7 +399,7 @@ class _Handler(BaseHTTPRequestHandler):
             elif kind is None:
                 self._send_error(404, f"Invalid URL ({self.command} {self.path})")
             elif problem:
-                self._send_error(400, problem)
+                self._send_error(400, problem.message, param=problem.param, code=problem.code)
             elif kind == "chat":
                 self._chat(body, plan)
             else:
@@ -402,7 +425,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _chat(self, body: dict[str, Any], plan: _Plan) -> None:
         fake = self.server.fake
         text, refused = plan.text, plan.refused
-        prompt = sum(_words(_text(m.get("content"))) for m in _messages(body))
+        prompt = sum(_words(_text(m.get("content"))) for m in body["messages"])
         usage = _usage(fake._count_prompt(body, prompt), _words(text))
         base = {
             "id": f"chatcmpl-{plan.number}",
@@ -475,9 +498,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _send_error(self, status: int, message: str, *, retry: bool = True) -> None:
+    def _send_error(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry: bool = True,
+    ) -> None:
         headers = {"retry-after-ms": RETRY_AFTER_MS} if retry else {"x-should-retry": "false"}
-        self._send_json(status, _error_body(status, message), headers)
+        self._send_json(status, _error_body(status, message, param, code), headers)
 
     def _stream(
         self, events: list[dict[str, Any]], *, content_chunks: int, cut: int | None

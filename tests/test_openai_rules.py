@@ -1,14 +1,21 @@
 """OpenAI's message rules (``tests/openai_rules.py``): each broken once, and valid
-sequences accepted, checked directly.
+sequences accepted, checked directly and through the ``openai`` client against
+the fake server.
 """
+
+# The fixture is imported, and pytest hands it back as a same-named parameter.
+# ruff: noqa: F811
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import openai
 import pytest
 
 from .openai_rules import MessageRuleError, check_messages
+from .openai_server import FakeOpenAI, openai_server  # noqa: F401
 
 HI = {"role": "user", "content": "hi"}
 
@@ -388,3 +395,58 @@ def test_broken_rule(messages: Any, message: str, param: str, code: str | None) 
 @pytest.mark.parametrize("messages", [pytest.param(m, id=name) for name, m in VALID])
 def test_valid_messages(messages: list[dict[str, Any]]) -> None:
     assert check_messages(messages) is None
+
+
+# Over HTTP: the fake server answers each broken rule as the real API does, and
+# the SDK sends the messages as given (it checks none of these rules itself).
+
+
+@pytest.fixture
+def client(openai_server: FakeOpenAI) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=openai_server.base_url, api_key="k", max_retries=0) as c:
+        yield c
+
+
+@pytest.mark.parametrize(
+    ("messages", "message", "param", "code"),
+    [pytest.param(*case[1:], id=case[0]) for case in BROKEN],
+)
+def test_broken_rule_over_http(
+    openai_server: FakeOpenAI,
+    client: openai.OpenAI,
+    messages: Any,
+    message: str,
+    param: str,
+    code: str | None,
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="m", messages=messages)
+    error = caught.value
+    assert error.status_code == 400
+    assert error.body == {
+        "message": message,
+        "type": "invalid_request_error",
+        "param": param,
+        "code": code,
+    }
+    assert (error.param, error.code) == (param, code)
+    assert error.message == f"Error code: 400 - {message}"
+    [request] = openai_server.requests
+    assert request.body["messages"] == messages
+
+
+@pytest.mark.parametrize("messages", [pytest.param(m, id=name) for name, m in VALID])
+def test_valid_messages_over_http(client: openai.OpenAI, messages: list[dict[str, Any]]) -> None:
+    reply = client.chat.completions.create(model="m", messages=messages)
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_a_rejected_request_takes_no_reply(
+    openai_server: FakeOpenAI, client: openai.OpenAI
+) -> None:
+    openai_server.reply("kept")
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="m", messages=[answer("call_1")])
+    reply = client.chat.completions.create(model="m", messages=[HI])
+    assert reply.choices[0].message.content == "kept"
+    assert len(openai_server.requests) == 2

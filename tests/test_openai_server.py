@@ -13,6 +13,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import openai
 import pytest
@@ -67,6 +68,25 @@ def test_prompt_tokens_hook(openai_server: FakeOpenAI, client: openai.OpenAI) ->
     assert r.usage is not None
     assert r.usage.prompt_tokens == 200
     assert r.usage.total_tokens == 200 + r.usage.completion_tokens
+
+
+def test_prompt_tokens_count_text_parts(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    def text(words: str) -> dict[str, str]:
+        return {"type": "text", "text": words}
+
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages: list[Any] = [
+        {"role": "system", "content": [text("be very terse")]},
+        {"role": "user", "content": [text("look at"), image]},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees"},
+        {"role": "user", "content": [text("and"), text("this")]},
+    ]
+    r = client.chat.completions.create(model="m", messages=messages)
+    assert r.usage is not None
+    assert r.usage.prompt_tokens == 3 + 2 + 0 + 2 + 2
+    assert r.choices[0].message.content == "echo: and this"  # the text parts, spaced
 
 
 def test_chat_stream(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
