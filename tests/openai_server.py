@@ -14,8 +14,9 @@ back what it received::
 
 Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (plain
 JSON or, with ``"stream": true``, Server-Sent Events in chunked encoding, split
-one chunk per word), ``GET /v1/models``; anything else is a 404 with an
-OpenAI-style error body.
+one chunk per word; tool calls stream as OpenAI's do, a chunk naming each call
+by index, id and function name, then its arguments a word a chunk),
+``GET /v1/models``; anything else is a 404 with an OpenAI-style error body.
 
 A chat request's ``messages`` must keep OpenAI's rules (``check_messages`` in
 ``tests/openai_rules.py``: roles, content and its parts, tool calls each
@@ -32,19 +33,22 @@ request gets, in this order:
 2. ``fail``: an error status with ``{"error": {"message", "type", "param",
    "code"}}`` and ``retry-after-ms: 10``, which the SDK's backoff honours, so
    retries take milliseconds (any endpoint; a failed request consumes no reply);
-3. the reply text: ``refuse`` (chat only: ``content`` None, ``refusal`` set),
-   else ``empty_reply`` (``""``), else the next ``reply`` text, else
-   ``"echo: <last user message>"`` (chat) or ``"echo: <last 40 chars of the
-   prompt>"`` (completions);
-4. ``break_stream``: a streaming response stops after that many content chunks
-   and hangs up without the end of its chunked body (no final chunk, no
-   ``[DONE]``); the SDK raises ``openai.APIConnectionError`` mid-iteration.
+3. the reply: ``refuse`` (chat only: ``content`` None, ``refusal`` set), else
+   ``reply_tool_calls`` (chat only: ``content`` None, ``tool_calls`` with ids
+   ``call_<n>``, listed in ``tool_call_ids`` as they are replied, and
+   ``finish_reason`` "tool_calls"), else ``empty_reply`` (``""``), else the
+   next ``reply`` text, else ``"echo: <last user message>"`` (chat) or
+   ``"echo: <last 40 chars of the prompt>"`` (completions);
+4. ``break_stream``: a streaming response stops after that many content (or
+   tool call) chunks and hangs up without the end of its chunked body (no
+   final chunk, no ``[DONE]``); the SDK raises ``openai.APIConnectionError``
+   mid-iteration.
 
 Usage: ``prompt_tokens`` is ``prompt_tokens(body)`` when that attribute is
 set, else the number of whitespace-separated words in all message contents
 (chat: strings and the text parts of content lists; a null content has none)
 or in the prompt (completions); ``completion_tokens`` is the number of words in
-the reply (or the refusal).
+the reply (the refusal; the called functions' names and arguments).
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ class _Plan:
     failure: tuple[int, str] | None = None
     text: str = ""
     refused: bool = False
+    tool_calls: list[dict[str, Any]] | None = None  # the reply calls tools instead
     cut: int | None = None  # break the stream after this many content chunks
 
 
@@ -102,6 +107,7 @@ class FakeOpenAI:
     def __init__(self, *, model: str = "fake-model") -> None:
         self.model = model  # the one model /v1/models lists
         self.requests: list[Recorded] = []
+        self.tool_call_ids: list[str] = []  # the ids of the tool calls replied so far
         self.prompt_tokens: Callable[[dict[str, Any]], int] | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -110,6 +116,8 @@ class FakeOpenAI:
         self._delays: deque[float] = deque()
         self._breaks: deque[int] = deque()
         self._refusals: deque[str] = deque()
+        self._tool_calls: deque[list[dict[str, Any]]] = deque()
+        self._calls_made = 0  # numbers the tool call ids
         self._empty = 0
         self._server = _Server(self)
         port = self._server.server_address[1]
@@ -164,6 +172,28 @@ class FakeOpenAI:
         with self._lock:
             self._refusals.append(text)
 
+    def reply_tool_calls(self, *calls: tuple[str, str] | dict[str, Any]) -> list[str]:
+        """Make the next chat reply call tools, and return the ids it will carry.
+
+        Each call is ``(name, arguments)``, the arguments a JSON string, or a
+        dict ``{"name": ..., "arguments": ...}`` whose arguments may also be a
+        value to encode as JSON. The reply has ``content`` None, ``tool_calls``
+        with ids ``call_<n>`` (numbered per server) and ``finish_reason``
+        "tool_calls".
+        """
+        if not calls:
+            raise ValueError("reply_tool_calls() needs at least one call")
+        named = [_named_call(call) for call in calls]
+        with self._lock:
+            first = self._calls_made + 1
+            self._calls_made += len(named)
+            reply = [
+                {"id": f"call_{first + k}", "type": "function", "function": function}
+                for k, function in enumerate(named)
+            ]
+            self._tool_calls.append(reply)
+        return [call["id"] for call in reply]
+
     # -- lifecycle -----------------------------------------------------------
 
     def close(self) -> None:
@@ -207,7 +237,7 @@ class FakeOpenAI:
             if self._failures:
                 plan.failure = self._failures.popleft()
             elif kind is not None:
-                plan.text, plan.refused = self._take_text(chat=kind == "chat", default=default)
+                self._take_reply(plan, chat=kind == "chat", default=default)
                 if request.body.get("stream") and self._breaks:
                     plan.cut = self._breaks.popleft()
             return plan
@@ -216,16 +246,19 @@ class FakeOpenAI:
         """Sleep ``seconds``; False when the server is closing meanwhile."""
         return not self._stopping.wait(seconds)
 
-    def _take_text(self, *, chat: bool, default: str) -> tuple[str, bool]:
-        """The reply text and whether it is a refusal; the caller holds the lock."""
+    def _take_reply(self, plan: _Plan, *, chat: bool, default: str) -> None:
+        """Set ``plan``'s reply from the scripts; the caller holds the lock."""
         if chat and self._refusals:
-            return self._refusals.popleft(), True
-        if self._empty:
+            plan.text, plan.refused = self._refusals.popleft(), True
+        elif chat and self._tool_calls:
+            plan.tool_calls = self._tool_calls.popleft()
+            self.tool_call_ids.extend(call["id"] for call in plan.tool_calls)
+        elif self._empty:
             self._empty -= 1
-            return "", False
-        if self._replies:
-            return self._replies.popleft(), False
-        return default, False
+        elif self._replies:
+            plan.text = self._replies.popleft()
+        else:
+            plan.text = default
 
     def _count_prompt(self, body: dict[str, Any], default: int) -> int:
         return self.prompt_tokens(body) if self.prompt_tokens is not None else default
@@ -234,6 +267,16 @@ class FakeOpenAI:
 def _check_times(times: int) -> None:
     if times < 1:
         raise ValueError(f"times must be >= 1, got {times}")
+
+
+def _named_call(call: tuple[str, str] | dict[str, Any]) -> dict[str, str]:
+    """A scripted tool call as the reply's ``function``: its name and arguments."""
+    name, arguments = (call["name"], call["arguments"]) if isinstance(call, dict) else call
+    if isinstance(call, dict) and not isinstance(arguments, str):
+        arguments = json.dumps(arguments)
+    if not (isinstance(name, str) and name and isinstance(arguments, str)):
+        raise ValueError(f"a tool call needs a name and JSON arguments (str), got {call!r}")
+    return {"name": name, "arguments": arguments}
 
 
 def _text(content: Any) -> str:
@@ -424,9 +467,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _chat(self, body: dict[str, Any], plan: _Plan) -> None:
         fake = self.server.fake
-        text, refused = plan.text, plan.refused
+        text, refused, calls = plan.text, plan.refused, plan.tool_calls
         prompt = sum(_words(_text(m.get("content"))) for m in body["messages"])
-        usage = _usage(fake._count_prompt(body, prompt), _words(text))
+        if calls is None:
+            completion, finish = _words(text), "stop"
+        else:
+            said = " ".join(f"{c['function']['name']} {c['function']['arguments']}" for c in calls)
+            completion, finish = _words(said), "tool_calls"
+        usage = _usage(fake._count_prompt(body, prompt), completion)
         base = {
             "id": f"chatcmpl-{plan.number}",
             "created": CREATED,
@@ -434,12 +482,14 @@ class _Handler(BaseHTTPRequestHandler):
         }
         field = "refusal" if refused else "content"
         if not body.get("stream"):
-            message = {
+            message: dict[str, Any] = {
                 "role": "assistant",
-                "content": None if refused else text,
+                "content": None if refused or calls else text,
                 "refusal": text if refused else None,
             }
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+            if calls:
+                message["tool_calls"] = calls
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
             self._send_json(
                 200, {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
             )
@@ -449,10 +499,14 @@ class _Handler(BaseHTTPRequestHandler):
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             return {**base, "object": "chat.completion.chunk", "choices": [choice]}
 
-        pieces = [{field: p} for p in _pieces(text)]
-        pieces[0] = {"role": "assistant", **pieces[0]}  # the role rides on the first chunk
+        if calls is None:
+            pieces = [{field: p} for p in _pieces(text)]
+            pieces[0] = {"role": "assistant", **pieces[0]}  # the role rides on the first chunk
+        else:
+            pieces = _call_deltas(calls)
+            pieces[0] = {"role": "assistant", "content": None, **pieces[0]}
         events = [chunk(d, None) for d in pieces]
-        events.append(chunk({}, "stop"))
+        events.append(chunk({}, finish))
         if _include_usage(body):
             events.append(
                 {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
@@ -533,6 +587,25 @@ class _Handler(BaseHTTPRequestHandler):
     def _write_chunk(self, text: str) -> None:
         data = text.encode()
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+
+def _call_deltas(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stream deltas for tool calls, as OpenAI sends them.
+
+    Per call, one delta with its index, id and name (arguments ""), then one
+    per word of its arguments; the SDK joins them by index.
+    """
+    deltas: list[dict[str, Any]] = []
+    for index, call in enumerate(calls):
+        name, arguments = call["function"]["name"], call["function"]["arguments"]
+        head = {"index": index, "id": call["id"], "type": "function"}
+        deltas.append({"tool_calls": [{**head, "function": {"name": name, "arguments": ""}}]})
+        deltas += [
+            {"tool_calls": [{"index": index, "function": {"arguments": piece}}]}
+            for piece in _pieces(arguments)
+            if piece
+        ]
+    return deltas
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
