@@ -14,8 +14,16 @@ back what it received::
 
 Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (plain
 JSON or, with ``"stream": true``, Server-Sent Events in chunked encoding, split
-one chunk per word), ``GET /v1/models``; anything else is a 404 with an
-OpenAI-style error body.
+one chunk per word; tool calls stream as OpenAI's do, a chunk naming each call
+by index, id and function name, then its arguments a word a chunk),
+``GET /v1/models``; anything else is a 404 with an OpenAI-style error body.
+
+A chat request's ``messages`` must keep OpenAI's rules (``check_messages`` in
+``tests/openai_rules.py``: roles, content and its parts, tool calls each
+answered by the tool messages right after them). One that breaks a rule is a
+400 with the real API's error text, ``param`` and ``code``, so the SDK raises
+``openai.BadRequestError``; it is recorded and takes its ``delay`` and
+``fail`` like any request, but no reply.
 
 Scripted effects are taken by requests in arrival order, when they arrive (a
 request that times out during its delay has still used up its reply). What a
@@ -25,18 +33,22 @@ request gets, in this order:
 2. ``fail``: an error status with ``{"error": {"message", "type", "param",
    "code"}}`` and ``retry-after-ms: 10``, which the SDK's backoff honours, so
    retries take milliseconds (any endpoint; a failed request consumes no reply);
-3. the reply text: ``refuse`` (chat only: ``content`` None, ``refusal`` set),
-   else ``empty_reply`` (``""``), else the next ``reply`` text, else
-   ``"echo: <last user message>"`` (chat) or ``"echo: <last 40 chars of the
-   prompt>"`` (completions);
-4. ``break_stream``: a streaming response stops after that many content chunks
-   and hangs up without the end of its chunked body (no final chunk, no
-   ``[DONE]``); the SDK raises ``openai.APIConnectionError`` mid-iteration.
+3. the reply: ``refuse`` (chat only: ``content`` None, ``refusal`` set), else
+   ``reply_tool_calls`` (chat only: ``content`` None, ``tool_calls`` with ids
+   ``call_<n>``, listed in ``tool_call_ids`` as they are replied, and
+   ``finish_reason`` "tool_calls"), else ``empty_reply`` (``""``), else the
+   next ``reply`` text, else ``"echo: <last user message>"`` (chat) or
+   ``"echo: <last 40 chars of the prompt>"`` (completions);
+4. ``break_stream``: a streaming response stops after that many content (or
+   tool call) chunks and hangs up without the end of its chunked body (no
+   final chunk, no ``[DONE]``); the SDK raises ``openai.APIConnectionError``
+   mid-iteration.
 
 Usage: ``prompt_tokens`` is ``prompt_tokens(body)`` when that attribute is
 set, else the number of whitespace-separated words in all message contents
-(chat) or in the prompt (completions); ``completion_tokens`` is the number of
-words in the reply (or the refusal).
+(chat: strings and the text parts of content lists; a null content has none)
+or in the prompt (completions); ``completion_tokens`` is the number of words in
+the reply (the refusal; the called functions' names and arguments).
 """
 
 from __future__ import annotations
@@ -57,6 +69,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+
+from .openai_rules import MessageRuleError, check_messages
 
 __all__ = ["FakeOpenAI", "Recorded", "openai_server"]
 
@@ -83,6 +97,7 @@ class _Plan:
     failure: tuple[int, str] | None = None
     text: str = ""
     refused: bool = False
+    tool_calls: list[dict[str, Any]] | None = None  # the reply calls tools instead
     cut: int | None = None  # break the stream after this many content chunks
 
 
@@ -92,6 +107,7 @@ class FakeOpenAI:
     def __init__(self, *, model: str = "fake-model") -> None:
         self.model = model  # the one model /v1/models lists
         self.requests: list[Recorded] = []
+        self.tool_call_ids: list[str] = []  # the ids of the tool calls replied so far
         self.prompt_tokens: Callable[[dict[str, Any]], int] | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -100,6 +116,8 @@ class FakeOpenAI:
         self._delays: deque[float] = deque()
         self._breaks: deque[int] = deque()
         self._refusals: deque[str] = deque()
+        self._tool_calls: deque[list[dict[str, Any]]] = deque()
+        self._calls_made = 0  # numbers the tool call ids
         self._empty = 0
         self._server = _Server(self)
         port = self._server.server_address[1]
@@ -154,6 +172,28 @@ class FakeOpenAI:
         with self._lock:
             self._refusals.append(text)
 
+    def reply_tool_calls(self, *calls: tuple[str, str] | dict[str, Any]) -> list[str]:
+        """Make the next chat reply call tools, and return the ids it will carry.
+
+        Each call is ``(name, arguments)``, the arguments a JSON string, or a
+        dict ``{"name": ..., "arguments": ...}`` whose arguments may also be a
+        value to encode as JSON. The reply has ``content`` None, ``tool_calls``
+        with ids ``call_<n>`` (numbered per server) and ``finish_reason``
+        "tool_calls".
+        """
+        if not calls:
+            raise ValueError("reply_tool_calls() needs at least one call")
+        named = [_named_call(call) for call in calls]
+        with self._lock:
+            first = self._calls_made + 1
+            self._calls_made += len(named)
+            reply = [
+                {"id": f"call_{first + k}", "type": "function", "function": function}
+                for k, function in enumerate(named)
+            ]
+            self._tool_calls.append(reply)
+        return [call["id"] for call in reply]
+
     # -- lifecycle -----------------------------------------------------------
 
     def close(self) -> None:
@@ -197,7 +237,7 @@ class FakeOpenAI:
             if self._failures:
                 plan.failure = self._failures.popleft()
             elif kind is not None:
-                plan.text, plan.refused = self._take_text(chat=kind == "chat", default=default)
+                self._take_reply(plan, chat=kind == "chat", default=default)
                 if request.body.get("stream") and self._breaks:
                     plan.cut = self._breaks.popleft()
             return plan
@@ -206,16 +246,19 @@ class FakeOpenAI:
         """Sleep ``seconds``; False when the server is closing meanwhile."""
         return not self._stopping.wait(seconds)
 
-    def _take_text(self, *, chat: bool, default: str) -> tuple[str, bool]:
-        """The reply text and whether it is a refusal; the caller holds the lock."""
+    def _take_reply(self, plan: _Plan, *, chat: bool, default: str) -> None:
+        """Set ``plan``'s reply from the scripts; the caller holds the lock."""
         if chat and self._refusals:
-            return self._refusals.popleft(), True
-        if self._empty:
+            plan.text, plan.refused = self._refusals.popleft(), True
+        elif chat and self._tool_calls:
+            plan.tool_calls = self._tool_calls.popleft()
+            self.tool_call_ids.extend(call["id"] for call in plan.tool_calls)
+        elif self._empty:
             self._empty -= 1
-            return "", False
-        if self._replies:
-            return self._replies.popleft(), False
-        return default, False
+        elif self._replies:
+            plan.text = self._replies.popleft()
+        else:
+            plan.text = default
 
     def _count_prompt(self, body: dict[str, Any], default: int) -> int:
         return self.prompt_tokens(body) if self.prompt_tokens is not None else default
@@ -226,17 +269,23 @@ def _check_times(times: int) -> None:
         raise ValueError(f"times must be >= 1, got {times}")
 
 
+def _named_call(call: tuple[str, str] | dict[str, Any]) -> dict[str, str]:
+    """A scripted tool call as the reply's ``function``: its name and arguments."""
+    name, arguments = (call["name"], call["arguments"]) if isinstance(call, dict) else call
+    if isinstance(call, dict) and not isinstance(arguments, str):
+        arguments = json.dumps(arguments)
+    if not (isinstance(name, str) and name and isinstance(arguments, str)):
+        raise ValueError(f"a tool call needs a name and JSON arguments (str), got {call!r}")
+    return {"name": name, "arguments": arguments}
+
+
 def _text(content: Any) -> str:
-    """The text of a message's content: a string or a list of content parts."""
+    """The text of a valid message's content: a string, the text parts of a list, or ""."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return ""
-
-
-def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
-    return [m for m in body["messages"] if isinstance(m, dict)]
+        return " ".join(part["text"] for part in content if part["type"] == "text")
+    return ""  # None: an assistant message that called tools or refused
 
 
 def _prompt(body: dict[str, Any]) -> str:
@@ -244,18 +293,32 @@ def _prompt(body: dict[str, Any]) -> str:
     return prompt if isinstance(prompt, str) else " ".join(str(p) for p in prompt)
 
 
-def _problem(kind: str | None, body: Any) -> str | None:
+@dataclass(frozen=True)
+class _Rejection:
+    """Why a generation request is a 400: its error's message, param and code."""
+
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+
+def _problem(kind: str | None, body: Any) -> _Rejection | None:
     """Why a generation request's body is unusable (a 400), or None."""
-    if kind == "chat" and not (isinstance(body, dict) and isinstance(body.get("messages"), list)):
-        return "'messages' is a required property"
+    if kind == "chat":
+        if not (isinstance(body, dict) and "messages" in body):
+            return _Rejection("'messages' is a required property")
+        try:
+            check_messages(body["messages"])
+        except MessageRuleError as broken:
+            return _Rejection(broken.message, broken.param, broken.code)
     if kind == "completion" and not (isinstance(body, dict) and "prompt" in body):
-        return "'prompt' is a required property"
+        return _Rejection("'prompt' is a required property")
     return None
 
 
 def _default_reply(kind: str, body: dict[str, Any]) -> str:
     if kind == "chat":
-        users = [_text(m.get("content")) for m in _messages(body) if m.get("role") == "user"]
+        users = [_text(m.get("content")) for m in body["messages"] if m.get("role") == "user"]
         return f"echo: {users[-1] if users else ''}"
     return f"echo: {_prompt(body)[-40:]}"
 
@@ -269,14 +332,17 @@ def _pieces(text: str) -> list[str]:
     return re.findall(r"\s*\S+\s*", text) or [text]
 
 
-def _error_body(status: int, message: str) -> dict[str, Any]:
-    kind, code = {
+def _error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    kind, default_code = {
         400: ("invalid_request_error", None),
         401: ("invalid_request_error", "invalid_api_key"),
         404: ("invalid_request_error", None),
         429: ("requests", "rate_limit_exceeded"),
     }.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    code = default_code if code is None else code
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 _GENERATORS = {("POST", "/v1/chat/completions"): "chat", ("POST", "/v1/completions"): "completion"}
@@ -376,7 +442,7 @@ class _Handler(BaseHTTPRequestHandler):
             elif kind is None:
                 self._send_error(404, f"Invalid URL ({self.command} {self.path})")
             elif problem:
-                self._send_error(400, problem)
+                self._send_error(400, problem.message, param=problem.param, code=problem.code)
             elif kind == "chat":
                 self._chat(body, plan)
             else:
@@ -401,9 +467,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _chat(self, body: dict[str, Any], plan: _Plan) -> None:
         fake = self.server.fake
-        text, refused = plan.text, plan.refused
-        prompt = sum(_words(_text(m.get("content"))) for m in _messages(body))
-        usage = _usage(fake._count_prompt(body, prompt), _words(text))
+        text, refused, calls = plan.text, plan.refused, plan.tool_calls
+        prompt = sum(_words(_text(m.get("content"))) for m in body["messages"])
+        if calls is None:
+            completion, finish = _words(text), "stop"
+        else:
+            said = " ".join(f"{c['function']['name']} {c['function']['arguments']}" for c in calls)
+            completion, finish = _words(said), "tool_calls"
+        usage = _usage(fake._count_prompt(body, prompt), completion)
         base = {
             "id": f"chatcmpl-{plan.number}",
             "created": CREATED,
@@ -411,12 +482,14 @@ class _Handler(BaseHTTPRequestHandler):
         }
         field = "refusal" if refused else "content"
         if not body.get("stream"):
-            message = {
+            message: dict[str, Any] = {
                 "role": "assistant",
-                "content": None if refused else text,
+                "content": None if refused or calls else text,
                 "refusal": text if refused else None,
             }
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+            if calls:
+                message["tool_calls"] = calls
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
             self._send_json(
                 200, {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
             )
@@ -426,10 +499,14 @@ class _Handler(BaseHTTPRequestHandler):
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             return {**base, "object": "chat.completion.chunk", "choices": [choice]}
 
-        pieces = [{field: p} for p in _pieces(text)]
-        pieces[0] = {"role": "assistant", **pieces[0]}  # the role rides on the first chunk
+        if calls is None:
+            pieces = [{field: p} for p in _pieces(text)]
+            pieces[0] = {"role": "assistant", **pieces[0]}  # the role rides on the first chunk
+        else:
+            pieces = _call_deltas(calls)
+            pieces[0] = {"role": "assistant", "content": None, **pieces[0]}
         events = [chunk(d, None) for d in pieces]
-        events.append(chunk({}, "stop"))
+        events.append(chunk({}, finish))
         if _include_usage(body):
             events.append(
                 {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
@@ -475,9 +552,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _send_error(self, status: int, message: str, *, retry: bool = True) -> None:
+    def _send_error(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry: bool = True,
+    ) -> None:
         headers = {"retry-after-ms": RETRY_AFTER_MS} if retry else {"x-should-retry": "false"}
-        self._send_json(status, _error_body(status, message), headers)
+        self._send_json(status, _error_body(status, message, param, code), headers)
 
     def _stream(
         self, events: list[dict[str, Any]], *, content_chunks: int, cut: int | None
@@ -502,6 +587,25 @@ class _Handler(BaseHTTPRequestHandler):
     def _write_chunk(self, text: str) -> None:
         data = text.encode()
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+
+def _call_deltas(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stream deltas for tool calls, as OpenAI sends them.
+
+    Per call, one delta with its index, id and name (arguments ""), then one
+    per word of its arguments; the SDK joins them by index.
+    """
+    deltas: list[dict[str, Any]] = []
+    for index, call in enumerate(calls):
+        name, arguments = call["function"]["name"], call["function"]["arguments"]
+        head = {"index": index, "id": call["id"], "type": "function"}
+        deltas.append({"tool_calls": [{**head, "function": {"name": name, "arguments": ""}}]})
+        deltas += [
+            {"tool_calls": [{"index": index, "function": {"arguments": piece}}]}
+            for piece in _pieces(arguments)
+            if piece
+        ]
+    return deltas
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:

@@ -10,9 +10,11 @@ SDK behaviour tokenmem relies on: retries, timeouts, broken streams.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import openai
 import pytest
@@ -67,6 +69,25 @@ def test_prompt_tokens_hook(openai_server: FakeOpenAI, client: openai.OpenAI) ->
     assert r.usage is not None
     assert r.usage.prompt_tokens == 200
     assert r.usage.total_tokens == 200 + r.usage.completion_tokens
+
+
+def test_prompt_tokens_count_text_parts(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    def text(words: str) -> dict[str, str]:
+        return {"type": "text", "text": words}
+
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages: list[Any] = [
+        {"role": "system", "content": [text("be very terse")]},
+        {"role": "user", "content": [text("look at"), image]},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees"},
+        {"role": "user", "content": [text("and"), text("this")]},
+    ]
+    r = client.chat.completions.create(model="m", messages=messages)
+    assert r.usage is not None
+    assert r.usage.prompt_tokens == 3 + 2 + 0 + 2 + 2
+    assert r.choices[0].message.content == "echo: and this"  # the text parts, spaced
 
 
 def test_chat_stream(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
@@ -225,6 +246,111 @@ def test_refusal(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
     assert again.choices[0].message.content == "kept for later"
 
 
+WEATHER = ("get_weather", '{"city": "Paris"}')
+
+
+def test_tool_calls(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    ids = openai_server.reply_tool_calls(
+        WEATHER, {"name": "get_time", "arguments": {"zone": "CET"}}
+    )
+    openai_server.reply("a completion")
+    # Tool calls are chat replies: a completions request leaves them queued.
+    assert client.completions.create(model="m", prompt="hi").choices[0].text == "a completion"
+    r = client.chat.completions.create(model="m", messages=HI)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    assert choice.message.tool_calls is not None
+    assert [
+        (c.id, c.type, c.function.name, c.function.arguments) for c in choice.message.tool_calls
+    ] == [
+        ("call_1", "function", "get_weather", '{"city": "Paris"}'),
+        ("call_2", "function", "get_time", '{"zone": "CET"}'),
+    ]
+    assert ids == openai_server.tool_call_ids == ["call_1", "call_2"]
+    assert r.usage is not None
+    assert r.usage.completion_tokens == 6  # the names' and arguments' words
+    # Ids stay unique on this server; the next chat reply is the default again.
+    assert openai_server.reply_tool_calls(WEATHER) == ["call_3"]
+    client.chat.completions.create(model="m", messages=HI)
+    assert openai_server.tool_call_ids == ["call_1", "call_2", "call_3"]
+    assert (
+        client.chat.completions.create(model="m", messages=HI).choices[0].message.tool_calls is None
+    )
+
+
+def test_tool_calls_stream(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    openai_server.reply_tool_calls(WEATHER, ("get_time", "{}"))
+    chunks = list(client.chat.completions.create(model="m", messages=HI, stream=True))
+    deltas = [c.choices[0].delta for c in chunks]
+    assert (deltas[0].role, deltas[0].content) == ("assistant", None)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # Each call opens with its index, id and name; its arguments follow a word at a time.
+    pieces = [
+        (t.index, t.id, t.function.name, t.function.arguments)
+        for d in deltas
+        for t in d.tool_calls or []
+        if t.function is not None
+    ]
+    assert pieces == [
+        (0, "call_1", "get_weather", ""),
+        (0, None, None, '{"city": '),
+        (0, None, None, '"Paris"}'),
+        (1, "call_2", "get_time", ""),
+        (1, None, None, "{}"),
+    ]
+
+    # The SDK's stream helper joins them into the final message.
+    openai_server.reply_tool_calls(WEATHER)
+    with client.chat.completions.stream(model="m", messages=HI) as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].finish_reason == "tool_calls"
+    [call] = final.choices[0].message.tool_calls or []
+    assert (call.id, call.function.name, call.function.arguments) == (
+        "call_3",
+        "get_weather",
+        '{"city": "Paris"}',
+    )
+
+
+def test_two_round_tool_exchange(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    """user -> assistant tool_calls -> tool answers -> assistant text, as an app drives it."""
+    tools: list[Any] = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    openai_server.reply_tool_calls(
+        ("get_weather", '{"city": "Paris"}'), ("get_weather", '{"city": "Oslo"}')
+    )
+    openai_server.reply("Paris is warmer.")
+    messages: list[Any] = [{"role": "user", "content": "Paris or Oslo: which is warmer?"}]
+    asked = client.chat.completions.create(model="m", messages=messages, tools=tools)
+    message = asked.choices[0].message
+    messages.append(message.to_dict())
+    degrees = {"Paris": "18", "Oslo": "9"}
+    for call in message.tool_calls or []:
+        city = json.loads(call.function.arguments)["city"]
+        messages.append({"role": "tool", "tool_call_id": call.id, "content": degrees[city]})
+
+    answered = client.chat.completions.create(model="m", messages=messages, tools=tools)
+    assert answered.choices[0].message.content == "Paris is warmer."
+    assert answered.choices[0].finish_reason == "stop"
+    sent = openai_server.requests[1].body["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool", "tool"]
+    assert [c["id"] for c in sent[1]["tool_calls"]] == openai_server.tool_call_ids
+    assert sent[1]["content"] is None
+
+    # A history that lost one answer is the real API's 400.
+    unanswered = [*messages[:3], {"role": "user", "content": "Well?"}]
+    with pytest.raises(openai.BadRequestError, match=r"did not have response messages: call_2$"):
+        client.chat.completions.create(model="m", messages=unanswered, tools=tools)
+
+
 def test_empty_reply(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
     openai_server.empty_reply(times=2)
     chat = client.chat.completions.create(model="m", messages=HI)
@@ -246,6 +372,13 @@ def test_bad_arguments(openai_server: FakeOpenAI) -> None:
         openai_server.break_stream(-1)
     with pytest.raises(ValueError, match="times"):
         openai_server.empty_reply(0)
+    with pytest.raises(ValueError, match="at least one call"):
+        openai_server.reply_tool_calls()
+    with pytest.raises(ValueError, match="a name"):
+        openai_server.reply_tool_calls(("", "{}"))
+    with pytest.raises(ValueError, match="JSON arguments"):
+        openai_server.reply_tool_calls(("get_weather", {"city": "Paris"}))  # type: ignore[arg-type]
+    assert openai_server.tool_call_ids == []
 
 
 def test_async_client(openai_server: FakeOpenAI) -> None:
