@@ -476,7 +476,7 @@ class AsyncStore(StoreBase):
 
     async def rebuild_prompt(
         self, session_id: str, seq: int, *, owner: str | None = None
-    ) -> list[dict[str, str]] | str:
+    ) -> list[dict[str, Any]] | str:
         """The exact prompt call ``seq`` sent, rebuilt from the stored history.
         Raises :class:`TurnNotFound` when the session has no such call."""
         key = self._key(session_id, owner)

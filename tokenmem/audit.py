@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import Connection, insert, select
 
@@ -55,6 +55,11 @@ class TurnRecord:
     turn: int | None = None
     seq: int | None = None
     created_at: datetime | None = None
+    # The session's pinned prompt it sent first (positions), and the summary
+    # of older messages it sent (tokenmem_summaries.seq).
+    pinned_first: int | None = None
+    pinned_last: int | None = None
+    summary_seq: int | None = None
 
 
 _FIELDS = [f.name for f in dataclasses.fields(TurnRecord)]
@@ -67,14 +72,14 @@ def build_prompt(
     input: str,
     human_prefix: str,
     ai_prefix: str,
-) -> list[dict[str, str]] | str:
+) -> list[dict[str, Any]] | str:
     """The prompt a chain sends: used both to send it and to rebuild it."""
     if api == "chat":
         return template.render_chat(window, input)
     return template.render_text(get_buffer_string(window, human_prefix, ai_prefix), input)
 
 
-def rebuild(record: TurnRecord, window: list[Message]) -> list[dict[str, str]] | str:
+def rebuild(record: TurnRecord, window: list[Message]) -> list[dict[str, Any]] | str:
     """The prompt ``record``'s call sent, from its window's stored messages."""
     template = PromptTemplate(record.template or "{history}{input}", system=record.system)
     return build_prompt(
@@ -134,9 +139,14 @@ def turns(conn: Connection, key: SessionKey, seq: int | None = None) -> list[Tur
 
 
 def turn(conn: Connection, key: SessionKey, seq: int) -> tuple[TurnRecord, list[Message]]:
-    """One recorded call and the window messages it sent."""
+    """One recorded call and the window messages it sent: its pinned prompt
+    first, then its window."""
     (record,) = turns(conn, key, seq)
     window: list[Message] = []
-    if record.window_first is not None and record.window_last is not None:
-        window = messages_between(conn, key, record.window_first, record.window_last)
+    for first, last in (
+        (record.pinned_first, record.pinned_last),
+        (record.window_first, record.window_last),
+    ):
+        if first is not None and last is not None:
+            window += messages_between(conn, key, first, last)
     return record, window

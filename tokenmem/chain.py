@@ -34,7 +34,7 @@ from .prompt import PromptTemplate, render_chat_text
 from .reads import WindowMessage
 from .store import Store
 from .validate import check_text
-from .window import chat_prompt_tokens, get_buffer_string
+from .window import REPLY_PRIMING, chat_prompt_tokens, get_buffer_string
 
 __all__ = ["ConversationChain"]
 
@@ -172,10 +172,19 @@ class ConversationChain:
                 tokens = self._count(prompt)
             else:  # the chat formula adds up: the window's costs were counted at write time
                 tokens = scaffold + sum(w.tokens for w in window)
-            # Keep the exact prompt within the context, dropping the oldest message if needed.
-            if not window or context is None or tokens <= context - self.reserve_tokens:
+                if window and window[0].pinned:  # sent instead of the template's system
+                    tokens -= chat_prompt_tokens([self.prompt.system_message], self.memory.counter)
+                    tokens += REPLY_PRIMING
+            # Keep the exact prompt within the context, dropping the oldest unit if needed.
+            rest = [w for w in window if not w.pinned]
+            if not rest or context is None or tokens <= context - self.reserve_tokens:
                 break
-            window = window[1:]
+            window = [w for w in window if w.pinned or w.unit != rest[0].unit]
+            if self.memory.start_on == "human":
+                while (first := next((w for w in window if not w.pinned), None)) and (
+                    first.message.type != "human"
+                ):
+                    window.remove(first)
         self._say(*self._start_text(prompt))
         return _Plan(input, window, prompt, limit, tokens)
 
@@ -198,7 +207,8 @@ class ConversationChain:
     def _record(
         self, plan: _Plan, started: float, reply: Reply | None, error: ModelError | None
     ) -> TurnRecord:
-        positions = [w.position for w in plan.window]
+        positions = [w.position for w in plan.window if not w.pinned]
+        pinned = [w.position for w in plan.window if w.pinned]
         memory = self.memory
         return TurnRecord(
             model=self.llm.model,
@@ -218,6 +228,8 @@ class ConversationChain:
             api_completion_tokens=reply.completion_tokens if reply else None,
             error_type=error.error_type if error else None,
             error=str(error) if error else None,
+            pinned_first=pinned[0] if pinned else None,
+            pinned_last=pinned[-1] if pinned else None,
         )
 
     def _exchange(self, plan: _Plan, reply: Reply) -> list[Message]:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ChatModel", "ChatOpenAI", "OpenAI", "Prompt", "Reply", "context_window"]
 
-Prompt = list[dict[str, str]] | str
+Prompt = list[dict[str, Any]] | str
 
 # Context sizes in tokens, matched by the longest prefix of the model name.
 _CONTEXT = {

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+from .chat import as_openai, display_text
 from .errors import ConfigurationError
 from .messages import Message
-from .window import CHAT_ROLES
 
 __all__ = ["PromptTemplate", "render_chat_text"]
+
+PINNED = ("system", "developer")  # the roles of a session's pinned prompt
 
 Language = Literal["en", "zh"]
 
@@ -107,19 +109,30 @@ class PromptTemplate:
         """The prompt for a completion model, given the rendered history."""
         return self.template.format(history=history, input=input)
 
-    def render_chat(self, window: list[Message], input: str) -> list[dict[str, str]]:
-        """The prompt for a chat model: system, the window, the input."""
-        messages = [{"role": "system", "content": self.system_text}]
-        for m in window:
-            entry = {"role": CHAT_ROLES[m.type], "content": m.content}
-            if m.name:
-                entry["name"] = m.name
-            messages.append(entry)
+    def render_chat(self, window: list[Message], input: str) -> list[dict[str, Any]]:
+        """The prompt for a chat model: system, the window (each message as
+        it was saved: :func:`tokenmem.chat.as_openai`), the input. A window
+        that starts with the session's pinned system/developer prompt sends
+        it instead of the template's instructions."""
+        messages = [] if window and window[0].type in PINNED else [self.system_message]
+        messages += [as_openai(m) for m in window]
         messages.append({"role": "user", "content": input})
         return messages
 
+    @property
+    def system_message(self) -> dict[str, Any]:
+        """The template's instructions as the chat prompt's system message."""
+        return {"role": "system", "content": self.system_text}
 
-def render_chat_text(messages: list[dict[str, str]], human_prefix: str, ai_prefix: str) -> str:
-    """A chat prompt as readable text, for verbose output."""
-    names = {"system": "System", "user": human_prefix, "assistant": ai_prefix}
-    return "\n".join(f"{names.get(m['role'], m['role'])}: {m['content']}" for m in messages)
+
+def render_chat_text(messages: list[dict[str, Any]], human_prefix: str, ai_prefix: str) -> str:
+    """A chat prompt as readable text, for verbose output (tool traffic as a
+    string window renders it: :func:`tokenmem.chat.display_text`)."""
+    names = {
+        "system": "System",
+        "developer": "Developer",
+        "user": human_prefix,
+        "assistant": ai_prefix,
+        "tool": "Tool",
+    }
+    return "\n".join(f"{names.get(m['role'], m['role'])}: {display_text(m)}" for m in messages)

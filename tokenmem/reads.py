@@ -68,6 +68,7 @@ class WindowMessage(NamedTuple):
     # text mode assumes its joining newline is one token.
     exact: bool = True
     pinned: bool = False  # the session's pinned prompt, sent first
+    unit: int = -1  # the position its unit starts at (its own, for most)
 
 
 def window_rows(
@@ -132,6 +133,7 @@ def window_messages(rows: Sequence[WindowRow]) -> list[WindowMessage]:
                 row[5],
                 bool(row[6]),
                 bool(row[PINNED]),
+                row[_UNIT],
             ),
         )
         for row in rows

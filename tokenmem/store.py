@@ -599,7 +599,7 @@ class Store(StoreBase):
 
     def rebuild_prompt(
         self, session_id: str, seq: int, *, owner: str | None = None
-    ) -> list[dict[str, str]] | str:
+    ) -> list[dict[str, Any]] | str:
         """The exact prompt call ``seq`` sent, rebuilt from the stored history.
         Raises :class:`TurnNotFound` when the session has no such call."""
         key = self._key(session_id, owner)
