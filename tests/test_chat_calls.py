@@ -134,9 +134,7 @@ def test_the_chain_sends_the_pinned_prompt_and_tool_traffic(
     assert turn.pinned_first is not None and turn.pinned_first == turn.pinned_last
     # the local count: the chat formula over what was sent, tool call included
     counter = memory.counter
-    expected = 3 + sum(
-        3 + counter.count(m["role"]) + content_tokens(counter, m) for m in sent
-    )
+    expected = 3 + sum(3 + counter.count(m["role"]) + content_tokens(counter, m) for m in sent)
     assert turn.prompt_tokens == expected
     # a second call: the exchange saved by the first is in the window
     openai_server.reply("好的。")
