@@ -75,6 +75,28 @@ def loaded(request: pytest.FixtureRequest, store: Store) -> Iterator[Store]:
             for table in ("tokenmem_messages", "tokenmem_sessions"):
                 conn.execute(text(f"ALTER TABLE {table} SET (autovacuum_enabled = false)"))
         _fill(conn, "big", BIG)
+        # A pinned system prompt at its start, and tool-call units (issue 13):
+        # every fourth message answers the one before it.
+        big = session_uuid("", "big")
+        bid = big.hex if conn.dialect.name == "sqlite" else big
+        conn.execute(
+            text(
+                "UPDATE tokenmem_messages SET unit = position - 1 WHERE session_id = :id"
+                " AND position % 4 = 3"
+            ),
+            {"id": bid},
+        )
+        conn.execute(
+            text(
+                "UPDATE tokenmem_messages SET role = 'system' WHERE session_id = :id"
+                " AND position = 0"
+            ),
+            {"id": bid},
+        )
+        conn.execute(
+            text("UPDATE tokenmem_sessions SET pinned_first = 0, pinned_last = 0 WHERE id = :id"),
+            {"id": bid},
+        )
         for i in range(SMALL_SESSIONS):
             _fill(conn, f"small-{i}", SMALL)
     if request.param == "analysed":
@@ -84,7 +106,11 @@ def loaded(request: pytest.FixtureRequest, store: Store) -> Iterator[Store]:
     yield store
 
 
-RULES = [Rule(limit=2000), Rule(limit=2000, mode="messages"), Rule(limit=100)]
+RULES = [
+    Rule(limit=2000),
+    Rule(limit=2000, mode="messages", start_on="human"),
+    Rule(limit=100),
+]
 
 
 @pytest.mark.slow
@@ -98,6 +124,7 @@ def _check_plans(store: Store, rule: Rule) -> None:
     window = store.window("big", rule, COUNTER)
     assert 0 < len(window) < cap
     assert window[-1].position == BIG - 1
+    assert window[0].pinned and window[0].position == 0  # the pinned prompt, read by key
     if store.dialect == "sqlite":
         for counter in (COUNTER, OTHER):
             plan = store.explain_window("big", rule, counter)
@@ -124,7 +151,7 @@ def _check_plans(store: Store, rule: Rule) -> None:
 
 def _postgres_plan(store: Store, rule: Rule, plan_cache_mode: str, encoding: str) -> dict[str, Any]:
     """``EXPLAIN (ANALYZE, FORMAT JSON)`` of the window statement, prepared."""
-    statement = window_select(rule.mode, row_cap(rule))
+    statement = window_select(rule.mode, row_cap(rule), rule.start_on)
     sql = str(statement.compile(dialect=store.engine.dialect))
     names: list[str] = []
 

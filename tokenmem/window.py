@@ -359,12 +359,13 @@ def render_rows(rows: Sequence[Sequence[Any]], rule: Rule) -> str:
     return "\n".join([prefixes[row[2]] + row[3] for row in rows])
 
 
-def chat_prompt_tokens(messages: Sequence[Mapping[str, str]], counter: TokenCounter) -> int:
+def chat_prompt_tokens(messages: Sequence[Mapping[str, Any]], counter: TokenCounter) -> int:
     """OpenAI's count of a chat request: per message 3 + role + content
-    (+ name + 1), plus 3 for the reply priming."""
+    (+ name + 1; content parts and tool calls by :mod:`tokenmem.chat`'s
+    rule), plus 3 for the reply priming."""
     total = REPLY_PRIMING
     for m in messages:
-        total += TOKENS_PER_MESSAGE + counter.count(m["role"]) + counter.count(m["content"])
+        total += TOKENS_PER_MESSAGE + counter.count(m["role"]) + content_tokens(counter, m)
         if m.get("name"):
             total += counter.count(m["name"]) + TOKENS_PER_NAME
     return total
