@@ -304,3 +304,42 @@ def test_the_sdist_carries_tests_that_run(tmp_path: Path) -> None:
             check=True,
         ).stdout
     )
+
+
+def test_0005_round_trip_with_chat_messages(db: Engine, o200k: TokenCounter) -> None:
+    """0005 keeps older rows as they were (a unit of their own, no pinned
+    prompt until the next save), and its downgrade refuses a database
+    holding what the older schema cannot, leaving it intact."""
+    store = Store(db)
+    store.upgrade()
+    store.append("old", [Message("system", "be brief"), Message("human", "hi")], o200k)
+    with db.begin() as conn:  # as 0005's upgrade leaves a session
+        conn.execute(text("UPDATE tokenmem_sessions SET pinned_first = NULL, pinned_last = NULL"))
+    memory = ConversationTokenBufferMemory(store=store, session_id="old", max_token_limit=100)
+    assert memory.load_messages() == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+    ]
+    memory.save_messages(
+        [
+            {"role": "developer", "content": "metric units"},
+            {"role": "user", "content": "temp?", "x_client": 7},
+        ]
+    )
+    pinned = memory.load_messages()
+    assert pinned[0] == {"role": "developer", "content": "metric units"}
+    with pytest.raises(Exception, match="cannot downgrade below 0005: 2 messages"):
+        store.downgrade("0004")
+    assert store.current_revision() == migrate.head()
+    assert memory.load_messages() == pinned  # nothing was lost
+    store.erase("old")
+    store.append("plain", [Message("human", "hi"), Message("ai", "yo")], o200k)
+    store.downgrade("0004")
+    with db.connect() as conn:
+        rows = conn.execute(text("SELECT content FROM tokenmem_messages ORDER BY position"))
+        assert rows.scalars().all() == ["hi", "yo"]
+    store.upgrade()
+    assert ConversationTokenBufferMemory(store=store, session_id="plain").load_messages() == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+    ]
