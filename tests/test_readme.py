@@ -28,10 +28,11 @@ def test_sample_output_is_current() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_the_example_prints_what_its_comments_say() -> None:
-    """Run the README's "Example" block; each expression followed by ``#``
+@pytest.mark.parametrize(("section", "checks"), [("Example", 3), ("Tool calls", 4)])
+def test_the_example_prints_what_its_comments_say(section: str, checks: int) -> None:
+    """Run a README section's first block; each expression followed by ``#``
     lines must have that repr (whitespace aside)."""
-    block = re.search(r"^## Example\n+```python\n(.*?)^```", README, re.S | re.M)
+    block = re.search(rf"^## {section}\n.*?```python\n(.*?)^```", README, re.S | re.M)
     assert block is not None
     scope: dict[str, object] = {}
     statement: list[str] = []
@@ -55,7 +56,7 @@ def test_the_example_prints_what_its_comments_say() -> None:
         if line.strip():
             statement.append(line.split("  #")[0])
         i += 1
-    assert checked == 3
+    assert checked == checks
 
 
 @pytest.fixture(autouse=True)
