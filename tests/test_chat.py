@@ -72,7 +72,13 @@ def reference(
     budget = limit - 3 - sum(chat_cost(counter, messages[i]) for i in pinned)
     if pinned and budget < 0:
         return None
-    rest = [i for i in range(len(messages)) if i not in pinned]
+    # a unit whose calls are not all answered is not sent, nor anything after it
+    waiting: dict[str, int] = {}
+    for i, d in enumerate(messages):
+        waiting.update({c["id"]: i for c in d.get("tool_calls") or ()})
+        waiting.pop(d.get("tool_call_id", ""), None)
+    end = min(waiting.values(), default=len(messages))
+    rest = [i for i in range(end) if i not in pinned]
     answered_by: dict[str, int] = {}  # a call id: the assistant message making it
     unit_of: dict[int, int] = {}
     for i in rest:
@@ -147,14 +153,16 @@ def blocks(draw: st.DrawFn) -> list[dict[str, Any]]:
 
 @st.composite
 def conversations(draw: st.DrawFn) -> list[list[dict[str, Any]]]:
-    """Blocks in save_messages calls of one or more blocks each."""
+    """Blocks in save_messages calls split anywhere — a unit's calls in one
+    call, its answers in the next — the last unit perhaps left open (some of
+    its answers never saved)."""
     pieces = draw(st.lists(blocks(), min_size=1, max_size=10))
-    chunks, i = [], 0
-    while i < len(pieces):
-        n = draw(st.integers(min_value=1, max_value=3))
-        chunks.append([m for block in pieces[i : i + n] for m in block])
-        i += n
-    return chunks
+    last = pieces[-1]
+    if last[0].get("tool_calls") and draw(st.booleans()):
+        pieces[-1] = last[: draw(st.integers(min_value=1, max_value=len(last) - 1))]
+    messages = [m for block in pieces for m in block]
+    cuts = sorted(set(draw(st.lists(st.integers(1, len(messages)), max_size=6))))
+    return [messages[i:j] for i, j in zip([0, *cuts], [*cuts, len(messages)], strict=True) if i < j]
 
 
 @settings(
@@ -245,7 +253,7 @@ WEATHER = [
     ("messages", "error"),
     [
         ([{"role": "tool", "tool_call_id": "x", "content": "?"}], "answers 'x', which no"),
-        (WEATHER[:3], r"tool_calls \['call_p'\] have no tool message"),
+        ([*WEATHER[:3], WEATHER[0]], r"tool_calls \['call_p'\] have no tool message"),
         ([*WEATHER[:2], WEATHER[0]], r"\['call_p', 'call_r'\] have no tool message answering"),
         ([{"role": "robot", "content": "x"}], "role must be one of"),
         ([{"role": "user", "content": None}], "content may be null only"),
@@ -265,6 +273,32 @@ def test_bad_messages_are_refused_and_nothing_is_written(
     with pytest.raises(InvalidInputError, match=error):
         memory.save_messages(payload)
     assert [m.content for m in memory.history()] == ["before"]
+
+
+def test_a_unit_left_open_waits_for_its_answers(store: Store) -> None:
+    """Calls may be answered in a later save (a chat loop saves the model's
+    tool calls, runs the tools, saves the answers): until the last answer
+    the unit is kept out of windows; another message first is refused."""
+    memory = ConversationTokenBufferMemory(store=store, session_id="open", max_token_limit=500)
+    memory.save_messages([{"role": "user", "content": "earlier"}])
+    memory.save_messages(WEATHER[:2])  # the user's question and the calls
+    waiting = [{"role": "user", "content": "earlier"}, WEATHER[0]]
+    assert memory.load_messages() == waiting
+    with pytest.raises(InvalidInputError, match=r"tool_calls \['call_p', 'call_r'\] .* before"):
+        memory.save_messages([{"role": "user", "content": "never mind"}])
+    with pytest.raises(InvalidInputError, match="'call_x', which no open tool call"):
+        memory.save_messages([{"role": "tool", "tool_call_id": "call_x", "content": "?"}])
+    memory.save_messages([WEATHER[2]])  # one answer: still open
+    assert memory.load_messages() == waiting
+    memory.save_messages(WEATHER[3:])  # the last answer, and the reply
+    assert memory.load_messages() == [{"role": "user", "content": "earlier"}, *WEATHER]
+    assert len(list(memory.history())) == 6  # the refused saves wrote nothing
+    memory.save_messages([{"role": "user", "content": "thanks"}])
+    # clear() forgets an open unit along with the window
+    memory.save_messages(WEATHER[:2])
+    memory.clear()
+    memory.save_messages([{"role": "user", "content": "fresh"}])
+    assert memory.load_messages() == [{"role": "user", "content": "fresh"}]
 
 
 def test_tool_traffic_in_string_windows_and_history(store: Store) -> None:
@@ -365,8 +399,8 @@ def test_async_twins(db: Engine) -> None:
             memory = ConversationTokenBufferMemory(store=store, session_id="a", max_token_limit=500)
             await memory.asave_messages(WEATHER)
             assert json.dumps(await memory.aload_messages()) == json.dumps(WEATHER)
-            with pytest.raises(InvalidInputError, match="no tool message"):
-                await memory.asave_messages(WEATHER[:2])
+            with pytest.raises(InvalidInputError, match="which no open tool call"):
+                await memory.asave_messages([WEATHER[2]])
         finally:
             await store.close()
 

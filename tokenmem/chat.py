@@ -16,10 +16,11 @@ unless role, content and name rebuild it byte for byte::
 
 **Units.** An assistant message with ``tool_calls`` and the ``tool``
 messages answering it form one unit, which a window holds whole or not at
-all. The answers must follow their call in the same ``save_messages`` call,
-right after it (as the API requires): a ``tool`` message answering no call
-before it, or a call left unanswered when another message (or the end of
-the list) comes, is refused before anything is written.
+all. The answers follow their call, right after it (as the API requires),
+in the same ``save_messages`` call or in the next ones: a unit left open
+(calls unanswered) is kept out of windows until its last answer is saved.
+A ``tool`` message answering no open call, or another message arriving
+while calls are open, is refused before anything is written.
 
 **String rendering** (``save_context``'s windows, ``tokenmem history``): a
 message's ``content`` column is its text — a string content as is; content
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidInputError
@@ -54,10 +56,13 @@ __all__ = [
     "FROM_OPENAI",
     "TOOL_CALL_TOKENS",
     "TO_OPENAI",
+    "OpenUnit",
+    "Units",
     "as_openai",
     "content_tokens",
     "display_text",
     "from_openai",
+    "resume",
     "units",
 ]
 
@@ -122,7 +127,7 @@ def from_openai(messages: Sequence[Any]) -> list[Message]:
             raise InvalidInputError(f"messages[{i}]: name must be a str")
         keep = None if _rebuilds(d, role) else d
         made.append(Message(role, display_text(d), name, openai=keep))  # type: ignore[arg-type]
-    units(made)  # the tool-call rules
+    units(made)  # the tool-call rules (those across saves: checked when written)
     return made
 
 
@@ -182,19 +187,45 @@ def _check_content(d: Mapping[str, Any], i: int, role: str) -> None:
             )
 
 
-def units(messages: Sequence[Message]) -> list[int | None]:
-    """Each message's unit, as the index of the assistant message whose
-    tool calls it answers (the assistant message's own index for it); None
-    for a message that is a unit of its own. Raises
-    :class:`InvalidInputError` when a tool message answers no open call, or
-    a call is left unanswered."""
-    out: list[int | None] = []
-    start: int | None = None  # the open unit's assistant message
+@dataclass(frozen=True)
+class Units:
+    """The units of an append's messages (see :func:`units`): ``back[i]``
+    how many messages before message ``i`` its unit starts (0: at itself);
+    ``continues``, the call ids its leading tool messages answer — calls an
+    earlier save left open, in a unit that starts before this append
+    (checked against the session under its lock: :func:`resume`); ``opens``,
+    the call ids still unanswered at its end, of the unit starting at
+    message ``open_at``."""
+
+    back: list[int]
+    continues: list[str] = field(default_factory=list)
+    opens: list[str] = field(default_factory=list)
+    open_at: int | None = None
+
+
+def units(messages: Sequence[Message]) -> Units:
+    """The units of ``messages``: an assistant message with tool calls and
+    the tool messages answering it, right after it. Tool messages at the
+    start may answer calls an earlier save left open (:attr:`Units.continues`)
+    and calls may be left open at the end (:attr:`Units.opens`), for the
+    next save to answer. Raises :class:`InvalidInputError` when a tool
+    message answers no open call, a call is answered twice, or a message
+    other than a tool answer comes while calls are open."""
+    back: list[int] = []
+    continues: list[str] = []
+    start: int | None = None  # the open unit's assistant message (None: before this append)
     open_ids: list[str] = []
+    leading = True  # still in the tool messages that open the append
     for i, m in enumerate(messages):
         d = m.openai or {}
         if m.type == "tool":
             call_id = d.get("tool_call_id")
+            if leading and start is None:
+                if call_id in continues:
+                    raise InvalidInputError(f"messages[{i}]: tool call {call_id!r} answered twice")
+                continues.append(str(call_id))
+                back.append(0)  # its unit starts before this append (resume())
+                continue
             if start is None or call_id not in open_ids:
                 raise InvalidInputError(
                     f"messages[{i}]: tool message answers {call_id!r}, which no assistant "
@@ -202,12 +233,13 @@ def units(messages: Sequence[Message]) -> list[int | None]:
                     "message must follow the assistant message whose tool_calls it answers"
                 )
             open_ids.remove(call_id)
-            out.append(start)
+            back.append(start - i)
             continue
+        leading = False
         if open_ids:
             raise InvalidInputError(
                 f"messages[{start}]: tool_calls {open_ids} have no tool message answering "
-                f"them before messages[{i}]; save each call with its answers"
+                f"them before messages[{i}]; answer every call before the next message"
             )
         start = None
         calls = d.get("tool_calls") if m.type == "ai" else None
@@ -216,15 +248,46 @@ def units(messages: Sequence[Message]) -> list[int | None]:
             if len(set(ids)) != len(ids):
                 raise InvalidInputError(f"messages[{i}]: tool call ids must be unique: {ids}")
             start, open_ids = i, ids
-            out.append(i)
-        else:
-            out.append(None)
-    if open_ids:
+        back.append(0)
+    return Units(back, continues, open_ids, start if open_ids else None)
+
+
+@dataclass(frozen=True)
+class OpenUnit:
+    """A session's unit whose calls are not all answered: it starts at
+    ``position`` (whose ``cum_floor`` is ``floor``) and waits for ``calls``.
+    Windows end before it (the API refuses an unanswered call)."""
+
+    position: int
+    floor: int
+    calls: list[str]
+
+
+def resume(u: Units, session: OpenUnit | None, first: int, name: str) -> OpenUnit | None:
+    """Check an append's units against the unit its session left open
+    (under the session's lock) and return the unit open after it; ``first``
+    is the position of the append's first message. Raises
+    :class:`InvalidInputError` (the transaction then writes nothing)."""
+    waiting = list(session.calls) if session else []
+    for call_id in u.continues:
+        if call_id not in waiting:
+            raise InvalidInputError(
+                f"session {name!r}: a tool message answers {call_id!r}, which no open "
+                "tool call of the session made (or it was answered already)"
+            )
+        waiting.remove(call_id)
+    rest = len(u.continues) < len(u.back)
+    if waiting and rest:
         raise InvalidInputError(
-            f"messages[{start}]: tool_calls {open_ids} have no tool message answering them; "
-            "save each call with its answers, in the same call"
+            f"session {name!r}: tool_calls {waiting} (message {session.position if session else 0})"
+            " have no tool message answering them before the next message; answer every "
+            "call first"
         )
-    return out
+    if u.open_at is not None:
+        return OpenUnit(first + u.open_at, -1, list(u.opens))  # floor: filled in by the writer
+    if waiting and session is not None:
+        return OpenUnit(session.position, session.floor, waiting)
+    return None
 
 
 def display_text(d: Mapping[str, Any]) -> str:

@@ -148,6 +148,12 @@ class SessionRow(Base):
     # system/developer messages, always sent first (tokenmem.window).
     pinned_first: Mapped[int | None] = mapped_column(BigInteger)
     pinned_last: Mapped[int | None] = mapped_column(BigInteger)
+    # A unit whose tool calls are not all answered yet (tokenmem.chat.OpenUnit):
+    # its first position and cum_floor, and the call ids it waits for.
+    # Windows end before it.
+    open_position: Mapped[int | None] = mapped_column(BigInteger)
+    open_floor: Mapped[int | None] = mapped_column(BigInteger)
+    open_calls: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
 
     __table_args__ = (Index(None, "owner_id", "name"),)
 

@@ -156,9 +156,14 @@ def _window_recounting(
     The rows are cut by :func:`tokenmem.window.fit_units`, the reference."""
     s, m = SESSIONS.c, MESSAGES.c
     found = conn.execute(
-        select(s.encoding, s.start_position, s.next_position, s.pinned_first, s.pinned_last).where(
-            s.id == sid
-        )
+        select(
+            s.encoding,
+            s.start_position,
+            s.next_position,
+            s.pinned_first,
+            s.pinned_last,
+            s.open_position,
+        ).where(s.id == sid)
     ).first()
     if found is None or found.encoding is None or found.next_position == found.start_position:
         return []  # no session, or nothing since it was cleared
@@ -184,7 +189,9 @@ def _window_recounting(
     ]
     rest = rule.budget(None) - sum(row[5] for row in pinned)
     newer_first: list[WindowRow] = []
-    total, before, page = 0, found.next_position, 16
+    # (a unit still waiting for tool answers is not sent: the window ends before it)
+    before = found.next_position if found.open_position is None else found.open_position
+    total, page = 0, 16
     while total <= rest:
         got = conn.execute(
             select(*columns)

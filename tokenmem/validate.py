@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
-from .chat import FROM_OPENAI, units
+from .chat import FROM_OPENAI, Units, units
 from .errors import ConfigurationError, InvalidInputError
 from .messages import Message
 from .models import ROLES, session_uuid
@@ -114,14 +114,15 @@ class PreparedAppend:
     counter: TokenCounter
     # Original timestamps of imported messages (None: now).
     created_at: list[datetime | None]
-    # Per message, how many messages back its unit starts (tokenmem.chat.units):
-    # 0 for a unit of its own or an assistant message with tool calls, -k for
-    # the tool message answering the call k messages before it. Empty: all 0.
-    unit_back: Sequence[int] = ()
 
     @functools.cached_property
     def floor(self) -> int:
         return sum(c.floor for c in self.counts)
+
+    @functools.cached_property
+    def units(self) -> Units:
+        """The messages' tool-call units (checked: :func:`tokenmem.chat.units`)."""
+        return units(self.messages)
 
     @functools.cached_property
     def pinned(self) -> tuple[int, int] | None:
@@ -218,8 +219,7 @@ def _prepare(
         created = getattr(msg, "created_at", None)
         if created is not None and (not isinstance(created, datetime) or created.tzinfo is None):
             raise InvalidInputError(f"message {i} created_at must be a timezone-aware datetime")
-    unit = units(messages)
-    return PreparedAppend(
+    prepared = PreparedAppend(
         key=key,
         encoding=counter.encoding_name,
         messages=messages,
@@ -228,5 +228,6 @@ def _prepare(
         turns=turn_of[-1] + 1,
         counter=counter,
         created_at=[getattr(m, "created_at", None) for m in messages],
-        unit_back=[0 if u is None else u - i for i, u in enumerate(unit)],
     )
+    prepared.units  # noqa: B018  (the tool-call rules, checked before any transaction)
+    return prepared

@@ -469,11 +469,19 @@ def window_select(
     # The pinned rows (none after clear() started the window past them).
     pinned_first = case((s.pinned_first >= s.start_position, s.pinned_first), else_=_const("-1"))
     pinned_last = case((s.pinned_first >= s.start_position, s.pinned_last), else_=_const("-1"))
+    # A unit still waiting for tool answers (and what came after it: nothing)
+    # is not sent; the window ends before it, and its floors do not count.
+    before = func.coalesce(s.open_position, s.next_position)
+    floor_end = func.coalesce(s.open_floor, s.floor_total)
     if mode == "text":  # plus what the newest unpinned message's newline adds: one probe
         n = MESSAGES.alias("newest_message").c
         newest = (
             select(_newline(n.newline_tokens))
-            .where(n.session_id == sid, ~n.position.between(pinned_first, pinned_last))
+            .where(
+                n.session_id == sid,
+                ~n.position.between(pinned_first, pinned_last),
+                n.position < before,
+            )
             .order_by(n.position.desc())
             .limit(_const("1"))
             .scalar_subquery()
@@ -486,8 +494,8 @@ def window_select(
     start = (
         select(
             case(
-                (s.start_floor > s.floor_total - bound, s.start_floor),
-                else_=s.floor_total - bound,
+                (s.start_floor > floor_end - bound, s.start_floor),
+                else_=floor_end - bound,
             )
         )
         .select_from(sources)
@@ -528,6 +536,7 @@ def window_select(
             select(pinned_first).where(s.id == sid).scalar_subquery(),
             select(pinned_last).where(s.id == sid).scalar_subquery(),
         ),
+        m.position < select(before).where(s.id == sid).scalar_subquery(),
     )
     # cum_floor grows with position (every floor is at least 1): the index
     # order is the session's order, newest first.

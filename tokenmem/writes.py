@@ -12,6 +12,7 @@ messages are inserted as one executemany.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,6 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from . import direct
+from .chat import OpenUnit, resume
 from .errors import ConfigurationError, EncodingUnavailable, SessionNotFound
 from .messages import StoredMessage
 from .models import MESSAGES, SESSIONS, TURNS, utcnow
@@ -153,19 +155,33 @@ def bump_statement(dialect: str) -> Insert:
         },
         where=or_(s.encoding == encoding, s.encoding.is_(None)),
     )
-    return stmt.returning(s.next_position, s.next_turn, s.floor_total)
+    return stmt.returning(
+        s.next_position, s.next_turn, s.floor_total, s.open_position, s.open_floor, s.open_calls
+    )
 
 
 _INSERT_MESSAGES = insert(MESSAGES)  # run as an executemany: compiled once, cached
 BULK_BATCH = 2000  # rows a bulk append sends per statement (COPY or executemany)
 
 
-def _reserve(
-    conn: Connection, p: PreparedAppend, now: datetime
-) -> tuple[PreparedAppend, tuple[int, int, int]]:
+@dataclass(frozen=True)
+class _Placed:
+    """Where an append goes: its first position and turn, the ``cum_floor``
+    of its first message, and the session's open tool-call unit before and
+    after it (tokenmem.chat.resume)."""
+
+    first: int
+    turn: int
+    cum: int
+    open_before: OpenUnit | None
+    open_after: OpenUnit | None
+
+
+def _reserve(conn: Connection, p: PreparedAppend, now: datetime) -> tuple[PreparedAppend, _Placed]:
     """Bump the session (locking its row until the transaction ends) for all
-    of ``p``; return ``p`` as it is stored and the first position, the first
-    turn and the ``cum_floor`` of the first message reserved.
+    of ``p``; return ``p`` as it is stored and where it goes. Its tool-call
+    units are checked against the unit the session left open (an error rolls
+    the transaction back: nothing written).
 
     A session counted with another encoding than ``p``'s (the model
     changed) keeps its own until :func:`recount_batch` has counted every
@@ -179,9 +195,39 @@ def _reserve(
             raise ConfigurationError(
                 f"session {p.key.name!r} changed its encoding during an append"
             )
-    ((next_position, next_turn, floor_total),) = bumped
+    ((next_position, next_turn, floor_total, open_position, open_floor, open_calls),) = bumped
     n = len(p.messages)
-    return p, (next_position - n, next_turn - p.turns, floor_total - p.floor)
+    first, cum = next_position - n, floor_total - p.floor
+    before = None
+    if open_position is not None:
+        calls = json.loads(open_calls) if isinstance(open_calls, str) else open_calls
+        before = OpenUnit(open_position, open_floor, list(calls))
+    after = resume(p.units, before, first, p.key.name)
+    if after is not None and after.floor < 0:  # opened by p: its cum_floor
+        at = after.position - first
+        after = OpenUnit(after.position, cum + sum(c.floor for c in p.counts[:at]), after.calls)
+    if after != before:
+        conn.execute(
+            _SET_OPEN,
+            {
+                "sid": p.key.id,
+                "position": after and after.position,
+                "floor": after and after.floor,
+                "calls": after and after.calls,
+            },
+        )
+    return p, _Placed(first, next_turn - p.turns, cum, before, after)
+
+
+_SET_OPEN = (
+    update(SESSIONS)
+    .where(SESSIONS.c.id == bindparam("sid"))
+    .values(
+        open_position=bindparam("position"),
+        open_floor=bindparam("floor"),
+        open_calls=bindparam("calls", type_=SESSIONS.c.open_calls.type),
+    )
+)
 
 
 def _bump_params(p: PreparedAppend, now: datetime) -> dict[str, Any]:
@@ -200,17 +246,21 @@ def _bump_params(p: PreparedAppend, now: datetime) -> dict[str, Any]:
 
 
 def _rows(
-    p: PreparedAppend, lo: int, hi: int, at: tuple[int, int, int], now: datetime
+    p: PreparedAppend, lo: int, hi: int, at: _Placed, cum: int, now: datetime
 ) -> list[dict[str, Any]]:
-    """Messages ``lo`` to ``hi`` of ``p`` as rows, placed from ``at`` (the
-    first reserved position and turn, and the ``cum_floor`` of message ``lo``)."""
-    sid, encoding = p.key.id, p.encoding
-    position, turn, cum = at
-    back = p.unit_back or [0] * len(p.messages)
+    """Messages ``lo`` to ``hi`` of ``p`` as rows, placed as ``at`` says,
+    ``cum`` being the ``cum_floor`` of message ``lo``."""
+    sid, encoding, units = p.key.id, p.encoding, p.units
+    position, turn = at.first, at.turn
+    continued = len(units.continues)  # its first messages answer the open unit
     rows = []
     for i in range(lo, hi):
         msg, c, created = p.messages[i], p.counts[i], p.created_at[i]
         openai = msg.openai or {}
+        if i < continued:
+            unit = at.open_before.position if at.open_before else None
+        else:
+            unit = position + i + units.back[i] if units.back[i] else None
         rows.append(
             {
                 "session_id": sid,
@@ -229,7 +279,7 @@ def _rows(
                 "message": msg.openai,
                 "tool_calls": openai.get("tool_calls"),
                 "tool_call_id": openai.get("tool_call_id"),
-                "unit": position + i + back[i] if back[i] else None,
+                "unit": unit,
             }
         )
         cum += c.floor
@@ -243,7 +293,7 @@ def append(conn: Connection, p: PreparedAppend) -> list[StoredMessage]:
     while the database is). Returns the messages as stored."""
     now = utcnow()
     p, at = _reserve(conn, p, now)
-    rows = _rows(p, 0, len(p.messages), at, now)
+    rows = _rows(p, 0, len(p.messages), at, at.cum, now)
     direct.execute(conn, _INSERT_MESSAGES, rows)
     return [
         StoredMessage(
@@ -270,13 +320,13 @@ def append_many(conn: Connection, p: PreparedAppend, batch_size: int = BULK_BATC
     statements of ``batch_size`` (COPY on PostgreSQL on the direct path, else
     an executemany). Returns the positions they were stored at."""
     now = utcnow()
-    p, (first, turn, cum) = _reserve(conn, p, now)
-    n = len(p.messages)
+    p, at = _reserve(conn, p, now)
+    n, cum = len(p.messages), at.cum
     for lo in range(0, n, batch_size):
         hi = min(n, lo + batch_size)
-        direct.insert_many(conn, _INSERT_MESSAGES, _rows(p, lo, hi, (first, turn, cum), now))
+        direct.insert_many(conn, _INSERT_MESSAGES, _rows(p, lo, hi, at, cum, now))
         cum += sum(c.floor for c in p.counts[lo:hi])
-    return range(first, first + n)
+    return range(at.first, at.first + n)
 
 
 def _in_session_encoding(conn: Connection, p: PreparedAppend) -> PreparedAppend:
@@ -431,6 +481,12 @@ def recount_batch(
         .order_by(m.position)
         .limit(1)
     ).scalar()
+    # an open tool-call unit's start moved too (NULL stays NULL)
+    open_floor = (
+        select(m.cum_floor)
+        .where(m.session_id == sid, m.position == s.open_position)
+        .scalar_subquery()
+    )
     conn.execute(
         update(SESSIONS)
         .where(s.id == sid)
@@ -438,6 +494,7 @@ def recount_batch(
             encoding=counter.encoding_name,
             floor_total=cum,
             start_floor=cum if start_floor is None else start_floor,
+            open_floor=open_floor,
         )
     )
     return Recount(at.encoding, after=batch[-1].position if batch else at.after, cum=cum, done=True)
@@ -487,7 +544,14 @@ def clear(conn: Connection, key: SessionKey) -> None:
     conn.execute(
         update(SESSIONS)
         .where(s.id == key.id)
-        .values(start_position=s.next_position, start_floor=s.floor_total, updated_at=utcnow())
+        .values(
+            start_position=s.next_position,
+            start_floor=s.floor_total,
+            open_position=None,
+            open_floor=None,
+            open_calls=None,
+            updated_at=utcnow(),
+        )
     )
 
 

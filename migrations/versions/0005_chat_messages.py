@@ -47,6 +47,9 @@ def upgrade() -> None:
     with op.batch_alter_table("tokenmem_sessions") as batch:
         batch.add_column(sa.Column("pinned_first", sa.BigInteger(), nullable=True))
         batch.add_column(sa.Column("pinned_last", sa.BigInteger(), nullable=True))
+        batch.add_column(sa.Column("open_position", sa.BigInteger(), nullable=True))
+        batch.add_column(sa.Column("open_floor", sa.BigInteger(), nullable=True))
+        batch.add_column(sa.Column("open_calls", sa.JSON(none_as_null=True), nullable=True))
     with op.batch_alter_table("tokenmem_turns") as batch:
         batch.add_column(sa.Column("pinned_first", sa.BigInteger(), nullable=True))
         batch.add_column(sa.Column("pinned_last", sa.BigInteger(), nullable=True))
@@ -99,6 +102,9 @@ def downgrade() -> None:
         batch.drop_column("pinned_last")
         batch.drop_column("pinned_first")
     with op.batch_alter_table("tokenmem_sessions", recreate="never") as batch:
+        batch.drop_column("open_calls")
+        batch.drop_column("open_floor")
+        batch.drop_column("open_position")
         batch.drop_column("pinned_last")
         batch.drop_column("pinned_first")
     with op.batch_alter_table("tokenmem_messages") as batch:
