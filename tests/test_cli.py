@@ -339,3 +339,33 @@ def test_bad_migration_revision_is_a_usage_error(
 ) -> None:
     code, _, err = run(capsys, "--db", url_of(db), "db", "upgrade", "nonsense")
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_window_shows_the_pinned_prompt_and_tool_traffic(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    memory = ConversationTokenBufferMemory(
+        store=store, session_id="tools", max_token_limit=60, system_message="Be brief."
+    )
+    for city in ("Paris", "Rome", "Oslo"):
+        call = {"id": f"call_{city}", "type": "function"}
+        call["function"] = {"name": "get_weather", "arguments": f'{{"city": "{city}"}}'}
+        memory.save_messages(
+            [
+                {"role": "user", "content": f"Weather in {city}?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": f"call_{city}", "content": "20C"},
+                {"role": "assistant", "content": f"20C in {city}."},
+            ]
+        )
+    memory.load_messages()  # saves the prompt, pinned at position 12
+    url = url_of(store.engine)
+    code, out, _ = run(capsys, "--db", url, "window", "tools", "--limit", "60", "--messages")
+    assert code == 0 and "system (pinned)" in out and 'get_weather({"city": "Oslo"})' in out
+    shown = json.loads(
+        run(capsys, "--db", url, "--json", "window", "tools", "--limit", "60", "--messages")[1]
+    )
+    rows = shown["messages"]
+    assert rows[0]["pinned"] and rows[0]["position"] == 12
+    assert shown["fell_out"] == rows[1]["position"]  # all before it: the prompt is after them
+    assert f"{shown['fell_out']} older message(s) are outside the window" in out

@@ -371,6 +371,7 @@ def cmd_window(args: argparse.Namespace, store: Store, out: _Out) -> int:
                 "position": w.position,
                 "turn": w.turn,
                 "role": w.message.type,
+                "pinned": w.pinned,
                 "cost": cost,
                 "running": running,
                 "content": w.message.content,
@@ -378,7 +379,9 @@ def cmd_window(args: argparse.Namespace, store: Store, out: _Out) -> int:
         )
     priming = 3 if rule.mode == "messages" and rows else 0
     used = running + priming
-    first = window[0].position if window else session.next_position
+    # the oldest message of the window proper (the pinned prompt is sent first)
+    first = next((w.position for w in window if not w.pinned), session.next_position)
+    pinned_before = sum(w.pinned and w.position < first for w in window)
     if out.as_json:
         out.json(
             {
@@ -388,7 +391,7 @@ def cmd_window(args: argparse.Namespace, store: Store, out: _Out) -> int:
                 "used": used,
                 "reply_priming": priming,
                 "messages": rows,
-                "fell_out": first,
+                "fell_out": first - pinned_before,
             }
         )
         return 0
@@ -398,7 +401,7 @@ def cmd_window(args: argparse.Namespace, store: Store, out: _Out) -> int:
             (
                 r["position"],
                 r["turn"],
-                r["role"],
+                f"{r['role']} (pinned)" if r["pinned"] else r["role"],
                 r["cost"],
                 r["running"],
                 _short(str(r["content"])),
@@ -413,10 +416,11 @@ def cmd_window(args: argparse.Namespace, store: Store, out: _Out) -> int:
         f"\n[{'#' * filled}{'.' * (width - filled)}] {used}/{args.limit} tokens "
         f"({how}{rule.mode}, {counter.encoding_name})"
     )
-    older = f" (positions 0..{first - 1})" if first else ""
+    older = f" (positions 0..{first - 1}"
+    older += ", but the pinned prompt)" if pinned_before else ")"
     out.line(
-        f"{first} older message(s) are outside the window{older}: over the budget, "
-        f"cleared or pruned; {len(rows)} are in it"
+        f"{first - pinned_before} older message(s) are outside the window"
+        f"{older if first else ''}: over the budget, cleared or pruned; {len(rows)} are in it"
     )
     return 0
 
