@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, insert, select, text
 
 from tokenmem import (
     ConfigurationError,
@@ -36,18 +36,18 @@ from tokenmem import (
 from tokenmem.aio import AsyncStore
 from tokenmem.audit import TurnRecord
 from tokenmem.cli import main
-from tokenmem.models import Base, session_uuid
+from tokenmem.models import SUMMARIES, Base, session_uuid, utcnow
 from tokenmem.partition import include_name, is_partition, layout
 from tokenmem.transfer import export_jsonl, import_jsonl
 from tokenmem.window import window_select
 
 from .conftest import async_twin, fresh_engine
 
-PLAIN = {"tokenmem_messages": 0, "tokenmem_turns": 0}
+PLAIN = {"tokenmem_messages": 0, "tokenmem_turns": 0, "tokenmem_summaries": 0}
 
 
 def parts(n: int) -> dict[str, int]:
-    return {"tokenmem_messages": n, "tokenmem_turns": n}
+    return {"tokenmem_messages": n, "tokenmem_turns": n, "tokenmem_summaries": n}
 
 
 @pytest.fixture
@@ -150,15 +150,35 @@ def test_partition_and_unpartition_keep_every_row(pg: Engine, o200k: TokenCounte
     for i in range(12):
         store.append_turns(f"s{i}", [[Message("human", f"{i}-{j}")] for j in range(5)], o200k)
         store.record_turn(f"s{i}", record(f"call {i}"))
+    summary = {"first_position": 0, "last_position": 1, "model": "m", "encoding": "o200k_base"}
+    counts = {"text_tokens": 3, "newline_tokens": 1, "chat_tokens": 4, "created_at": utcnow()}
+    with pg.begin() as conn:
+        conn.execute(
+            insert(SUMMARIES),
+            [
+                {"session_id": session_uuid("", f"s{i}"), "seq": 0, "content": f"about {i}"}
+                | summary
+                | counts
+                for i in range(12)
+            ],
+        )
 
     def contents() -> tuple[Any, ...]:
+        with pg.connect() as conn:
+            summaries = conn.execute(
+                select(SUMMARIES.c.session_id, SUMMARIES.c.seq, SUMMARIES.c.content).order_by(
+                    SUMMARIES.c.content
+                )
+            ).all()
         return (
             [_timeless(m) for i in range(12) for m in store.history(f"s{i}")],
             [(t.seq, t.input) for i in range(12) for t in store.turns(f"s{i}")],
             [store.window(f"s{i}", Rule(limit=20), o200k) for i in range(12)],
+            summaries,
         )
 
     before = contents()
+    assert len(before[3]) == 12
     assert store.partition(8) == parts(8)
     assert contents() == before
     assert store.partition(8) == parts(8)  # nothing to do
@@ -170,7 +190,7 @@ def test_partition_and_unpartition_keep_every_row(pg: Engine, o200k: TokenCounte
         ).scalars()
         names = set(names)
     assert not {n for n in names if n.startswith("tokenmem_old_")}  # nothing left over
-    assert {"tokenmem_messages_p2", "tokenmem_turns_p2"} <= names
+    assert {"tokenmem_messages_p2", "tokenmem_turns_p2", "tokenmem_summaries_p2"} <= names
     assert "tokenmem_messages_p3" not in names
     assert store.unpartition() == PLAIN
     assert store.unpartition() == PLAIN
@@ -181,7 +201,8 @@ def test_partition_and_unpartition_keep_every_row(pg: Engine, o200k: TokenCounte
 def test_migrations_run_on_partitioned_tables(pg: Engine, o200k: TokenCounter) -> None:
     """Down below 0004 (which alters tokenmem_turns' column types) and 0003
     (which adds a column to tokenmem_messages) and up again: the tables stay
-    partitioned, rows kept; and autogenerate finds no drift."""
+    partitioned, rows kept, but for tokenmem_summaries, which 0005 drops and
+    makes again (plain); and autogenerate finds no drift."""
     store = Store(pg, upgrade=True)
     store.partition(4)
     memory = ConversationTokenBufferMemory(store=store, session_id="m", max_token_limit=50)
@@ -192,7 +213,7 @@ def test_migrations_run_on_partitioned_tables(pg: Engine, o200k: TokenCounter) -
         assert store.current_revision() == revision
         store.upgrade()
         with pg.connect() as conn:
-            assert layout(conn) == parts(4)
+            assert layout(conn) == {**parts(4), "tokenmem_summaries": 0}
     assert memory.load_memory_variables({})["history"] == "Human: hi\nAI: there"
     assert [t.model for t in store.turns("m")] == ["m" * 255]  # 0004's downgrade cut it
     memory.save_context({"input": "and"}, {"output": "now"})
@@ -212,7 +233,7 @@ def test_migrations_run_on_partitioned_tables(pg: Engine, o200k: TokenCounter) -
     store.downgrade("0001")
     store.upgrade()
     with pg.connect() as conn:
-        assert layout(conn) == {"tokenmem_messages": 4, "tokenmem_turns": 0}
+        assert layout(conn) == {**PLAIN, "tokenmem_messages": 4}
 
 
 def _relations(plan: Any) -> list[str]:
@@ -468,6 +489,7 @@ def test_a_partition_count_is_checked(pg: Engine, bad: Any) -> None:
 
 def test_partitions_are_named_for_the_autogenerate_hook() -> None:
     assert is_partition("tokenmem_messages_p0") and is_partition("tokenmem_turns_p15")
+    assert is_partition("tokenmem_summaries_p7")
     assert not is_partition("tokenmem_messages") and not is_partition("host_table_p1")
     assert include_name("tokenmem_turns", "table", {}) and not include_name(
         "tokenmem_turns_p3", "table", {}
@@ -500,6 +522,7 @@ def test_the_db_partition_command(
     assert out == (
         "tokenmem_messages: 4 hash partitions by session_id\n"
         "tokenmem_turns: 4 hash partitions by session_id\n"
+        "tokenmem_summaries: 4 hash partitions by session_id\n"
     )
     code, out, _ = _run(capsys, "--db", url, "--json", "db", "unpartition", "--yes")
     assert (code, json.loads(out)) == (0, {"partitions": PLAIN})

@@ -181,15 +181,16 @@ class AsyncStore(StoreBase):
         self._ready = True
 
     async def partition(self, partitions: int) -> dict[str, int]:
-        """Hash-partition ``tokenmem_messages`` and ``tokenmem_turns`` by
-        ``session_id`` into ``partitions`` partitions each (PostgreSQL only),
+        """Hash-partition ``tokenmem_messages``, ``tokenmem_turns`` and
+        ``tokenmem_summaries`` by ``session_id`` into ``partitions``
+        partitions each (PostgreSQL only),
         keeping every row, in one transaction that blocks the tables while it
         copies them. Returns each table's number of partitions. Raises
         :class:`ConfigurationError` on SQLite. See :mod:`tokenmem.partition`."""
         return await self.run(functools.partial(partitioning.partition, partitions=partitions))
 
     async def unpartition(self) -> dict[str, int]:
-        """Make both tables plain again (the reverse of :meth:`partition`),
+        """Make the tables plain again (the reverse of :meth:`partition`),
         keeping every row; returns each table's number of partitions (0)."""
         return await self.run(partitioning.unpartition)
 
