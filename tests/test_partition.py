@@ -24,7 +24,9 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, Engine, create_engine, event, insert, select, text
 
 from tokenmem import (
+    ChatOpenAI,
     ConfigurationError,
+    ConversationSummaryBufferMemory,
     ConversationTokenBufferMemory,
     Message,
     Rule,
@@ -42,6 +44,7 @@ from tokenmem.transfer import export_jsonl, import_jsonl
 from tokenmem.window import window_select
 
 from .conftest import async_twin, fresh_engine
+from .openai_server import FakeOpenAI
 
 PLAIN = {"tokenmem_messages": 0, "tokenmem_turns": 0, "tokenmem_summaries": 0}
 
@@ -79,12 +82,23 @@ def _timeless(m: Any) -> tuple[Any, ...]:
     return (m.position, m.turn, m.type, m.content, m.name, m.metadata, m.encoding, m.text_tokens)
 
 
-def everything(store: Store, o200k: TokenCounter) -> dict[str, Any]:
+def everything(store: Store, o200k: TokenCounter, server: FakeOpenAI) -> dict[str, Any]:
     """What a store does — the memory's appends and windows (both modes), an
-    encoding change, clear, the turn log, history pages, export and import,
-    prune, erase, erase_owner, counts — as plain values, to compare a
-    partitioned store with a plain one."""
+    encoding change, clear, the turn log, a summary memory, history pages,
+    export and import, prune, erase, erase_owner, counts — as plain values,
+    to compare a partitioned store with a plain one."""
     out: dict[str, Any] = {}
+    server.reply(*[f"Summary of {n} lines." for n in range(12)])
+    llm = ChatOpenAI(base_url=server.base_url, api_key="k", max_retries=0)
+    summarizing = ConversationSummaryBufferMemory(
+        llm=llm, store=store, session_id="sum", max_token_limit=40
+    )
+    for i in range(5):
+        summarizing.save_context({"input": f"question {i}"}, {"output": f"answer {i}"})
+    out["summarized"] = summarizing.load_memory_variables({})
+    out["summaries"] = [
+        (s.seq, s.first_position, s.last_position, s.content) for s in summarizing.summaries()
+    ]
     memory = ConversationTokenBufferMemory(store=store, session_id="p", max_token_limit=40)
     for i in range(8):
         memory.save_context({"input": f"question {i} 你好?"}, {"output": f"answer {i}.\nok"})
@@ -127,14 +141,15 @@ def everything(store: Store, o200k: TokenCounter) -> dict[str, Any]:
 
 
 def test_a_partitioned_store_does_what_a_plain_one_does(
-    pg: Engine, tmp_path: Path, o200k: TokenCounter
+    pg: Engine, tmp_path: Path, o200k: TokenCounter, openai_server: FakeOpenAI
 ) -> None:
     plain = Store(pg, upgrade=True)
-    expected = everything(plain, o200k)
+    expected = everything(plain, o200k, openai_server)
     with fresh_engine("postgresql", tmp_path / "parted") as engine:
         store = Store(engine, upgrade=True)
         assert store.partition(4) == parts(4)  # freshly upgraded, empty
-        assert everything(store, o200k) == expected
+        with FakeOpenAI() as server:  # the same replies, in the same order
+            assert everything(store, o200k, server) == expected
         with engine.connect() as conn:
             assert layout(conn) == parts(4)
             # Rows are spread by session: p's messages all in one partition.
@@ -143,6 +158,7 @@ def test_a_partitioned_store_does_what_a_plain_one_does(
             ).scalars()
             assert set(where) <= {f"tokenmem_messages_p{r}" for r in range(4)}
     assert expected["text"] and expected["window_q"] and expected["turns"]
+    assert expected["summaries"] and expected["summarized"]["history"].startswith("System: ")
 
 
 def test_partition_and_unpartition_keep_every_row(pg: Engine, o200k: TokenCounter) -> None:
@@ -338,6 +354,7 @@ _INSERT = re.compile(r"^INSERT INTO (tokenmem_\w+) \(([^)]*)\) VALUES (.*)$", re
 _KEY = {
     "tokenmem_messages": "session_id",
     "tokenmem_turns": "session_id",
+    "tokenmem_summaries": "session_id",
     "tokenmem_sessions": "id",
 }
 
@@ -433,11 +450,14 @@ def test_the_checker_finds_what_it_is_for() -> None:
             session_keys(fans_out, ("x",))
 
 
-def test_every_hot_statement_names_one_session(store: Store, o200k: TokenCounter) -> None:
+def test_every_hot_statement_names_one_session(
+    store: Store, o200k: TokenCounter, openai_server: FakeOpenAI
+) -> None:
     """An append (store.append and memory.save_context), the window
     (load_memory_variables), a history page, recording and reading the turn
-    log: each statement on tokenmem_messages or tokenmem_turns is keyed by
-    the session's id, and so is each on tokenmem_sessions."""
+    log, a summary memory's saves, summaries and loads: each statement on
+    tokenmem_messages, tokenmem_turns or tokenmem_summaries is keyed by the
+    session's id, and so is each on tokenmem_sessions."""
     store.check()  # the schema check reads alembic's table once: not a hot statement
     sid = session_uuid("alice", "hot")
     seen: list[tuple[str, Any]] = []
@@ -458,6 +478,15 @@ def test_every_hot_statement_names_one_session(store: Store, o200k: TokenCounter
     alice.record_turn("hot", record("failed"))
     alice.turns("hot")
     alice.rebuild_prompt("hot", turn.seq or 0)
+    openai_server.reply(*["A summary."] * 10)
+    llm = ChatOpenAI(base_url=openai_server.base_url, api_key="k", max_retries=0)
+    summarizing = ConversationSummaryBufferMemory(
+        llm=llm, store=alice, session_id="hot", max_token_limit=40
+    )
+    for i in range(3):
+        summarizing.save_context({"input": f"question {i}"}, {"output": f"answer {i}"})
+        summarizing.load_memory_variables({})
+    assert summarizing.summaries() and summarizing.moving_summary_buffer
     touched: Mapping[str, set[uuid.UUID]] = {t: set() for t in _KEY}
     for statement, params in seen:
         for table, key in session_keys(statement, params):
