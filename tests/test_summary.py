@@ -33,6 +33,7 @@ from tokenmem.window import CHAT_ROLES, chat_prompt_tokens, count_message
 from .conftest import async_twin
 from .openai_server import FakeOpenAI
 from .test_owners import record
+from .test_readme import block, run_block
 
 MODELS = ["chat", "completions"]  # ChatOpenAI (chat formula), OpenAI (the rendered string)
 
@@ -486,3 +487,17 @@ def test_configuration(openai_server: FakeOpenAI, store: Store) -> None:
     assert sent(openai_server, 1).startswith("Old: Short.\nNew: ")
     assert isinstance(memory, ConversationTokenBufferMemory)
     assert repr(memory).startswith("ConversationSummaryBufferMemory(session_id=")
+
+
+def test_the_readme_example(openai_server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's block runs as written (the embedded SQLite store), its
+    model the local server, and shows what it prints."""
+    monkeypatch.setenv("OPENAI_BASE_URL", openai_server.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    openai_server.reply("A trip to Kyoto.")
+    assert run_block(block("Summaries of what fell out of the window")) == 2
+    (request,) = openai_server.requests
+    assert "New lines of conversation:\nHuman: I'm planning a trip to Kyoto.\n\n" in sent(
+        openai_server
+    )
+    assert request.body["model"] == "gpt-4o-mini"
