@@ -66,8 +66,8 @@ class Summary:
     ``first_position`` to ``last_position`` (the summaries before it, the
     older ones). ``tokens``: what it costs under the rule it was read for —
     the line ``"System: {content}"`` with its newline, or a system message
-    (3 + role + content) — counted with the encoding it was made with, or
-    again when the session's is another."""
+    (3 + role + content) — from the counts stored with it, or counted again
+    when the memory reading it counts with another encoding."""
 
     seq: int
     first_position: int
@@ -308,11 +308,11 @@ def add(
 ) -> int | None:
     """Add ``content``, the summary of ``todo`` that ``model`` made (its
     ``counts`` made with ``encoding`` before the transaction), under the
-    session's row lock, numbered after the newest; return its ``seq``. None, adding
-    nothing, when ``todo`` is no longer what is pending: another writer
-    added a summary since (it replaces these messages), ``clear()`` moved
-    the window's start, or the session was erased. So no two summaries of a
-    session share a number or a message."""
+    session's row lock, numbered after the newest; return its ``seq``.
+    None, adding nothing, when ``todo`` is no longer what is pending:
+    another writer added a summary since (it replaces these messages),
+    ``clear()`` moved the window's start, or the session was erased. So no
+    two summaries of a session share a number or a message."""
     locked = conn.execute(_LOCK, {"sid": key.id}).first()
     if locked is None:
         return None
