@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import func, insert, select, update
 
 from tokenmem import (
     ConfigurationError,
@@ -18,7 +18,7 @@ from tokenmem import (
     TokenCounter,
     TurnRecord,
 )
-from tokenmem.models import MESSAGES, TURNS, utcnow
+from tokenmem.models import MESSAGES, SUMMARIES, TURNS, session_uuid, utcnow
 
 
 def record(input: str) -> TurnRecord:
@@ -90,32 +90,67 @@ def test_bad_owner(store: Store, owner: object) -> None:
         store.owner(owner)  # type: ignore[arg-type]
 
 
+def summarize(store: Store, session: str, owner: str, made: datetime | None = None) -> None:
+    """A row of tokenmem_summaries for the session (as the summary memory writes)."""
+    with store.engine.begin() as conn:
+        seq = conn.execute(
+            select(func.count()).where(SUMMARIES.c.session_id == session_uuid(owner, session))
+        ).scalar_one()
+        conn.execute(
+            insert(SUMMARIES).values(
+                session_id=session_uuid(owner, session),
+                seq=seq,
+                first_position=seq,
+                last_position=seq,
+                content="a summary",
+                model="m",
+                encoding="o200k_base",
+                text_tokens=3,
+                newline_tokens=1,
+                chat_tokens=4,
+                created_at=made or utcnow(),
+            )
+        )
+
+
+def summaries(store: Store) -> int:
+    with store.engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(SUMMARIES)).scalar_one())
+
+
 def test_erase_owner(store: Store, o200k: TokenCounter) -> None:
     for owner in ("alice", "bob"):
         for session in ("a", "b"):
             store.append(session, [Message("human", "x"), Message("ai", "y")], o200k, owner=owner)
             store.record_turn(session, record("x"), owner=owner)
+            summarize(store, session, owner)
     erased = store.erase_owner("alice")
-    assert (erased.sessions, erased.messages, erased.turns) == (2, 4, 2)
+    assert (erased.sessions, erased.messages, erased.turns, erased.summaries) == (2, 4, 2, 2)
+    assert summaries(store) == 2
     assert store.sessions(owner="alice") == []
     assert [s.session_id for s in store.sessions(owner="bob")] == ["a", "b"]
     assert store.count(all_owners=True) == 4
     assert store.count() == 0  # the default (unnamed) owner has nothing
     assert store.erase_owner("alice").sessions == 0
+    store.erase("a", owner="bob")
+    assert summaries(store) == 1
 
 
 def test_prune_by_age(store: Store, o200k: TokenCounter) -> None:
     for owner in ("alice", "bob"):
         store.append("s", [Message("human", "old"), Message("ai", "old reply")], o200k, owner=owner)
         store.record_turn("s", record("old"), owner=owner)
+        summarize(store, "s", owner, utcnow() - timedelta(days=35))
     with store.engine.begin() as conn:  # age them by 40 days
         conn.execute(update(MESSAGES).values(created_at=utcnow() - timedelta(days=40)))
         conn.execute(update(TURNS).values(created_at=utcnow() - timedelta(days=40)))
     for owner in ("alice", "bob"):
         store.append("s", [Message("human", "new"), Message("ai", "new reply")], o200k, owner=owner)
+        summarize(store, "s", owner)  # newer than the cutoff: stays
 
     pruned = store.prune(timedelta(days=30), owner="alice")
-    assert (pruned.messages, pruned.turns) == (2, 1)
+    assert (pruned.messages, pruned.turns, pruned.summaries) == (2, 1, 1)
+    assert summaries(store) == 3
     assert [m.content for m in store.history("s", owner="alice")] == ["new", "new reply"]
     assert [m.position for m in store.history("s", owner="alice")] == [2, 3]
     assert len(list(store.history("s", owner="bob"))) == 4

@@ -11,7 +11,12 @@ from typing import Any
 
 import pytest
 
-from tokenmem import ConversationChain, ConversationTokenBufferMemory, Store
+from tokenmem import (
+    ConversationChain,
+    ConversationSummaryBufferMemory,
+    ConversationTokenBufferMemory,
+    Store,
+)
 from tokenmem.aio import AsyncStore
 
 
@@ -57,6 +62,8 @@ def test_store_and_async_store() -> None:
         # properties and LangChain attributes have no awaitable form
         (ConversationTokenBufferMemory, {"__init__", "rule", "memory_variables", "buffer"}),
         (ConversationChain, {"__init__"}),
+        # its own methods and overrides (the rest is the class above)
+        (ConversationSummaryBufferMemory, {"__init__"}),
     ],
 )
 def test_a_twins(cls: type, sync_only: set[str]) -> None:

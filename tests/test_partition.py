@@ -21,10 +21,12 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, insert, select, text
 
 from tokenmem import (
+    ChatOpenAI,
     ConfigurationError,
+    ConversationSummaryBufferMemory,
     ConversationTokenBufferMemory,
     Message,
     Rule,
@@ -36,18 +38,19 @@ from tokenmem import (
 from tokenmem.aio import AsyncStore
 from tokenmem.audit import TurnRecord
 from tokenmem.cli import main
-from tokenmem.models import Base, session_uuid
+from tokenmem.models import SUMMARIES, Base, session_uuid, utcnow
 from tokenmem.partition import include_name, is_partition, layout
 from tokenmem.transfer import export_jsonl, import_jsonl
 from tokenmem.window import window_select
 
 from .conftest import async_twin, fresh_engine
+from .openai_server import FakeOpenAI
 
-PLAIN = {"tokenmem_messages": 0, "tokenmem_turns": 0}
+PLAIN = {"tokenmem_messages": 0, "tokenmem_turns": 0, "tokenmem_summaries": 0}
 
 
 def parts(n: int) -> dict[str, int]:
-    return {"tokenmem_messages": n, "tokenmem_turns": n}
+    return {"tokenmem_messages": n, "tokenmem_turns": n, "tokenmem_summaries": n}
 
 
 @pytest.fixture
@@ -79,12 +82,23 @@ def _timeless(m: Any) -> tuple[Any, ...]:
     return (m.position, m.turn, m.type, m.content, m.name, m.metadata, m.encoding, m.text_tokens)
 
 
-def everything(store: Store, o200k: TokenCounter) -> dict[str, Any]:
+def everything(store: Store, o200k: TokenCounter, server: FakeOpenAI) -> dict[str, Any]:
     """What a store does — the memory's appends and windows (both modes), an
-    encoding change, clear, the turn log, history pages, export and import,
-    prune, erase, erase_owner, counts — as plain values, to compare a
-    partitioned store with a plain one."""
+    encoding change, clear, the turn log, a summary memory, history pages,
+    export and import, prune, erase, erase_owner, counts — as plain values,
+    to compare a partitioned store with a plain one."""
     out: dict[str, Any] = {}
+    server.reply(*[f"Summary of {n} lines." for n in range(12)])
+    llm = ChatOpenAI(base_url=server.base_url, api_key="k", max_retries=0)
+    summarizing = ConversationSummaryBufferMemory(
+        llm=llm, store=store, session_id="sum", max_token_limit=40
+    )
+    for i in range(5):
+        summarizing.save_context({"input": f"question {i}"}, {"output": f"answer {i}"})
+    out["summarized"] = summarizing.load_memory_variables({})
+    out["summaries"] = [
+        (s.seq, s.first_position, s.last_position, s.content) for s in summarizing.summaries()
+    ]
     memory = ConversationTokenBufferMemory(store=store, session_id="p", max_token_limit=40)
     for i in range(8):
         memory.save_context({"input": f"question {i} 你好?"}, {"output": f"answer {i}.\nok"})
@@ -127,14 +141,15 @@ def everything(store: Store, o200k: TokenCounter) -> dict[str, Any]:
 
 
 def test_a_partitioned_store_does_what_a_plain_one_does(
-    pg: Engine, tmp_path: Path, o200k: TokenCounter
+    pg: Engine, tmp_path: Path, o200k: TokenCounter, openai_server: FakeOpenAI
 ) -> None:
     plain = Store(pg, upgrade=True)
-    expected = everything(plain, o200k)
+    expected = everything(plain, o200k, openai_server)
     with fresh_engine("postgresql", tmp_path / "parted") as engine:
         store = Store(engine, upgrade=True)
         assert store.partition(4) == parts(4)  # freshly upgraded, empty
-        assert everything(store, o200k) == expected
+        with FakeOpenAI() as server:  # the same replies, in the same order
+            assert everything(store, o200k, server) == expected
         with engine.connect() as conn:
             assert layout(conn) == parts(4)
             # Rows are spread by session: p's messages all in one partition.
@@ -143,6 +158,7 @@ def test_a_partitioned_store_does_what_a_plain_one_does(
             ).scalars()
             assert set(where) <= {f"tokenmem_messages_p{r}" for r in range(4)}
     assert expected["text"] and expected["window_q"] and expected["turns"]
+    assert expected["summaries"] and expected["summarized"]["history"].startswith("System: ")
 
 
 def test_partition_and_unpartition_keep_every_row(pg: Engine, o200k: TokenCounter) -> None:
@@ -150,15 +166,35 @@ def test_partition_and_unpartition_keep_every_row(pg: Engine, o200k: TokenCounte
     for i in range(12):
         store.append_turns(f"s{i}", [[Message("human", f"{i}-{j}")] for j in range(5)], o200k)
         store.record_turn(f"s{i}", record(f"call {i}"))
+    summary = {"first_position": 0, "last_position": 1, "model": "m", "encoding": "o200k_base"}
+    counts = {"text_tokens": 3, "newline_tokens": 1, "chat_tokens": 4, "created_at": utcnow()}
+    with pg.begin() as conn:
+        conn.execute(
+            insert(SUMMARIES),
+            [
+                {"session_id": session_uuid("", f"s{i}"), "seq": 0, "content": f"about {i}"}
+                | summary
+                | counts
+                for i in range(12)
+            ],
+        )
 
     def contents() -> tuple[Any, ...]:
+        with pg.connect() as conn:
+            summaries = conn.execute(
+                select(SUMMARIES.c.session_id, SUMMARIES.c.seq, SUMMARIES.c.content).order_by(
+                    SUMMARIES.c.content
+                )
+            ).all()
         return (
             [_timeless(m) for i in range(12) for m in store.history(f"s{i}")],
             [(t.seq, t.input) for i in range(12) for t in store.turns(f"s{i}")],
             [store.window(f"s{i}", Rule(limit=20), o200k) for i in range(12)],
+            summaries,
         )
 
     before = contents()
+    assert len(before[3]) == 12
     assert store.partition(8) == parts(8)
     assert contents() == before
     assert store.partition(8) == parts(8)  # nothing to do
@@ -170,7 +206,7 @@ def test_partition_and_unpartition_keep_every_row(pg: Engine, o200k: TokenCounte
         ).scalars()
         names = set(names)
     assert not {n for n in names if n.startswith("tokenmem_old_")}  # nothing left over
-    assert {"tokenmem_messages_p2", "tokenmem_turns_p2"} <= names
+    assert {"tokenmem_messages_p2", "tokenmem_turns_p2", "tokenmem_summaries_p2"} <= names
     assert "tokenmem_messages_p3" not in names
     assert store.unpartition() == PLAIN
     assert store.unpartition() == PLAIN
@@ -181,7 +217,8 @@ def test_partition_and_unpartition_keep_every_row(pg: Engine, o200k: TokenCounte
 def test_migrations_run_on_partitioned_tables(pg: Engine, o200k: TokenCounter) -> None:
     """Down below 0004 (which alters tokenmem_turns' column types) and 0003
     (which adds a column to tokenmem_messages) and up again: the tables stay
-    partitioned, rows kept; and autogenerate finds no drift."""
+    partitioned, rows kept, but for tokenmem_summaries, which 0005 drops and
+    makes again (plain); and autogenerate finds no drift."""
     store = Store(pg, upgrade=True)
     store.partition(4)
     memory = ConversationTokenBufferMemory(store=store, session_id="m", max_token_limit=50)
@@ -192,7 +229,7 @@ def test_migrations_run_on_partitioned_tables(pg: Engine, o200k: TokenCounter) -
         assert store.current_revision() == revision
         store.upgrade()
         with pg.connect() as conn:
-            assert layout(conn) == parts(4)
+            assert layout(conn) == {**parts(4), "tokenmem_summaries": 0}
     assert memory.load_memory_variables({})["history"] == "Human: hi\nAI: there"
     assert [t.model for t in store.turns("m")] == ["m" * 255]  # 0004's downgrade cut it
     memory.save_context({"input": "and"}, {"output": "now"})
@@ -212,7 +249,7 @@ def test_migrations_run_on_partitioned_tables(pg: Engine, o200k: TokenCounter) -
     store.downgrade("0001")
     store.upgrade()
     with pg.connect() as conn:
-        assert layout(conn) == {"tokenmem_messages": 4, "tokenmem_turns": 0}
+        assert layout(conn) == {**PLAIN, "tokenmem_messages": 4}
 
 
 def _relations(plan: Any) -> list[str]:
@@ -317,6 +354,7 @@ _INSERT = re.compile(r"^INSERT INTO (tokenmem_\w+) \(([^)]*)\) VALUES (.*)$", re
 _KEY = {
     "tokenmem_messages": "session_id",
     "tokenmem_turns": "session_id",
+    "tokenmem_summaries": "session_id",
     "tokenmem_sessions": "id",
 }
 
@@ -412,11 +450,14 @@ def test_the_checker_finds_what_it_is_for() -> None:
             session_keys(fans_out, ("x",))
 
 
-def test_every_hot_statement_names_one_session(store: Store, o200k: TokenCounter) -> None:
+def test_every_hot_statement_names_one_session(
+    store: Store, o200k: TokenCounter, openai_server: FakeOpenAI
+) -> None:
     """An append (store.append and memory.save_context), the window
     (load_memory_variables), a history page, recording and reading the turn
-    log: each statement on tokenmem_messages or tokenmem_turns is keyed by
-    the session's id, and so is each on tokenmem_sessions."""
+    log, a summary memory's saves, summaries and loads: each statement on
+    tokenmem_messages, tokenmem_turns or tokenmem_summaries is keyed by the
+    session's id, and so is each on tokenmem_sessions."""
     store.check()  # the schema check reads alembic's table once: not a hot statement
     sid = session_uuid("alice", "hot")
     seen: list[tuple[str, Any]] = []
@@ -437,6 +478,15 @@ def test_every_hot_statement_names_one_session(store: Store, o200k: TokenCounter
     alice.record_turn("hot", record("failed"))
     alice.turns("hot")
     alice.rebuild_prompt("hot", turn.seq or 0)
+    openai_server.reply(*["A summary."] * 10)
+    llm = ChatOpenAI(base_url=openai_server.base_url, api_key="k", max_retries=0)
+    summarizing = ConversationSummaryBufferMemory(
+        llm=llm, store=alice, session_id="hot", max_token_limit=40
+    )
+    for i in range(3):
+        summarizing.save_context({"input": f"question {i}"}, {"output": f"answer {i}"})
+        summarizing.load_memory_variables({})
+    assert summarizing.summaries() and summarizing.moving_summary_buffer
     touched: Mapping[str, set[uuid.UUID]] = {t: set() for t in _KEY}
     for statement, params in seen:
         for table, key in session_keys(statement, params):
@@ -468,6 +518,7 @@ def test_a_partition_count_is_checked(pg: Engine, bad: Any) -> None:
 
 def test_partitions_are_named_for_the_autogenerate_hook() -> None:
     assert is_partition("tokenmem_messages_p0") and is_partition("tokenmem_turns_p15")
+    assert is_partition("tokenmem_summaries_p7")
     assert not is_partition("tokenmem_messages") and not is_partition("host_table_p1")
     assert include_name("tokenmem_turns", "table", {}) and not include_name(
         "tokenmem_turns_p3", "table", {}
@@ -500,6 +551,7 @@ def test_the_db_partition_command(
     assert out == (
         "tokenmem_messages: 4 hash partitions by session_id\n"
         "tokenmem_turns: 4 hash partitions by session_id\n"
+        "tokenmem_summaries: 4 hash partitions by session_id\n"
     )
     code, out, _ = _run(capsys, "--db", url, "--json", "db", "unpartition", "--yes")
     assert (code, json.loads(out)) == (0, {"partitions": PLAIN})

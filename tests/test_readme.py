@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import ast
+import itertools
 import os
 import re
 import subprocess
@@ -28,35 +30,41 @@ def test_sample_output_is_current() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def block(title: str) -> str:
+    """The first Python block of the README's section ``title``."""
+    found = re.search(rf"^## {re.escape(title)}\n.*?^```python\n(.*?)^```", README, re.S | re.M)
+    assert found is not None, title
+    return found.group(1)
+
+
+def run_block(code: str) -> int:
+    """Run a README block statement by statement: an expression followed by
+    ``#`` lines must have the repr they give (whitespace aside). Returns how
+    many were checked."""
+    lines = code.splitlines()
+    scope: dict[str, object] = {}
+    checked = 0
+    for node in ast.parse(code).body:
+        source = ast.get_source_segment(code, node)
+        assert source is not None and node.end_lineno is not None
+        shown = list(
+            itertools.takewhile(lambda line: line.startswith("#"), lines[node.end_lineno :])
+        )
+        if shown and isinstance(node, ast.Expr):
+            value = eval(source, scope)
+            expected = "".join(line.lstrip("#") for line in shown)
+            assert re.sub(r"\s", "", repr(value)) == re.sub(r"\s", "", expected), source
+            checked += 1
+        else:
+            exec(source, scope)
+    return checked
+
+
 @pytest.mark.parametrize(("section", "checks"), [("Example", 3), ("Tool calls", 4)])
 def test_the_example_prints_what_its_comments_say(section: str, checks: int) -> None:
     """Run a README section's first block; each expression followed by ``#``
     lines must have that repr (whitespace aside)."""
-    block = re.search(rf"^## {section}\n.*?```python\n(.*?)^```", README, re.S | re.M)
-    assert block is not None
-    scope: dict[str, object] = {}
-    statement: list[str] = []
-    checked = 0
-    lines = [*block.group(1).splitlines(), ""]
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        if line.startswith("#"):
-            expected = []
-            while lines[i].startswith("#"):
-                expected.append(lines[i].lstrip("#"))
-                i += 1
-            value = eval("\n".join(statement), scope)  # the expression just before
-            assert re.sub(r"\s", "", repr(value)) == re.sub(r"\s", "", "".join(expected))
-            statement, checked = [], checked + 1
-            continue
-        if statement and not line.startswith(" ") and not statement[-1].rstrip().endswith(","):
-            exec("\n".join(statement), scope)
-            statement = []
-        if line.strip():
-            statement.append(line.split("  #")[0])
-        i += 1
-    assert checked == checks
+    assert run_block(block(section)) == checks
 
 
 @pytest.fixture(autouse=True)

@@ -29,6 +29,7 @@ from .messages import Message, SessionInfo, StoredMessage
 from .prompt import PromptTemplate
 from .reads import SessionStats, WindowMessage
 from .store import Store
+from .summary import ConversationSummaryBufferMemory, Summary, SummaryWindow
 from .tokens import TokenCounter
 from .transfer import ImportResult
 from .window import Rule, get_buffer_string
@@ -52,6 +53,7 @@ __all__ = [
     "ChatOpenAI",
     "ConfigurationError",
     "ConversationChain",
+    "ConversationSummaryBufferMemory",
     "ConversationTokenBufferMemory",
     "EncodingUnavailable",
     "Erased",
@@ -70,6 +72,8 @@ __all__ = [
     "Store",
     "StoreError",
     "StoredMessage",
+    "Summary",
+    "SummaryWindow",
     "TokenCounter",
     "TokenmemError",
     "TurnNotFound",

@@ -234,7 +234,7 @@ def cmd_db(args: argparse.Namespace, store: Store, out: _Out) -> int:
 
 def _partition(args: argparse.Namespace, store: Store, out: _Out) -> int:
     """``db partition --partitions N`` and ``db unpartition``: rebuild the
-    message and turn tables (PostgreSQL), asking first like ``downgrade``."""
+    per-session tables (PostgreSQL), asking first like ``downgrade``."""
     from .partition import checked
 
     n = checked(args.partitions) if args.action == "partition" else 0
@@ -243,10 +243,11 @@ def _partition(args: argparse.Namespace, store: Store, out: _Out) -> int:
             f"db {args.action} needs PostgreSQL; this database is {store.dialect} "
             "(SQLite has no table partitioning)"
         )
+    tables = "tokenmem_messages, tokenmem_turns and tokenmem_summaries"
     what = (
-        f"rebuild tokenmem_messages and tokenmem_turns as {n} hash partitions each"
+        f"rebuild {tables} as {n} hash partitions each"
         if n
-        else "rebuild tokenmem_messages and tokenmem_turns as plain tables"
+        else f"rebuild {tables} as plain tables"
     )
     if not _confirm(what + " (they are locked while their rows are copied)", args):
         out.line("nothing changed")

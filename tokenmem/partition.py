@@ -1,19 +1,20 @@
 """Hash partitioning of the per-session tables on PostgreSQL.
 
-``tokenmem_messages`` and ``tokenmem_turns`` are keyed by ``(session_id,
-...)`` and every hot statement names one session, so they can be split by
-``PARTITION BY HASH (session_id)`` into ``N`` partitions (``tokenmem_messages_p0``
-... ``_p{N-1}``): a session's window, appends, history and turn log touch one
-partition. The conversion runs in one transaction; the new tables are built
-from the models in :mod:`tokenmem.models` (``Table.to_metadata`` with the
+``tokenmem_messages``, ``tokenmem_turns`` and ``tokenmem_summaries`` are
+keyed by ``(session_id, ...)`` and every hot statement names one session, so
+they can be split by ``PARTITION BY HASH (session_id)`` into ``N`` partitions
+(``tokenmem_messages_p0`` ... ``_p{N-1}``): a session's window, appends,
+history, turn log and summaries touch one partition of each. The
+conversion runs in one transaction; the new tables are built from the models
+in :mod:`tokenmem.models` (``Table.to_metadata`` with the
 ``postgresql_partition_by`` option, ``CreateTable``, ``CreateIndex``), so they
 have the columns, constraints, indexes and foreign keys the migrations make::
 
     with engine.begin() as conn:
-        partition(conn, 16)      # {'tokenmem_messages': 16, 'tokenmem_turns': 16}
+        partition(conn, 16)      # {'tokenmem_messages': 16, 'tokenmem_turns': 16, ...}
         unpartition(conn)        # back to plain tables, rows kept
 
-It rewrites both tables (``INSERT ... SELECT``) under an ``ACCESS EXCLUSIVE``
+It rewrites the tables (``INSERT ... SELECT``) under an ``ACCESS EXCLUSIVE``
 lock: appends and reads wait until it commits. Migrations keep working on
 partitioned tables (PostgreSQL applies ``ALTER TABLE`` to every partition);
 one that drops and re-creates a table (a downgrade below the revision that
@@ -29,7 +30,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from . import migrate
 from .errors import ConfigurationError
-from .models import MESSAGES, SESSIONS, TURNS, Base
+from .models import MESSAGES, SESSIONS, SUMMARIES, TURNS, Base
 
 __all__ = [
     "MAX_PARTITIONS",
@@ -42,9 +43,11 @@ __all__ = [
     "unpartition",
 ]
 
-TABLES = (MESSAGES, TURNS)
+TABLES = (MESSAGES, TURNS, SUMMARIES)
 MAX_PARTITIONS = 1024
-_PARTITION = re.compile(r"(tokenmem_messages|tokenmem_turns)_p\d+")
+_NAMES = [t.name for t in TABLES]
+_PARTITION = re.compile(f"({'|'.join(_NAMES)})_p\\d+")
+_LISTED = ", ".join(f"'{name}'" for name in _NAMES)
 
 # Every relation of a table's tree (the table, its partitions, their
 # indexes), to move the old tree's names out of the new one's way.
@@ -64,11 +67,11 @@ _TREE = text(
 )
 
 _LAYOUT = text(
-    """
+    f"""
     SELECT c.relname, c.relkind,
            (SELECT count(*) FROM pg_inherits i WHERE i.inhparent = c.oid) AS partitions
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-    WHERE c.relname IN ('tokenmem_messages', 'tokenmem_turns')
+    WHERE c.relname IN ({_LISTED})
       AND n.nspname = coalesce(:schema, current_schema())
     """
 )
@@ -89,8 +92,8 @@ def include_name(name: str | None, type_: str, parent_names: object) -> bool:
 
 
 def layout(conn: Connection) -> dict[str, int]:
-    """How ``tokenmem_messages`` and ``tokenmem_turns`` are stored: the number
-    of hash partitions of each, 0 for a plain table (SQLite: always 0)."""
+    """How the per-session tables (:data:`TABLES`) are stored: the number of
+    hash partitions of each, 0 for a plain table (SQLite: always 0)."""
     if conn.dialect.name != "postgresql":
         return {t.name: 0 for t in TABLES}
     rows = conn.execute(_LAYOUT, {"schema": migrate.schema(conn)}).all()
@@ -99,7 +102,7 @@ def layout(conn: Connection) -> dict[str, int]:
 
 
 def partition(conn: Connection, partitions: int) -> dict[str, int]:
-    """Make ``tokenmem_messages`` and ``tokenmem_turns`` hash-partitioned by
+    """Make the per-session tables (:data:`TABLES`) hash-partitioned by
     ``session_id`` into ``partitions`` partitions each, keeping every row, in
     the caller's transaction (plain or already partitioned tables alike).
     Returns :func:`layout`. Raises :class:`ConfigurationError` on SQLite or
@@ -118,7 +121,7 @@ def checked(partitions: int) -> int:
 
 
 def unpartition(conn: Connection) -> dict[str, int]:
-    """Make both tables plain again, keeping every row (the reverse of
+    """Make the tables plain again, keeping every row (the reverse of
     :func:`partition`; nothing to do on plain tables). Returns :func:`layout`."""
     return _rebuild(conn, 0)
 

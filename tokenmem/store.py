@@ -312,15 +312,16 @@ class Store(StoreBase):
         self._ready = True
 
     def partition(self, partitions: int) -> dict[str, int]:
-        """Hash-partition ``tokenmem_messages`` and ``tokenmem_turns`` by
-        ``session_id`` into ``partitions`` partitions each (PostgreSQL only),
+        """Hash-partition ``tokenmem_messages``, ``tokenmem_turns`` and
+        ``tokenmem_summaries`` by ``session_id`` into ``partitions``
+        partitions each (PostgreSQL only),
         keeping every row, in one transaction that blocks the tables while it
         copies them. Returns each table's number of partitions. Raises
         :class:`ConfigurationError` on SQLite. See :mod:`tokenmem.partition`."""
         return self.run(functools.partial(partitioning.partition, partitions=partitions))
 
     def unpartition(self) -> dict[str, int]:
-        """Make both tables plain again (the reverse of :meth:`partition`),
+        """Make the tables plain again (the reverse of :meth:`partition`),
         keeping every row; returns each table's number of partitions (0)."""
         return self.run(partitioning.unpartition)
 
@@ -424,13 +425,14 @@ class Store(StoreBase):
         self.run(functools.partial(writes.clear, key=self._key(session_id, owner)))
 
     def erase(self, session_id: str, *, owner: str | None = None) -> int:
-        """Delete the session and all its messages for good; return how many
-        messages were deleted. Raises :class:`SessionNotFound`."""
+        """Delete the session and all its messages (turns and summaries too)
+        for good; return how many messages were deleted. Raises
+        :class:`SessionNotFound`."""
         return self.run(functools.partial(writes.erase, key=self._key(session_id, owner)))
 
     def erase_owner(self, owner: str | None = None) -> Erased:
-        """Delete everything ``owner`` has — sessions, messages, turns — for
-        good, in one transaction (the right to be forgotten). On a scoped store
+        """Delete everything ``owner`` has — sessions, messages, turns,
+        summaries — for good, in one transaction (the right to be forgotten). On a scoped store
         ``owner`` defaults to the scope's owner; on any other it must be named
         (``""`` for the default owner): ``None`` raises :class:`ConfigurationError`."""
         return self.run(functools.partial(writes.erase_owner, owner=self._erase_scope(owner)))
@@ -438,12 +440,13 @@ class Store(StoreBase):
     def prune(
         self, older_than: timedelta, *, owner: str | None = None, all_owners: bool = False
     ) -> Erased:
-        """Retention: hard-delete messages and turn records older than
-        ``older_than``, of ``owner``'s sessions, or of every owner's with
+        """Retention: hard-delete messages, turn records and summaries older
+        than ``older_than``, of ``owner``'s sessions, or of every owner's with
         ``all_owners=True``. On a scoped store ``owner`` defaults to the
         scope's owner; on any other, one of the two must be given (``""`` for
         the default owner), else :class:`ConfigurationError`. Turns whose
-        window was pruned can no longer be rebuilt."""
+        window was pruned can no longer be rebuilt; a newer summary stays
+        (see :func:`tokenmem.writes.prune`)."""
         cutoff, scope = utcnow() - older_than, self._prune_scope(owner, all_owners)
         return self.run(functools.partial(writes.prune, before=cutoff, owner=scope))
 

@@ -23,6 +23,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Insert,
+    Table,
     bindparam,
     case,
     delete,
@@ -39,7 +40,7 @@ from . import direct
 from .chat import OpenUnit, resume
 from .errors import ConfigurationError, EncodingUnavailable, SessionNotFound
 from .messages import StoredMessage
-from .models import MESSAGES, SESSIONS, TURNS, utcnow
+from .models import MESSAGES, SESSIONS, SUMMARIES, TURNS, utcnow
 from .reads import encoding_of
 from .tokens import TokenCounter
 from .validate import PreparedAppend, SessionKey
@@ -556,8 +557,9 @@ def clear(conn: Connection, key: SessionKey) -> None:
 
 
 def erase(conn: Connection, key: SessionKey) -> int:
-    """Delete the session, its messages and turns; return how many messages."""
+    """Delete the session, its messages, turns and summaries; return how many messages."""
     conn.execute(delete(TURNS).where(TURNS.c.session_id == key.id))
+    conn.execute(delete(SUMMARIES).where(SUMMARIES.c.session_id == key.id))
     deleted = conn.execute(delete(MESSAGES).where(MESSAGES.c.session_id == key.id)).rowcount
     if not conn.execute(delete(SESSIONS).where(SESSIONS.c.id == key.id)).rowcount:
         raise SessionNotFound(key.name)
@@ -571,27 +573,36 @@ class Erased:
     sessions: int
     messages: int
     turns: int
+    summaries: int = 0  # rows of tokenmem_summaries (ConversationSummaryBufferMemory)
 
 
 def erase_owner(conn: Connection, owner: str) -> Erased:
-    """Delete every session of ``owner`` with its messages and turns."""
+    """Delete every session of ``owner`` with its messages, turns and summaries."""
     ids = select(SESSIONS.c.id).where(SESSIONS.c.owner_id == owner).scalar_subquery()
     turns = conn.execute(delete(TURNS).where(TURNS.c.session_id.in_(ids))).rowcount
+    summaries = conn.execute(delete(SUMMARIES).where(SUMMARIES.c.session_id.in_(ids))).rowcount
     messages = conn.execute(delete(MESSAGES).where(MESSAGES.c.session_id.in_(ids))).rowcount
     sessions = conn.execute(delete(SESSIONS).where(SESSIONS.c.owner_id == owner)).rowcount
-    return Erased(int(sessions), int(messages), int(turns))
+    return Erased(int(sessions), int(messages), int(turns), int(summaries))
 
 
 def prune(conn: Connection, before: datetime, owner: str | None) -> Erased:
-    """Delete messages and turns created before ``before``, of ``owner``'s
-    sessions or (``owner=None``) of every session. Sessions stay; their
-    positions go on where they were."""
-    m_where = [MESSAGES.c.created_at < before]
-    t_where = [TURNS.c.created_at < before]
+    """Delete messages, turns and summaries created before ``before``, of
+    ``owner``'s sessions or (``owner=None``) of every session. Sessions
+    stay; their positions go on where they were. A summary is made after
+    the messages it replaced, so one pruned replaced only pruned messages;
+    a newer one stays, with what it condenses (erase the session to forget
+    that too). The next summary of a session left without one starts a new
+    running summary (tokenmem.summaries)."""
+    ids = None
     if owner is not None:
         ids = select(SESSIONS.c.id).where(SESSIONS.c.owner_id == owner).scalar_subquery()
-        m_where.append(MESSAGES.c.session_id.in_(ids))
-        t_where.append(TURNS.c.session_id.in_(ids))
-    turns = conn.execute(delete(TURNS).where(*t_where)).rowcount
-    messages = conn.execute(delete(MESSAGES).where(*m_where)).rowcount
-    return Erased(0, int(messages), int(turns))
+
+    def older(table: Table) -> int:
+        where = [table.c.created_at < before]
+        if ids is not None:
+            where.append(table.c.session_id.in_(ids))
+        return int(conn.execute(delete(table).where(*where)).rowcount)
+
+    turns, summaries = older(TURNS), older(SUMMARIES)
+    return Erased(0, older(MESSAGES), turns, summaries)
