@@ -146,3 +146,40 @@ def test_the_chain_sends_the_pinned_prompt_and_tool_traffic(
         {"role": "user", "content": "再见"},
     ]
     assert as_openai(memory.window(return_messages=True)[0].message) == sent[0]
+
+
+def test_the_chain_sends_the_summary_and_rebuilds_it(
+    openai_server: FakeOpenAI, store: Store
+) -> None:
+    """A ConversationChain over ConversationSummaryBufferMemory: each call
+    sends the pinned prompt, the summary of what fell out (a system message
+    after it) and the window; the turn log names the summary, and
+    rebuild_prompt gives back exactly what was sent."""
+    from tokenmem import ConversationSummaryBufferMemory
+
+    llm = ChatOpenAI(base_url=openai_server.base_url, api_key="k", max_retries=0)
+    memory = ConversationSummaryBufferMemory(
+        llm=llm, store=store, max_token_limit=90, system_message="Be brief."
+    )
+    chain = ConversationChain(llm=llm, memory=memory)
+    openai_server.reply(*[f"Noted {k}." for k in range(40)])  # replies and summaries alike
+    for i in range(6):
+        chain.predict(input=f"Tell me fact number {i} about the moon, please.")
+    summaries = memory.summaries()
+    assert summaries, "messages fell out: a summary was made"
+    chats = [
+        r.body
+        for r in openai_server.requests
+        if r.body and r.body["messages"][-1]["content"].startswith("Tell me")
+    ]
+    turns = store.turns(memory.session_id)
+    assert len(turns) == len(chats) == 6
+    assert any(t.summary_seq is not None for t in turns)
+    for turn, body in zip(turns, chats, strict=True):
+        sent = body["messages"]  # type: ignore[index]
+        assert store.rebuild_prompt(memory.session_id, turn.seq or 0) == sent
+        assert sent[0] == {"role": "system", "content": "Be brief."}
+        if turn.summary_seq is not None:
+            (summary,) = [s for s in summaries if s.seq == turn.summary_seq]
+            assert sent[1] == {"role": "system", "content": summary.content}
+        check_messages(sent)

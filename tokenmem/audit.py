@@ -20,7 +20,7 @@ from sqlalchemy import Connection, insert, select
 
 from .errors import SessionNotFound, TurnNotFound
 from .messages import Message
-from .models import SESSIONS, TURNS, utcnow
+from .models import SESSIONS, SUMMARIES, TURNS, utcnow
 from .prompt import PromptTemplate
 from .reads import messages_between
 from .validate import PreparedAppend, SessionKey
@@ -72,18 +72,31 @@ def build_prompt(
     input: str,
     human_prefix: str,
     ai_prefix: str,
+    pinned: int = 0,
 ) -> list[dict[str, Any]] | str:
-    """The prompt a chain sends: used both to send it and to rebuild it."""
+    """The prompt a chain sends: used both to send it and to rebuild it.
+    ``window`` starts with ``pinned`` messages, the session's pinned prompt
+    (sent instead of the template's instructions)."""
     if api == "chat":
-        return template.render_chat(window, input)
+        return template.render_chat(window, input, pinned=pinned)
     return template.render_text(get_buffer_string(window, human_prefix, ai_prefix), input)
 
 
-def rebuild(record: TurnRecord, window: list[Message]) -> list[dict[str, Any]] | str:
-    """The prompt ``record``'s call sent, from its window's stored messages."""
+def rebuild(
+    record: TurnRecord, window: list[Message], pinned: int = 0
+) -> list[dict[str, Any]] | str:
+    """The prompt ``record``'s call sent, from its window's stored messages
+    (the first ``pinned`` of them its pinned prompt, and its summary among
+    them: :func:`turn`)."""
     template = PromptTemplate(record.template or "{history}{input}", system=record.system)
     return build_prompt(
-        record.api, template, window, record.input, record.human_prefix, record.ai_prefix
+        record.api,
+        template,
+        window,
+        record.input,
+        record.human_prefix,
+        record.ai_prefix,
+        pinned,
     )
 
 
@@ -138,15 +151,25 @@ def turns(conn: Connection, key: SessionKey, seq: int | None = None) -> list[Tur
     return [TurnRecord(*row) for row in rows]
 
 
-def turn(conn: Connection, key: SessionKey, seq: int) -> tuple[TurnRecord, list[Message]]:
-    """One recorded call and the window messages it sent: its pinned prompt
-    first, then its window."""
+def turn(conn: Connection, key: SessionKey, seq: int) -> tuple[TurnRecord, list[Message], int]:
+    """One recorded call, the messages it sent as history — its pinned
+    prompt, its summary (a system message), its window — and how many of
+    them are the pinned prompt."""
     (record,) = turns(conn, key, seq)
+    pinned: list[Message] = []
+    if record.pinned_first is not None and record.pinned_last is not None:
+        pinned = messages_between(conn, key, record.pinned_first, record.pinned_last)
+    summary: list[Message] = []
+    if record.summary_seq is not None:
+        content = conn.execute(
+            select(SUMMARIES.c.content).where(
+                SUMMARIES.c.session_id == key.id, SUMMARIES.c.seq == record.summary_seq
+            )
+        ).scalar()
+        if content is None:
+            raise SessionNotFound(f"{key.name}: summary {record.summary_seq} (pruned or erased)")
+        summary = [Message("system", content)]
     window: list[Message] = []
-    for first, last in (
-        (record.pinned_first, record.pinned_last),
-        (record.window_first, record.window_last),
-    ):
-        if first is not None and last is not None:
-            window += messages_between(conn, key, first, last)
-    return record, window
+    if record.window_first is not None and record.window_last is not None:
+        window = messages_between(conn, key, record.window_first, record.window_last)
+    return record, [*pinned, *summary, *window], len(pinned)

@@ -26,13 +26,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .audit import TurnRecord, build_prompt
-from .errors import ConfigurationError, ModelError
+from .errors import ConfigurationError, ModelError, TokenmemError
 from .llm import ChatModel, Prompt, Reply
 from .memory import ConversationTokenBufferMemory
 from .messages import Message
 from .prompt import PromptTemplate, render_chat_text
 from .reads import WindowMessage
 from .store import Store
+from .summaries import Summary
+from .summary import ConversationSummaryBufferMemory, summary_failed
 from .validate import check_text
 from .window import REPLY_PRIMING, chat_prompt_tokens, get_buffer_string
 
@@ -64,6 +66,15 @@ class _Plan:
     prompt: Prompt
     budget: int
     prompt_tokens: int
+    summary: Summary | None = None
+
+
+def _history(window: list[WindowMessage], summary: Summary | None) -> tuple[list[Message], int]:
+    """The history a prompt sends — the pinned prompt, the summary (a system
+    message), the rest of the window — and how many are the pinned prompt."""
+    pinned = [w.message for w in window if w.pinned]
+    middle = [Message("system", summary.content)] if summary else []
+    return [*pinned, *middle, *(w.message for w in window if not w.pinned)], len(pinned)
 
 
 def _cancelled() -> ModelError:
@@ -150,10 +161,19 @@ class ConversationChain:
             )
         return min(limit, free)
 
-    def _render(self, window: list[Message], input: str) -> Prompt:
+    def _render(
+        self, window: list[WindowMessage], input: str, summary: Summary | None = None
+    ) -> Prompt:
         memory = self.memory
+        history, pinned = _history(window, summary)
         return build_prompt(
-            self.llm.api, self.prompt, window, input, memory.human_prefix, memory.ai_prefix
+            self.llm.api,
+            self.prompt,
+            history,
+            input,
+            memory.human_prefix,
+            memory.ai_prefix,
+            pinned,
         )
 
     def _count(self, prompt: Prompt) -> int:
@@ -164,14 +184,22 @@ class ConversationChain:
             else chat_prompt_tokens(prompt, counter)
         )
 
-    def _plan(self, window: list[WindowMessage], input: str, limit: int, scaffold: int) -> _Plan:
+    def _plan(
+        self,
+        loaded: tuple[list[WindowMessage], Summary | None],
+        input: str,
+        limit: int,
+        scaffold: int,
+    ) -> _Plan:
+        window, summary = loaded
         context = self.llm.context_window
         while True:
-            prompt = self._render([w.message for w in window], input)
+            prompt = self._render(window, input, summary)
             if isinstance(prompt, str):  # counted whole: merges at the history's edges
                 tokens = self._count(prompt)
             else:  # the chat formula adds up: the window's costs were counted at write time
                 tokens = scaffold + sum(w.tokens for w in window)
+                tokens += summary.tokens if summary else 0
                 if window and window[0].pinned:  # sent instead of the template's system
                     tokens -= chat_prompt_tokens([self.prompt.system_message], self.memory.counter)
                     tokens += REPLY_PRIMING
@@ -186,7 +214,7 @@ class ConversationChain:
                 ):
                     window.remove(first)
         self._say(*self._start_text(prompt))
-        return _Plan(input, window, prompt, limit, tokens)
+        return _Plan(input, window, prompt, limit, tokens, summary)
 
     def _start_text(self, prompt: Prompt) -> tuple[str, str]:
         start, formatted, _ = _VERBOSE[self.language]
@@ -230,6 +258,7 @@ class ConversationChain:
             error=str(error) if error else None,
             pinned_first=pinned[0] if pinned else None,
             pinned_last=pinned[-1] if pinned else None,
+            summary_seq=plan.summary.seq if plan.summary else None,
         )
 
     def _exchange(self, plan: _Plan, reply: Reply) -> list[Message]:
@@ -255,6 +284,11 @@ class ConversationChain:
         )
         if reply:
             self._finished()
+            if isinstance(memory, ConversationSummaryBufferMemory) and memory.summarize_on_save:
+                try:  # after the commit, as the memory's own save_context does
+                    memory.catch_up()
+                except TokenmemError as exc:
+                    summary_failed(memory.session_id, exc)
 
     # sync
 
@@ -266,8 +300,12 @@ class ConversationChain:
     def _prepare(self, input: object) -> _Plan:
         text, scaffold = self._scaffold(input)
         limit = self._limit(scaffold)
-        window = self.memory.window(return_messages=self.llm.api == "chat", limit=limit)
-        return self._plan(window, text, limit, scaffold)
+        memory, chat = self.memory, self.llm.api == "chat"
+        if isinstance(memory, ConversationSummaryBufferMemory):
+            found = memory.summary_window(return_messages=chat, limit=limit)
+            return self._plan((found.window, found.summary), text, limit, scaffold)
+        window = memory.window(return_messages=chat, limit=limit)
+        return self._plan((window, None), text, limit, scaffold)
 
     def _call(self, input: object) -> tuple[_Plan, Reply]:
         plan = self._prepare(input)
@@ -320,7 +358,7 @@ class ConversationChain:
     def _invoke_result(
         self, inputs: Mapping[str, Any], plan: _Plan, reply: Reply
     ) -> dict[str, Any]:
-        window = [w.message for w in plan.window]
+        window = _history(plan.window, plan.summary)[0]
         memory = self.memory
         history: str | list[Message] = window
         if not memory.return_messages:  # the type load_memory_variables gives, as in LangChain
@@ -381,8 +419,12 @@ class ConversationChain:
     async def _aprepare(self, input: object) -> _Plan:
         text, scaffold = self._scaffold(input)
         limit = self._limit(scaffold)
-        window = await self.memory.awindow(return_messages=self.llm.api == "chat", limit=limit)
-        return self._plan(window, text, limit, scaffold)
+        memory, chat = self.memory, self.llm.api == "chat"
+        if isinstance(memory, ConversationSummaryBufferMemory):
+            found = await memory.asummary_window(return_messages=chat, limit=limit)
+            return self._plan((found.window, found.summary), text, limit, scaffold)
+        window = await memory.awindow(return_messages=chat, limit=limit)
+        return self._plan((window, None), text, limit, scaffold)
 
     async def _afinish(
         self, plan: _Plan, started: float, reply: Reply | None, error: ModelError | None
@@ -399,6 +441,11 @@ class ConversationChain:
         )
         if reply:
             self._finished()
+            if isinstance(memory, ConversationSummaryBufferMemory) and memory.summarize_on_save:
+                try:
+                    await memory.acatch_up()
+                except TokenmemError as exc:
+                    summary_failed(memory.session_id, exc)
 
     async def _acall(self, input: object) -> tuple[_Plan, Reply]:
         plan = await self._aprepare(input)

@@ -22,8 +22,6 @@ from .messages import Message
 
 __all__ = ["PromptTemplate", "render_chat_text"]
 
-PINNED = ("system", "developer")  # the roles of a session's pinned prompt
-
 Language = Literal["en", "zh"]
 
 # (instructions, the line that introduces the history)
@@ -109,12 +107,14 @@ class PromptTemplate:
         """The prompt for a completion model, given the rendered history."""
         return self.template.format(history=history, input=input)
 
-    def render_chat(self, window: list[Message], input: str) -> list[dict[str, Any]]:
+    def render_chat(
+        self, window: list[Message], input: str, *, pinned: int = 0
+    ) -> list[dict[str, Any]]:
         """The prompt for a chat model: system, the window (each message as
         it was saved: :func:`tokenmem.chat.as_openai`), the input. A window
-        that starts with the session's pinned system/developer prompt sends
-        it instead of the template's instructions."""
-        messages = [] if window and window[0].type in PINNED else [self.system_message]
+        that starts with the session's pinned prompt (``pinned`` messages)
+        sends it instead of the template's instructions."""
+        messages = [] if pinned else [self.system_message]
         messages += [as_openai(m) for m in window]
         messages.append({"role": "user", "content": input})
         return messages

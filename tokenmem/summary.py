@@ -44,7 +44,7 @@ from .reads import PINNED, WindowMessage, WindowRow, window_messages
 from .store import Store
 from .summaries import Pending, Summary
 from .validate import SessionKey, check_text
-from .window import Rule, count_message, get_buffer_string, render_rows
+from .window import Rule, StartOn, count_message, get_buffer_string, render_rows
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -189,6 +189,8 @@ class ConversationSummaryBufferMemory(ConversationTokenBufferMemory):
         owner: str | None = None,
         store: Store | AsyncStore | Engine | str | None = None,
         encoding: str | None = None,
+        system_message: str | None = None,
+        start_on: StartOn = None,
         prompt: str | Templated | None = None,
         language: Literal["en", "zh"] = "en",
         summarize_on_save: bool = True,
@@ -217,6 +219,8 @@ class ConversationSummaryBufferMemory(ConversationTokenBufferMemory):
             owner=owner,
             store=store,
             encoding=encoding,
+            system_message=system_message,
+            start_on=start_on,
         )
         self.llm: ChatModel = llm
         self.prompt = _template(_PROMPTS[language] if prompt is None else prompt)
@@ -264,8 +268,11 @@ class ConversationSummaryBufferMemory(ConversationTokenBufferMemory):
         if exact and (rest or not pinned):
             return summary, rows, text
         while summary is not None and self.counter.count(_history(summary, rows, rule)) > limit:
-            if rest:
-                rest = rest[1:]
+            if rest:  # the oldest unit goes (and, with start_on, up to a user message)
+                unit = rest[0][8]
+                rest = [row for row in rest if row[8] != unit]
+                while self.start_on == "human" and rest and rest[0][2] != "human":
+                    rest = rest[1:]
             else:
                 summary = None
             rows = [*pinned, *rest]
@@ -275,13 +282,29 @@ class ConversationSummaryBufferMemory(ConversationTokenBufferMemory):
         self, return_messages: bool | None = None, limit: int | None = None
     ) -> tuple[Summary | None, Sequence[WindowRow], str]:
         rule = self._rule(return_messages, limit)
-        return self._shape(self._run(self._loading(rule)), rule.limit)
+        loaded = self._run(self._loading(rule))
+        if not self._pinned_ok(loaded.rows):  # system_message: saved first, as the base does
+            self._sync().append(
+                self.session_id, self._system_turn(), self.counter, owner=self.owner
+            )
+            loaded = self._run(self._loading(rule))
+        return self._shape(loaded, rule.limit)
 
     async def _aloaded(
         self, return_messages: bool | None = None, limit: int | None = None
     ) -> tuple[Summary | None, Sequence[WindowRow], str]:
         rule = self._rule(return_messages, limit)
-        return self._shape(await self._arun(self._loading(rule)), rule.limit)
+        loaded = await self._arun(self._loading(rule))
+        if not self._pinned_ok(loaded.rows):
+            turn = self._system_turn()
+            if isinstance(self.store, Store):
+                await asyncio.to_thread(
+                    self.store.append, self.session_id, turn, self.counter, owner=self.owner
+                )
+            else:
+                await self.store.append(self.session_id, turn, self.counter, owner=self.owner)
+            loaded = await self._arun(self._loading(rule))
+        return self._shape(loaded, rule.limit)
 
     def _load(
         self, return_messages: bool | None = None, limit: int | None = None
@@ -439,13 +462,6 @@ class ConversationSummaryBufferMemory(ConversationTokenBufferMemory):
     prune = catch_up
     aprune = acatch_up
 
-    def _failed(self, exc: TokenmemError) -> None:
-        logger.warning(
-            "session %r: no summary made (%s); the exchange is saved, the next save catches up",
-            self.session_id,
-            exc,
-        )
-
     def save_context(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
         """Save one exchange (input and output) in one transaction; then, when
         messages fell out of the window, :meth:`catch_up` (unless
@@ -455,7 +471,7 @@ class ConversationSummaryBufferMemory(ConversationTokenBufferMemory):
             try:
                 self.catch_up()
             except TokenmemError as exc:
-                self._failed(exc)
+                summary_failed(self.session_id, exc)
 
     async def asave_context(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
         """:meth:`save_context`, awaited."""
@@ -464,7 +480,16 @@ class ConversationSummaryBufferMemory(ConversationTokenBufferMemory):
             try:
                 await self.acatch_up()
             except TokenmemError as exc:
-                self._failed(exc)
+                summary_failed(self.session_id, exc)
+
+
+def summary_failed(session_id: str, exc: TokenmemError) -> None:
+    """Log a catch-up that failed after a save (the exchange stays saved)."""
+    logger.warning(
+        "session %r: no summary made (%s); the exchange is saved, the next save catches up",
+        session_id,
+        exc,
+    )
 
 
 def _text(summary: Summary | None) -> str:
