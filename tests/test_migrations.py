@@ -85,7 +85,7 @@ def alembic(*args: str, url: str) -> str:
 def test_alembic_cli_sqlite(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/cli.sqlite3"
     said = alembic("upgrade", "head", url=url)
-    assert f"Running upgrade 0004 -> {migrate.head()}" in said  # it says what it did
+    assert f"Running upgrade 0005 -> {migrate.head()}" in said  # it says what it did
     engine = create_engine(url)
     assert tables(engine) >= TABLES
     assert migrate.head() in alembic("current", url=url)

@@ -12,6 +12,7 @@ __version__ = "0.2.0"
 
 from .audit import TurnRecord
 from .chain import ConversationChain
+from .digest import Verified
 from .errors import (
     ConfigurationError,
     EncodingUnavailable,
@@ -78,6 +79,7 @@ __all__ = [
     "TokenmemError",
     "TurnNotFound",
     "TurnRecord",
+    "Verified",
     "WindowMessage",
     "__version__",
     "get_buffer_string",

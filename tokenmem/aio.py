@@ -30,9 +30,10 @@ from alembic.util import CommandError
 from sqlalchemy import Connection
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from . import audit, migrate, reads, writes
+from . import audit, digest, migrate, reads, writes
 from . import partition as partitioning
 from .audit import TurnRecord, rebuild
+from .digest import VERIFY_PAGE, Verified
 from .engine import (
     Attempt,
     default_url,
@@ -476,6 +477,25 @@ class AsyncStore(StoreBase):
     async def turns(self, session_id: str, *, owner: str | None = None) -> list[TurnRecord]:
         """The session's recorded model calls, oldest first."""
         return await self.run(functools.partial(audit.turns, key=self._key(session_id, owner)))
+
+    async def verify(
+        self,
+        session_id: str,
+        *,
+        owner: str | None = None,
+        expect_head: str | None = None,
+        page: int = VERIFY_PAGE,
+    ) -> Verified:
+        """Walk the session's tamper-evident chains — its messages, then its
+        turn log — from their anchors to their heads, ``page`` rows per
+        statement, and say whether they are intact and, if not, the first
+        row where one breaks (:class:`Verified`; see :mod:`tokenmem.digest`).
+        ``expect_head``: a head digest recorded earlier (in a ticket, an
+        external log); the history is intact only if it is still in the
+        chain, i.e. nothing up to it changed. Raises :class:`SessionNotFound`."""
+        key = self._key(session_id, owner)
+        work = functools.partial(digest.verify, key=key, page=page, expect_head=expect_head)
+        return await self.run(work)
 
     async def rebuild_prompt(
         self, session_id: str, seq: int, *, owner: str | None = None

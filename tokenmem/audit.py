@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, insert, select, update
 
+from .digest import turn_digest
 from .errors import SessionNotFound, TurnNotFound
 from .messages import Message
-from .models import SESSIONS, SUMMARIES, TURNS, utcnow
+from .models import MESSAGES, SESSIONS, SUMMARIES, TURNS, utcnow
 from .prompt import PromptTemplate
 from .reads import messages_between
 from .validate import PreparedAppend, SessionKey
@@ -100,8 +101,9 @@ def rebuild(
     )
 
 
-def _bump_call(conn: Connection, key: SessionKey) -> int:
-    """Reserve the session's next call number (creating the session if needed)."""
+def _bump_call(conn: Connection, key: SessionKey) -> tuple[int, str]:
+    """Reserve the session's next call number (creating the session if
+    needed); return it and the digest of the session's newest turn."""
     s, now = SESSIONS.c, utcnow()
     stmt = session_upsert(
         conn.dialect.name,
@@ -115,7 +117,20 @@ def _bump_call(conn: Connection, key: SessionKey) -> int:
         },
         {"next_call": s.next_call + 1, "updated_at": now},
     )
-    return int(conn.execute(stmt.returning(s.next_call)).scalar_one()) - 1
+    next_call, head = conn.execute(stmt.returning(s.next_call, s.turns_head_digest)).one()
+    return int(next_call) - 1, head or ""
+
+
+def _newest_sent(conn: Connection, key: SessionKey, record: TurnRecord) -> str | None:
+    """The digest of the newest message ``record``'s call sent."""
+    sent = [p for p in (record.window_last, record.pinned_last) if p is not None]
+    if not sent:
+        return None
+    m = MESSAGES.c
+    found: str | None = conn.execute(
+        select(m.digest).where(m.session_id == key.id, m.position == max(sent))
+    ).scalar()
+    return found
 
 
 def record_turn(
@@ -129,9 +144,14 @@ def record_turn(
         stored = append(conn, exchange)
         record = dataclasses.replace(record, turn=stored[0].turn)
         encoding = stored[0].encoding
-    seq = _bump_call(conn, key)
+    seq, head = _bump_call(conn, key)
     record = dataclasses.replace(record, seq=seq, created_at=utcnow())
-    conn.execute(insert(TURNS).values(session_id=key.id, **dataclasses.asdict(record)))
+    row = {**dataclasses.asdict(record), "window_digest": _newest_sent(conn, key, record)}
+    row["digest"] = turn_digest(row, head)
+    conn.execute(insert(TURNS).values(session_id=key.id, **row))
+    conn.execute(
+        update(SESSIONS).where(SESSIONS.c.id == key.id).values(turns_head_digest=row["digest"])
+    )
     return record, encoding
 
 

@@ -154,6 +154,15 @@ class SessionRow(Base):
     open_position: Mapped[int | None] = mapped_column(BigInteger)
     open_floor: Mapped[int | None] = mapped_column(BigInteger)
     open_calls: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
+    # The tamper-evident chains (migration 0006, tokenmem.digest): the digest
+    # of the newest message and of the newest turn-log row, and where each
+    # chain starts after a prune (the digest and key of the last row removed).
+    head_digest: Mapped[str | None] = mapped_column(String(64))
+    anchor_digest: Mapped[str | None] = mapped_column(String(64))
+    anchor_position: Mapped[int | None] = mapped_column(BigInteger)
+    turns_head_digest: Mapped[str | None] = mapped_column(String(64))
+    turns_anchor_digest: Mapped[str | None] = mapped_column(String(64))
+    turns_anchor_seq: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (Index(None, "owner_id", "name"),)
 
@@ -196,6 +205,8 @@ class MessageRow(Base):
     # message with tool calls and the tool messages answering it are one,
     # all in a window or none. NULL: a unit of its own.
     unit: Mapped[int | None] = mapped_column(BigInteger)
+    # SHA-256 chaining it to the session's previous message (tokenmem.digest).
+    digest: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         CheckConstraint(f"role IN {ROLES!r}".replace('"', "'"), name="role"),
@@ -249,6 +260,10 @@ class TurnRow(Base):
     pinned_first: Mapped[int | None] = mapped_column(BigInteger)
     pinned_last: Mapped[int | None] = mapped_column(BigInteger)
     summary_seq: Mapped[int | None] = mapped_column(BigInteger)
+    # Migration 0006 (tokenmem.digest): chaining it to the session's previous
+    # turn, and the digest of the newest message it sent.
+    digest: Mapped[str | None] = mapped_column(String(64))
+    window_digest: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (CheckConstraint("outcome IN ('ok', 'error')", name="outcome"),)
 

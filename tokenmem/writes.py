@@ -38,6 +38,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from . import direct
 from .chat import OpenUnit, resume
+from .digest import message_digest
 from .errors import ConfigurationError, EncodingUnavailable, SessionNotFound
 from .messages import StoredMessage
 from .models import MESSAGES, SESSIONS, SUMMARIES, TURNS, utcnow
@@ -157,7 +158,13 @@ def bump_statement(dialect: str) -> Insert:
         where=or_(s.encoding == encoding, s.encoding.is_(None)),
     )
     return stmt.returning(
-        s.next_position, s.next_turn, s.floor_total, s.open_position, s.open_floor, s.open_calls
+        s.next_position,
+        s.next_turn,
+        s.floor_total,
+        s.open_position,
+        s.open_floor,
+        s.open_calls,
+        s.head_digest,
     )
 
 
@@ -168,14 +175,16 @@ BULK_BATCH = 2000  # rows a bulk append sends per statement (COPY or executemany
 @dataclass(frozen=True)
 class _Placed:
     """Where an append goes: its first position and turn, the ``cum_floor``
-    of its first message, and the session's open tool-call unit before and
-    after it (tokenmem.chat.resume)."""
+    of its first message, the session's open tool-call unit before and
+    after it (tokenmem.chat.resume), and the digest its first message
+    chains to (the session's head)."""
 
     first: int
     turn: int
     cum: int
     open_before: OpenUnit | None
     open_after: OpenUnit | None
+    head: str
 
 
 def _reserve(conn: Connection, p: PreparedAppend, now: datetime) -> tuple[PreparedAppend, _Placed]:
@@ -196,7 +205,7 @@ def _reserve(conn: Connection, p: PreparedAppend, now: datetime) -> tuple[Prepar
             raise ConfigurationError(
                 f"session {p.key.name!r} changed its encoding during an append"
             )
-    ((next_position, next_turn, floor_total, open_position, open_floor, open_calls),) = bumped
+    ((next_position, next_turn, floor_total, open_position, open_floor, open_calls, head),) = bumped
     n = len(p.messages)
     first, cum = next_position - n, floor_total - p.floor
     before = None
@@ -217,7 +226,7 @@ def _reserve(conn: Connection, p: PreparedAppend, now: datetime) -> tuple[Prepar
                 "calls": after and after.calls,
             },
         )
-    return p, _Placed(first, next_turn - p.turns, cum, before, after)
+    return p, _Placed(first, next_turn - p.turns, cum, before, after, head or "")
 
 
 _SET_OPEN = (
@@ -246,11 +255,17 @@ def _bump_params(p: PreparedAppend, now: datetime) -> dict[str, Any]:
     }
 
 
+_SET_HEAD = (
+    update(SESSIONS).where(SESSIONS.c.id == bindparam("sid")).values(head_digest=bindparam("head"))
+)
+
+
 def _rows(
-    p: PreparedAppend, lo: int, hi: int, at: _Placed, cum: int, now: datetime
+    p: PreparedAppend, lo: int, hi: int, at: _Placed, cum: int, now: datetime, previous: str
 ) -> list[dict[str, Any]]:
     """Messages ``lo`` to ``hi`` of ``p`` as rows, placed as ``at`` says,
-    ``cum`` being the ``cum_floor`` of message ``lo``."""
+    ``cum`` being the ``cum_floor`` of message ``lo`` and ``previous`` the
+    digest it chains to (tokenmem.digest)."""
     sid, encoding, units = p.key.id, p.encoding, p.units
     position, turn = at.first, at.turn
     continued = len(units.continues)  # its first messages answer the open unit
@@ -262,27 +277,27 @@ def _rows(
             unit = at.open_before.position if at.open_before else None
         else:
             unit = position + i + units.back[i] if units.back[i] else None
-        rows.append(
-            {
-                "session_id": sid,
-                "position": position + i,
-                "turn": turn + p.turn_of[i],
-                "role": msg.type,
-                "content": msg.content,
-                "name": msg.name,
-                "metadata": msg.metadata,
-                "created_at": created or now,
-                "encoding": encoding,
-                "text_tokens": c.text_tokens,
-                "newline_tokens": c.newline_tokens,
-                "chat_tokens": c.chat_tokens,
-                "cum_floor": cum,
-                "message": msg.openai,
-                "tool_calls": openai.get("tool_calls"),
-                "tool_call_id": openai.get("tool_call_id"),
-                "unit": unit,
-            }
-        )
+        row = {
+            "session_id": sid,
+            "position": position + i,
+            "turn": turn + p.turn_of[i],
+            "role": msg.type,
+            "content": msg.content,
+            "name": msg.name,
+            "metadata": msg.metadata,
+            "created_at": created or now,
+            "encoding": encoding,
+            "text_tokens": c.text_tokens,
+            "newline_tokens": c.newline_tokens,
+            "chat_tokens": c.chat_tokens,
+            "cum_floor": cum,
+            "message": msg.openai,
+            "tool_calls": openai.get("tool_calls"),
+            "tool_call_id": openai.get("tool_call_id"),
+            "unit": unit,
+        }
+        row["digest"] = previous = message_digest(row, previous)
+        rows.append(row)
         cum += c.floor
     return rows
 
@@ -294,8 +309,10 @@ def append(conn: Connection, p: PreparedAppend) -> list[StoredMessage]:
     while the database is). Returns the messages as stored."""
     now = utcnow()
     p, at = _reserve(conn, p, now)
-    rows = _rows(p, 0, len(p.messages), at, at.cum, now)
+    rows = _rows(p, 0, len(p.messages), at, at.cum, now, at.head)
     direct.execute(conn, _INSERT_MESSAGES, rows)
+    if rows:
+        direct.execute(conn, _SET_HEAD, {"sid": p.key.id, "head": rows[-1]["digest"]})
     return [
         StoredMessage(
             type=row["role"],
@@ -322,11 +339,15 @@ def append_many(conn: Connection, p: PreparedAppend, batch_size: int = BULK_BATC
     an executemany). Returns the positions they were stored at."""
     now = utcnow()
     p, at = _reserve(conn, p, now)
-    n, cum = len(p.messages), at.cum
+    n, cum, head = len(p.messages), at.cum, at.head
     for lo in range(0, n, batch_size):
         hi = min(n, lo + batch_size)
-        direct.insert_many(conn, _INSERT_MESSAGES, _rows(p, lo, hi, at, cum, now))
+        rows = _rows(p, lo, hi, at, cum, now, head)
+        direct.insert_many(conn, _INSERT_MESSAGES, rows)
         cum += sum(c.floor for c in p.counts[lo:hi])
+        head = rows[-1]["digest"]
+    if n:
+        direct.execute(conn, _SET_HEAD, {"sid": p.key.id, "head": head})
     return range(at.first, at.first + n)
 
 
@@ -593,7 +614,11 @@ def prune(conn: Connection, before: datetime, owner: str | None) -> Erased:
     the messages it replaced, so one pruned replaced only pruned messages;
     a newer one stays, with what it condenses (erase the session to forget
     that too). The next summary of a session left without one starts a new
-    running summary (tokenmem.summaries)."""
+    running summary (tokenmem.summaries).
+
+    Each session's chains start again after what was removed: the digest
+    and key of the newest message (and turn) deleted become its anchor
+    (tokenmem.digest.verify starts there)."""
     ids = None
     if owner is not None:
         ids = select(SESSIONS.c.id).where(SESSIONS.c.owner_id == owner).scalar_subquery()
@@ -604,5 +629,27 @@ def prune(conn: Connection, before: datetime, owner: str | None) -> Erased:
             where.append(table.c.session_id.in_(ids))
         return int(conn.execute(delete(table).where(*where)).rowcount)
 
+    def anchor(table: Table, key: str, digest: str, at: str) -> None:
+        t = table.c
+        removed = select(t[key], t.digest).where(
+            t.session_id == SESSIONS.c.id, t.created_at < before
+        )
+        newest = removed.order_by(t[key].desc()).limit(1)
+        where: list[ColumnElement[bool]] = [removed.exists()]
+        if owner is not None:
+            where.append(SESSIONS.c.owner_id == owner)
+        conn.execute(
+            update(SESSIONS)
+            .where(*where)
+            .values(
+                {
+                    at: newest.with_only_columns(t[key]).scalar_subquery(),
+                    digest: newest.with_only_columns(t.digest).scalar_subquery(),
+                }
+            )
+        )
+
+    anchor(MESSAGES, "position", "anchor_digest", "anchor_position")
+    anchor(TURNS, "seq", "turns_anchor_digest", "turns_anchor_seq")
     turns, summaries = older(TURNS), older(SUMMARIES)
     return Erased(0, older(MESSAGES), turns, summaries)

@@ -1,0 +1,378 @@
+"""The tamper-evident history: every message and turn-log row chains to the
+previous one of its session; verify walks the chains and names the first
+row changed, inserted, deleted or moved through plain SQL."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from sqlalchemy import Engine, delete, insert, inspect, select, text, update
+
+import tokenmem.audit
+from tokenmem import Message, Store, StoredMessage, TokenCounter, TurnRecord, Verified
+from tokenmem.aio import AsyncStore
+from tokenmem.digest import MESSAGE_FIELDS, backfill, chain, message_digest
+from tokenmem.models import MESSAGES, SESSIONS, TURNS, session_uuid, utcnow
+
+from .conftest import async_twin
+
+SID = session_uuid("", "s")
+
+
+def record(input: str, window: tuple[int, int] | None = None) -> TurnRecord:
+    return TurnRecord(
+        model="m",
+        api="chat",
+        system="s",
+        template="{history}{input}",
+        human_prefix="Human",
+        ai_prefix="AI",
+        input=input,
+        window_first=window and window[0],
+        window_last=window and window[1],
+        token_budget=10,
+        prompt_tokens=5,
+        latency_ms=12.5,
+        outcome="ok",
+    )
+
+
+CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+def filled(store: Store, counter: TokenCounter) -> None:
+    """Eight messages (plain, with metadata, OpenAI tool calls) and three turns."""
+    store.append("s", [Message("system", "be brief"), Message("human", "hi")], counter)
+    store.append(
+        "s",
+        [Message("ai", "héllo 👋", metadata={"score": 2.0, "tags": ["a"], "n": 1e20})],
+        counter,
+    )
+    store.record_turn(
+        "s", record("one", (0, 2)), [Message("human", "q"), Message("ai", "a")], counter
+    )
+    store.append(
+        "s",
+        [
+            Message("ai", "", openai={"role": "assistant", "content": None, "tool_calls": [CALL]}),
+            Message(
+                "tool", "42", openai={"role": "tool", "tool_call_id": "call_1", "content": "42"}
+            ),
+        ],
+        counter,
+    )
+    store.record_turn("s", record("two", (3, 6)), None, counter)
+    store.append_many("s", [Message("human", "bulk 1"), Message("ai", "bulk 2")], counter)
+    store.record_turn("s", record("three"), None, counter)
+
+
+def digests(db: Engine) -> list[tuple[int, str]]:
+    with db.connect() as conn:
+        m = MESSAGES.c
+        rows = conn.execute(
+            select(m.position, m.digest).where(m.session_id == SID).order_by(m.position)
+        )
+        return [(int(p), d) for p, d in rows]
+
+
+def test_an_untouched_history_verifies(store: Store, o200k: TokenCounter) -> None:
+    filled(store, o200k)
+    for page in (1, 3, 1000):  # pages end inside, at and after the chain
+        report = store.verify("s", page=page)
+        assert report.ok, report
+        assert (report.messages, report.turns) == (9, 3)
+    chain = digests(store.engine)
+    assert [p for p, _ in chain] == list(range(9))
+    assert report.head_digest == chain[-1][1]
+    assert len({d for _, d in chain}) == 9
+    turns = store.turns("s")
+    assert len(turns) == 3
+    with store.engine.connect() as conn:
+        sent = (
+            conn.execute(
+                select(TURNS.c.window_digest).where(TURNS.c.session_id == SID).order_by(TURNS.c.seq)
+            )
+            .scalars()
+            .all()
+        )
+    assert sent == [chain[2][1], chain[6][1], None]  # the newest message each sent
+
+
+def test_the_documented_encoding(store: Store, o200k: TokenCounter) -> None:
+    """The README's recipe, by hand, gives the stored digests."""
+    created = datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=timezone(timedelta(hours=2)))
+    store.append(
+        "s", [StoredMessage("human", "hi", metadata={"b": 1, "a": 1.0}, created_at=created)], o200k
+    )
+    fields = {
+        "position": 0,
+        "turn": 0,
+        "role": "human",
+        "content": "hi",
+        "name": None,
+        "metadata": {"a": 1, "b": 1},
+        "message": None,
+        "tool_calls": None,
+        "tool_call_id": None,
+        "created_at": "2026-01-02T01:04:05.000006+00:00",
+    }
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    expected = hashlib.sha256(canonical.encode() + b"\n").hexdigest()
+    assert digests(store.engine) == [(0, expected)]
+    assert store.verify("s").head_digest == expected
+
+
+def broken(store: Store, sql: str, **params: object) -> tuple[str | None, int | None]:
+    with store.engine.begin() as conn:
+        conn.execute(text(sql), params)
+    report = store.verify("s")
+    assert not report.ok
+    assert report.problem
+    return report.table, report.position
+
+
+MSG = "UPDATE tokenmem_messages SET {} WHERE position = :p"
+
+
+def test_changed_content(store: Store, o200k: TokenCounter) -> None:
+    filled(store, o200k)
+    assert broken(store, MSG.format("content = 'HI'"), p=1) == ("messages", 1)
+
+
+def test_changed_metadata_created_at_and_tool_call(store: Store, o200k: TokenCounter) -> None:
+    filled(store, o200k)
+    with store.engine.begin() as conn:
+        later = utcnow()
+        conn.execute(update(MESSAGES).where(MESSAGES.c.position == 4).values(created_at=later))
+    report = store.verify("s")
+    assert (report.ok, report.position) == (False, 4)
+    with store.engine.begin() as conn:  # a forger recomputes that one digest: the next breaks
+        from tokenmem.digest import message_digest
+
+        m = MESSAGES.c
+        row = (
+            conn.execute(select(MESSAGES).where(m.session_id == SID, m.position == 4))
+            .mappings()
+            .one()
+        )
+        before = conn.execute(
+            select(m.digest).where(m.session_id == SID, m.position == 3)
+        ).scalar_one()
+        conn.execute(
+            update(MESSAGES)
+            .where(m.session_id == SID, m.position == 4)
+            .values(digest=message_digest(row, before))
+        )
+    assert store.verify("s").position == 5
+
+
+def test_changed_tool_call_id(store: Store, o200k: TokenCounter) -> None:
+    filled(store, o200k)
+    assert broken(store, MSG.format("tool_call_id = 'call_2'"), p=6) == ("messages", 6)
+
+
+def test_deleted_row(store: Store, o200k: TokenCounter) -> None:
+    filled(store, o200k)
+    sql = "DELETE FROM tokenmem_messages WHERE position = :p"
+    assert broken(store, sql, p=3) == ("messages", 4)
+
+
+def test_deleted_first_and_last_rows(store: Store, o200k: TokenCounter) -> None:
+    filled(store, o200k)
+    sql = "DELETE FROM tokenmem_messages WHERE position = :p"
+    assert broken(store, sql, p=8) == ("messages", 8)  # the chain ends before the head
+    assert broken(store, sql, p=0) == ("messages", 1)
+
+
+def test_swapped_positions(store: Store, o200k: TokenCounter) -> None:
+    filled(store, o200k)
+    with store.engine.begin() as conn:
+        for a, b in ((2, -1), (5, 2), (-1, 5)):
+            conn.execute(text(MSG.format("position = :b")), {"p": a, "b": b})
+    report = store.verify("s")
+    assert (report.ok, report.table, report.position) == (False, "messages", 2)
+
+
+def test_inserted_rows(store: Store, o200k: TokenCounter) -> None:
+    filled(store, o200k)
+    with store.engine.begin() as conn:
+        m = MESSAGES.c
+        row = dict(
+            conn.execute(select(MESSAGES).where(m.session_id == SID, m.position == 8))
+            .mappings()
+            .one()
+        )
+        conn.execute(insert(MESSAGES).values({**row, "position": 9, "content": "forged"}))
+    assert store.verify("s").position == 9  # after the newest
+    with store.engine.begin() as conn:
+        conn.execute(delete(MESSAGES).where(MESSAGES.c.position == 9))
+        conn.execute(
+            update(MESSAGES)
+            .where(MESSAGES.c.position >= 5)
+            .values(position=MESSAGES.c.position + 10)
+        )
+        conn.execute(insert(MESSAGES).values({**row, "position": 5}))
+    assert store.verify("s").position == 5
+
+
+def test_altered_turn(store: Store, o200k: TokenCounter) -> None:
+    filled(store, o200k)
+    sql = "UPDATE tokenmem_turns SET prompt_tokens = 1 WHERE seq = 1"
+    assert broken(store, sql) == ("turns", 1)
+
+
+def test_deleted_turn(store: Store, o200k: TokenCounter) -> None:
+    filled(store, o200k)
+    sql = "DELETE FROM tokenmem_turns WHERE seq = 0"
+    assert broken(store, sql) == ("turns", 1)
+
+
+def test_recount_clear_and_prune_keep_the_chain(
+    store: Store, o200k: TokenCounter, cl100k: TokenCounter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = utcnow() - timedelta(days=40)
+    store.append("s", [StoredMessage("human", f"old {i}", created_at=old) for i in range(3)], o200k)
+    with monkeypatch.context() as patch:  # a call recorded 40 days ago
+        patch.setattr(tokenmem.audit, "utcnow", lambda: old)
+        store.record_turn("s", record("old"), None, o200k)
+    filled(store, o200k)
+    head = store.verify("s").head_digest
+    store.clear("s")
+    assert store.verify("s").ok
+    assert store.recount("s", cl100k, batch_size=2)  # counts only
+    report = store.verify("s")
+    assert report.ok and report.head_digest == head
+    pruned = store.prune(timedelta(days=30), owner="")
+    assert (pruned.messages, pruned.turns) == (3, 1)
+    report = store.verify("s")
+    assert report.ok, report
+    assert (report.messages, report.turns, report.head_digest) == (9, 3, head)
+    with store.engine.connect() as conn:
+        s = SESSIONS.c
+        anchor = conn.execute(
+            select(s.anchor_position, s.turns_anchor_seq).where(s.id == SID)
+        ).one()
+    assert tuple(anchor) == (2, 0)
+    # deleting the first row after the anchor is still found
+    sql = "DELETE FROM tokenmem_messages WHERE position = 3"
+    assert broken(store, sql) == ("messages", 4)
+
+
+def test_a_pruned_out_session_verifies(store: Store, o200k: TokenCounter) -> None:
+    old = utcnow() - timedelta(days=40)
+    store.append("s", [StoredMessage("human", "old", created_at=old)], o200k)
+    store.prune(timedelta(days=30), owner="")
+    assert store.history("s") == [] or list(store.history("s")) == []
+    assert store.verify("s").ok
+    store.append("s", [Message("human", "new")], o200k)
+    assert store.verify("s").ok
+
+
+def test_erase_removes_the_chain(store: Store, o200k: TokenCounter) -> None:
+    filled(store, o200k)
+    store.erase("s")
+    with pytest.raises(Exception, match="s"):
+        store.verify("s")
+
+
+def test_migration_0006_round_trip_backfills_the_chains(store: Store, o200k: TokenCounter) -> None:
+    """Down to 0005 and up again: the backfill gives every message the digest
+    it was written with, chains each session's turns again (older turns name
+    no window digest), and verify passes; in batches of any size."""
+    filled(store, o200k)
+    for i in range(3):
+        store.append(f"other {i}", [Message("human", f"x{j}") for j in range(i + 2)], o200k)
+    written = digests(store.engine)
+    store.downgrade("0005")
+    with store.engine.connect() as conn:
+        assert "digest" not in {c["name"] for c in inspect(conn).get_columns("tokenmem_messages")}
+    store.upgrade()
+    assert digests(store.engine) == written
+    for session in ("s", "other 0", "other 1", "other 2"):
+        assert store.verify(session).ok
+    assert store.verify("s").turns == 3
+    with store.engine.begin() as conn:
+        conn.execute(update(MESSAGES).values(digest=None))
+        conn.execute(update(TURNS).values(digest=None))
+        backfill(conn, batch=2)
+    assert digests(store.engine) == written
+    assert all(store.verify(s).ok for s in ("s", "other 0", "other 1", "other 2"))
+    store.append("s", [Message("human", "after the backfill")], o200k)
+    assert store.verify("s").ok
+
+
+def test_async_verify(store: Store, o200k: TokenCounter) -> None:
+    """AsyncStore.verify says what Store.verify says, and its appends chain as the sync ones."""
+    filled(store, o200k)
+
+    async def run() -> tuple[Verified, Verified]:
+        twin = AsyncStore(async_twin(store.engine))
+        try:
+            await twin.append("s", [Message("human", "async")], o200k)
+            intact = await twin.verify("s", page=2)
+            with store.engine.begin() as conn:
+                conn.execute(text("DELETE FROM tokenmem_messages WHERE position = 4"))
+            return intact, await twin.verify("s")
+        finally:
+            await twin.close()
+
+    intact, broken_ = asyncio.run(run())
+    assert intact.ok and intact.messages == 10
+    assert intact.head_digest == digests(store.engine)[-1][1]
+    assert (broken_.ok, broken_.position) == (False, 5)
+    assert store.verify("s") == broken_
+
+
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@given(
+    content=st.text(),
+    name=st.none() | st.text(max_size=10),
+    metadata=st.none() | st.dictionaries(st.text(max_size=5), _json, max_size=3),
+    message=st.none() | st.dictionaries(st.text(max_size=5), _json, max_size=3),
+    calls=st.none() | st.lists(_json, max_size=2),
+    call_id=st.none() | st.text(max_size=10),
+    created_at=st.datetimes(timezones=st.timezones()),
+    position=st.integers(0, 2**62),
+)
+def test_the_append_path_digests_as_the_reference(
+    content: str,
+    name: str | None,
+    metadata: dict[str, object] | None,
+    message: dict[str, object] | None,
+    calls: list[object] | None,
+    call_id: str | None,
+    created_at: datetime,
+    position: int,
+) -> None:
+    """message_digest (written by hand for speed) is chain() over MESSAGE_FIELDS."""
+    row = {
+        "position": position,
+        "turn": position // 2,
+        "role": "tool",
+        "content": content,
+        "name": name,
+        "metadata": metadata,
+        "message": message,
+        "tool_calls": calls,
+        "tool_call_id": call_id,
+        "created_at": created_at,
+    }
+    assert message_digest(row, "ab" * 32) == chain(row, MESSAGE_FIELDS, "ab" * 32)
