@@ -17,12 +17,23 @@ from sqlalchemy import Engine, delete, insert, inspect, select, text, update
 import tokenmem.audit
 from tokenmem import Message, Store, StoredMessage, TokenCounter, TurnRecord, Verified
 from tokenmem.aio import AsyncStore
+from tokenmem.cli import main
 from tokenmem.digest import MESSAGE_FIELDS, backfill, chain, message_digest
 from tokenmem.models import MESSAGES, SESSIONS, TURNS, session_uuid, utcnow
 
 from .conftest import async_twin
 
 SID = session_uuid("", "s")
+
+
+def url_of(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=False)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def record(input: str, window: tuple[int, int] | None = None) -> TurnRecord:
@@ -305,6 +316,38 @@ def test_migration_0006_round_trip_backfills_the_chains(store: Store, o200k: Tok
     assert all(store.verify(s).ok for s in ("s", "other 0", "other 1", "other 2"))
     store.append("s", [Message("human", "after the backfill")], o200k)
     assert store.verify("s").ok
+
+
+def test_cli_verify(store: Store, o200k: TokenCounter, capsys: pytest.CaptureFixture[str]) -> None:
+    filled(store, o200k)
+    store.append("t", [Message("human", "hi")], o200k, owner="alice")
+    url = url_of(store.engine)
+    code, said, _ = run(capsys, "--db", url, "verify", "s")
+    head = store.verify("s").head_digest
+    assert (code, said) == (0, f"s: intact, 9 message(s), 3 turn(s); head {head}\n")
+    code, said, _ = run(capsys, "--db", url, "verify", "s", "--expect-head", head or "")
+    assert code == 0
+    store.append("s", [Message("human", "later")], o200k)
+    code, said, _ = run(capsys, "--db", url, "--json", "verify", "s", "--expect-head", head or "")
+    assert code == 0 and json.loads(said)[0]["expected_at"] == 8  # the history up to it holds
+    code, said, _ = run(capsys, "--db", url, "--json", "verify", "--all")
+    assert code == 0
+    assert sorted((r["owner_id"], r["session"], r["ok"]) for r in json.loads(said)) == [
+        ("", "s", True),
+        ("alice", "t", True),
+    ]
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE tokenmem_messages SET content = 'HI' WHERE position = 1"))
+    code, said, _ = run(capsys, "--db", url, "verify", "--all")
+    assert code == 5
+    assert "s: BROKEN at message position 1: its digest does not match" in said
+    assert "t (owner 'alice'): intact" in said
+    code, said, _ = run(capsys, "--db", url, "verify", "s", "--expect-head", "0" * 64)
+    assert code == 5
+    code, _, err = run(capsys, "--db", url, "verify")
+    assert code == 2 and "SESSION ... or --all" in err
+    code, _, err = run(capsys, "--db", url, "verify", "nope")
+    assert code == 3
 
 
 def test_async_verify(store: Store, o200k: TokenCounter) -> None:

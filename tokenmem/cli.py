@@ -6,7 +6,8 @@ Every command is a library call; this module parses arguments, prints tables
     0  success                       3  no such session (or turn)
     1  failure (database, model,     4  the database is not at the migration
        bad input file)                  head: run `tokenmem db upgrade`
-    2  usage error, bad option/URL   130 interrupted
+    2  usage error, bad option/URL   5  verify: a history's chain is broken
+                                     130 interrupted
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_SCHEMA, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+EXIT_BROKEN = 5
 
 EXAMPLES = {
     "db": "tokenmem db upgrade --db postgresql+psycopg://127.0.0.1/app",
@@ -53,6 +55,7 @@ EXAMPLES = {
     "recount": "tokenmem recount --model gpt-4o --session chat-1",
     "erase": "tokenmem erase chat-1 --yes      tokenmem erase --owner alice",
     "demo": "tokenmem demo --language zh",
+    "verify": "tokenmem verify chat-1 --expect-head 3f2a...    tokenmem verify --all --json",
 }
 
 
@@ -684,6 +687,44 @@ def cmd_erase(args: argparse.Namespace, store: Store, out: _Out) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace, store: Store, out: _Out) -> int:
+    if args.all == bool(args.sessions):
+        raise ConfigurationError("verify takes SESSION ... or --all (one of the two)")
+    if args.expect_head and len(args.sessions) != 1:
+        raise ConfigurationError("--expect-head goes with one SESSION")
+    if args.all:
+        stats = store.session_stats(owner=args.owner, all_owners=args.owner is None)
+        keys = [(s.session_id, s.owner_id) for s in stats]
+    else:
+        keys = [(name, args.owner) for name in args.sessions]
+    step = _progress(len(keys), "verify") if len(keys) > 1 else lambda n: None
+    reports, broken = [], False
+    for name, owner in keys:
+        report = store.verify(name, owner=owner, expect_head=args.expect_head)
+        step(1)
+        broken = broken or not report.ok
+        if out.as_json:
+            reports.append({"owner_id": owner or "", **asdict(report)})
+            continue
+        who = f"{name} (owner {owner!r})" if owner else name
+        if report.ok:
+            out.line(
+                f"{who}: intact, {report.messages} message(s), {report.turns} turn(s); "
+                f"head {report.head_digest or '-'}"
+            )
+        else:
+            where = "message position" if report.table == "messages" else "turn seq"
+            out.line(
+                f"{who}: BROKEN at {where} {report.position}: {report.problem}; "
+                f"head {report.head_digest or '-'}"
+            )
+    if len(keys) > 1 and sys.stderr.isatty():
+        sys.stderr.write("\n")
+    if out.as_json:
+        out.json(reports)
+    return EXIT_BROKEN if broken else 0
+
+
 def cmd_demo(args: argparse.Namespace, store: Store, out: _Out) -> int:
     from .demo import run
 
@@ -880,6 +921,22 @@ def _parser() -> argparse.ArgumentParser:
         "--yes", action="store_true", help="do not ask for confirmation (else type yes)"
     )
 
+    verify = command(
+        "verify",
+        "check that sessions' histories are unchanged (their digest chains); print each head",
+        cmd_verify,
+    )
+    verify.add_argument("sessions", metavar="SESSION", nargs="*", help="the session ids")
+    verify.add_argument(
+        "--all", action="store_true", help="every session (of --owner, else of every owner)"
+    )
+    owner(verify)
+    verify.add_argument(
+        "--expect-head",
+        metavar="DIGEST",
+        help="a head printed earlier: fail unless the history up to it is unchanged",
+    )
+
     demo = command("demo", "replay the reference notebook: window, chain, history", cmd_demo)
     demo.add_argument("--language", choices=["en", "zh"], default="en", help="en or zh")
     return parser
@@ -887,7 +944,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # Commands that work on a database that exists: a typo'd SQLite path must not
 # create an empty file for them to find nothing in.
-_EXISTING = {"sessions", "history", "window", "turns", "export", "recount", "erase"}
+_EXISTING = {"sessions", "history", "window", "turns", "export", "recount", "erase", "verify"}
 
 
 def _check_exists(args: argparse.Namespace) -> None:
