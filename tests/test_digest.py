@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -419,3 +420,21 @@ def test_the_append_path_digests_as_the_reference(
         "created_at": created_at,
     }
     assert message_digest(row, "ab" * 32) == chain(row, MESSAGE_FIELDS, "ab" * 32)
+
+
+def test_concurrent_writers_chain_in_commit_order(store: Store, o200k: TokenCounter) -> None:
+    """Appends and turns from many threads to one session: each chains to the
+    head the previous commit left (the bump's row lock orders them)."""
+
+    def write(worker: int) -> None:
+        for i in range(8):
+            if i % 3:
+                store.append("s", [Message("human", f"{worker}.{i}"), Message("ai", "ok")], o200k)
+            else:
+                store.record_turn("s", record(f"{worker}.{i}"), [Message("human", "q")], o200k)
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(write, range(6)))
+    report = store.verify("s")
+    assert report.ok, report
+    assert (report.messages, report.turns) == (6 * (5 * 2 + 3), 6 * 3)
