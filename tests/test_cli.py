@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Column, Engine, Integer, MetaData, Table, Text, create_engine, insert
@@ -369,3 +372,78 @@ def test_window_shows_the_pinned_prompt_and_tool_traffic(
     assert rows[0]["pinned"] and rows[0]["position"] == 12
     assert shown["fell_out"] == rows[1]["position"]  # all before it: the prompt is after them
     assert f"{shown['fell_out']} older message(s) are outside the window" in out
+
+
+# --- issue 13: OpenAI chat messages and the API's prompt tokens ------------------------
+
+TOOL_TALK: list[dict[str, Any]] = [
+    {"role": "developer", "content": "Use metric units."},
+    {"role": "user", "content": "Weather in Paris?", "name": "alice"},
+    {
+        "role": "assistant",
+        "content": "Let me look.",
+        "tool_calls": [
+            {
+                "id": "call_p",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            },
+            {
+                "id": "call_x",
+                "type": "function",
+                "function": {"name": "log", "arguments": '{"text": "\x1b[2Jgone"}'},
+            },
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_x", "content": "ok"},
+    {"role": "tool", "tool_call_id": "call_p", "content": "18C\nsunny"},
+    {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "And this?"},
+            {"type": "image_url", "image_url": {"url": "https://x.test/a.png"}},
+        ],
+    },
+]
+
+
+def test_history_shows_tool_calls_their_answers_roles_and_parts(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = url_of(store.engine)
+    ConversationTokenBufferMemory(store=store, session_id="tools").save_messages(TOOL_TALK)
+    code, out, _ = run(capsys, "--db", url, "history", "tools")
+    assert code == 0
+    lines = out.splitlines()
+    content = lines[0].index("content")  # where the content column starts
+    assert lines[0].split() == ["pos", "turn", "role", "name", "text_tokens", "created", "content"]
+    rows = [(line[:content].split(), line[content:]) for line in lines[1:]]
+    assert [(r[:4], text) for r, text in rows] == [
+        (["0", "0", "developer", "-"], "Use metric units."),
+        (["1", "0", "human", "alice"], "Weather in Paris?"),
+        (["2", "0", "ai", "-"], "Let me look."),
+        ([], '→ call_p get_weather({"city": "Paris"})'),  # a call a line, under its message
+        ([], '→ call_x log({"text": "\\x1b[2Jgone"})'),  # escapes shown, never sent
+        (["3", "0", "tool", "-"], "← call_x ok"),
+        (["4", "0", "tool", "-"], "← call_p 18C⏎ sunny"),
+        (["5", "0", "human", "-"], "And this?⏎ [image_url]"),
+    ]
+    assert "\x1b" not in out
+
+    # --json (as --format jsonl): the export's lines, each message's dict in full
+    code, out, _ = run(capsys, "--db", url, "--json", "history", "tools")
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["role"] for r in records] == ["developer", "human", "ai", "tool", "tool", "human"]
+    assert [r.get("openai") for r in records] == [None, None, *TOOL_TALK[2:]]
+    assert json.dumps([r["openai"] for r in records[2:]]) == json.dumps(TOOL_TALK[2:])
+    assert (records[1]["name"], records[3]["openai"]["tool_call_id"]) == ("alice", "call_x")
+
+    # --format csv: the dict as JSON in its own column
+    code, out, _ = run(capsys, "--db", url, "history", "tools", "--format", "csv")
+    table = list(csv.DictReader(io.StringIO(out)))
+    assert [row["role"] for row in table] == [r["role"] for r in records]
+    assert [json.loads(row["openai"]) if row["openai"] else None for row in table] == [
+        None,
+        None,
+        *TOOL_TALK[2:],
+    ]

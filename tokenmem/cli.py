@@ -34,6 +34,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from .messages import StoredMessage
     from .store import Store
     from .tokens import TokenCounter
 
@@ -293,7 +294,29 @@ _HISTORY_FIELDS = [
     "created_at",
     "encoding",
     "text_tokens",
+    "openai",
 ]
+_HISTORY_HEAD = (
+    f"{'pos':>6} {'turn':>5} {'role':<9} {'name':<10} {'text_tokens':>11}  {'created':<19}  "
+)
+
+
+def _content_lines(m: StoredMessage) -> list[str]:
+    """A message's content in the history table: its text; a tool message's
+    after the id of the call it answers (``← id``); an assistant's tool
+    calls a line each (``→ id name(arguments)``) after its text."""
+    from .chat import display_text
+
+    d = m.openai or {}
+    if m.type == "tool":
+        return [f"← {d.get('tool_call_id')} {m.content}"]
+    calls = d.get("tool_calls") or []
+    if not calls:
+        return [m.content]
+    text = display_text({**d, "tool_calls": None})  # the content, without the calls
+    return [text] * bool(text) + [
+        f"→ {c['id']} {c['function']['name']}({c['function']['arguments']})" for c in calls
+    ]
 
 
 def cmd_history(args: argparse.Namespace, store: Store, out: _Out) -> int:
@@ -301,9 +324,9 @@ def cmd_history(args: argparse.Namespace, store: Store, out: _Out) -> int:
     first = next(stream, None)  # a missing session fails here, before any output
     messages = itertools.chain([first] if first else [], stream)
     fmt = "jsonl" if out.as_json else args.format
-    if fmt == "jsonl":  # the export format: `tokenmem import` reads it back
-        from .transfer import to_json, to_record
+    from .transfer import to_json, to_record
 
+    if fmt == "jsonl":  # the export format: `tokenmem import` reads it back
         key = store.session(args.session, owner=args.owner)
         for m in messages:
             out.stream.write(to_json(to_record(key.owner_id, key.session_id, m)) + "\n")
@@ -321,17 +344,19 @@ def cmd_history(args: argparse.Namespace, store: Store, out: _Out) -> int:
                     _plain(m.created_at),
                     m.encoding,
                     m.text_tokens,
+                    "" if m.openai is None else to_json(m.openai),
                 ]
             )
     else:
-        out.header(
-            f"{'pos':>6} {'turn':>5} {'role':<6} {'text_tokens':>11}  {'created':<19}  content"
-        )
+        out.header(_HISTORY_HEAD + "content")
         for m in messages:
+            text, *calls = _content_lines(m)
             out.line(
-                f"{m.position:>6} {m.turn:>5} {m.type:<6} {m.text_tokens:>11}  "
-                f"{_cell(m.created_at)}  {_short(m.content)}"
+                f"{m.position:>6} {m.turn:>5} {m.type:<9} {_short(m.name or '-', 10):<10} "
+                f"{m.text_tokens:>11}  {_cell(m.created_at)}  {_short(text)}"
             )
+            for call in calls:
+                out.line(" " * len(_HISTORY_HEAD) + _short(call))
     return 0
 
 
