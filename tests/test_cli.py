@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from tokenmem import (
     ConversationChain,
     ConversationTokenBufferMemory,
     Message,
+    ModelError,
     Store,
     TokenCounter,
 )
@@ -447,3 +449,56 @@ def test_history_shows_tool_calls_their_answers_roles_and_parts(
         None,
         *TOOL_TALK[2:],
     ]
+
+
+def test_turns_show_local_and_api_prompt_tokens_and_their_ratio(
+    store: Store, openai_server: FakeOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = url_of(store.engine)
+    for model, n in (("gpt-4o-mini", 3), ("gpt-4o", 2)):
+        llm = ChatOpenAI(model=model, base_url=openai_server.base_url, api_key="k", max_retries=0)
+        memory = ConversationTokenBufferMemory(llm=llm, store=store, session_id="talk")
+        for i in range(n):
+            ConversationChain(llm=llm, memory=memory).predict(input=f"question {i} on {model}")
+    openai_server.fail(500)  # a failed call: no usage reported
+    with pytest.raises(ModelError):
+        ConversationChain(llm=llm, memory=memory).predict(input="lost")
+    turns = store.turns("talk")
+    ratios = [t.api_prompt_tokens / t.prompt_tokens for t in turns[:5]]  # type: ignore[operator]
+    assert len(set(ratios)) > 1  # the fake server counts words: not tiktoken's count
+
+    code, out, _ = run(capsys, "--db", url, "turns", "talk")
+    assert code == 0
+    calls, summary = out.split("\n\n")
+    header, *rows = calls.splitlines()
+    assert "prompt  api prompt  api/prompt  ms" in header
+    for t, row in zip(turns, rows, strict=True):
+        shown = row.split()
+        ratio = (
+            "-" if t.api_prompt_tokens is None else f"{t.api_prompt_tokens / t.prompt_tokens:.3f}"
+        )
+        at = shown.index(str(t.prompt_tokens), 4)  # after seq, date, time, model
+        assert shown[at : at + 3] == [str(t.prompt_tokens), str(t.api_prompt_tokens or "-"), ratio]
+    head, *lines = summary.splitlines()
+    assert head.split() == "model calls with usage median api/prompt min max".split()
+    by_model = {}
+    for model in ("gpt-4o", "gpt-4o-mini"):  # by name
+        by_model[model] = got = [r for t, r in zip(turns, ratios, strict=False) if t.model == model]
+        stats = (f"{f(got):.3f}" for f in (median, min, max))
+        assert lines.pop(0).split() == [model, "3", str(len(got)), *stats]
+
+    shown = json.loads(run(capsys, "--db", url, "--json", "turns", "talk")[1])
+    assert [t["prompt_ratio"] for t in shown["turns"]] == [*(round(r, 4) for r in ratios), None]
+    assert [t["api_prompt_tokens"] for t in shown["turns"]] == [t.api_prompt_tokens for t in turns]
+    assert shown["models"][1] == {
+        "model": "gpt-4o-mini",
+        "calls": 3,
+        "reported": 3,
+        "median_ratio": median(by_model["gpt-4o-mini"]),
+        "min_ratio": min(by_model["gpt-4o-mini"]),
+        "max_ratio": max(by_model["gpt-4o-mini"]),
+    }
+    one = json.loads(run(capsys, "--db", url, "--json", "turns", "talk", "1")[1])
+    assert one["turn"]["prompt_ratio"] == round(ratios[1], 4)
+    code, out, _ = run(capsys, "--db", url, "turns", "talk", "1")
+    assert f"prompt_ratio: {round(ratios[1], 4)}" in out

@@ -34,6 +34,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from .audit import TurnRecord
     from .messages import StoredMessage
     from .store import Store
     from .tokens import TokenCounter
@@ -451,15 +452,32 @@ def cmd_window(args: argparse.Namespace, store: Store, out: _Out) -> int:
     return 0
 
 
+def _turn(record: TurnRecord) -> dict[str, Any]:
+    """A call as shown: its fields, latency to 0.1 ms, and the API's prompt
+    tokens over the local count."""
+    from .audit import prompt_ratio
+
+    ratio = prompt_ratio(record)
+    return {
+        **asdict(replace(record, latency_ms=round(record.latency_ms, 1))),
+        "prompt_ratio": None if ratio is None else round(ratio, 4),
+    }
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def cmd_turns(args: argparse.Namespace, store: Store, out: _Out) -> int:
+    from .audit import prompt_ratio, usage_by_model
+
     if args.seq is not None:
         prompt = store.rebuild_prompt(args.session, args.seq, owner=args.owner)
         (turn,) = (t for t in store.turns(args.session, owner=args.owner) if t.seq == args.seq)
-        turn = replace(turn, latency_ms=round(turn.latency_ms, 1))
         if out.as_json:
-            out.json({"turn": turn, "prompt": prompt})
+            out.json({"turn": _turn(turn), "prompt": prompt})
             return 0
-        for key, value in asdict(turn).items():
+        for key, value in _turn(turn).items():
             if key not in ("system", "template"):
                 out.line(f"{key:>22}: {_cell(value)}")
         out.line("\nThe prompt it sent, rebuilt from the stored history:\n")
@@ -470,8 +488,9 @@ def cmd_turns(args: argparse.Namespace, store: Store, out: _Out) -> int:
                 out.line(f"[{message['role']}] {message['content']}")
         return 0
     turns = store.turns(args.session, owner=args.owner)
+    models = usage_by_model(turns)
     if out.as_json:
-        out.json([replace(t, latency_ms=round(t.latency_ms, 1)) for t in turns])
+        out.json({"turns": [_turn(t) for t in turns], "models": models})
         return 0
     out.table(
         [
@@ -483,6 +502,7 @@ def cmd_turns(args: argparse.Namespace, store: Store, out: _Out) -> int:
             "budget",
             "prompt",
             "api prompt",
+            "api/prompt",
             "ms",
             "error",
         ],
@@ -496,12 +516,29 @@ def cmd_turns(args: argparse.Namespace, store: Store, out: _Out) -> int:
                 t.token_budget,
                 t.prompt_tokens,
                 t.api_prompt_tokens,
+                _ratio(prompt_ratio(t)),
                 f"{t.latency_ms:.0f}",
                 t.error_type,
             )
             for t in turns
         ],
     )
+    if models:
+        out.line()
+        out.table(
+            ["model", "calls", "with usage", "median api/prompt", "min", "max"],
+            [
+                (
+                    _short(u.model, 24),
+                    u.calls,
+                    u.reported,
+                    _ratio(u.median_ratio),
+                    _ratio(u.min_ratio),
+                    _ratio(u.max_ratio),
+                )
+                for u in models
+            ],
+        )
     return 0
 
 
