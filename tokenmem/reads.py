@@ -217,7 +217,7 @@ def _window_recounting(
         before, page = got[-1].position, page * 2
     rows = newer_first[::-1]
     start = fit_units([(r[0], r[_UNIT], r[2], r[5]) for r in rows], rest, rule.start_on)
-    return [*pinned, *rows[start:]]
+    return [*pinned, *(r for r in rows[start:] if r[_UNIT] >= 0)]  # (orphans: never sent)
 
 
 _HISTORY = (

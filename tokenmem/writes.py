@@ -36,7 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from . import direct
-from .chat import OpenUnit, resume
+from .chat import OpenUnit, answered, place_items, resume
 from .errors import ConfigurationError, EncodingUnavailable, SessionNotFound
 from .messages import StoredMessage
 from .models import MESSAGES, SESSIONS, TURNS, utcnow
@@ -167,12 +167,13 @@ BULK_BATCH = 2000  # rows a bulk append sends per statement (COPY or executemany
 @dataclass(frozen=True)
 class _Placed:
     """Where an append goes: its first position and turn, the ``cum_floor``
-    of its first message, and the session's open tool-call unit before and
-    after it (tokenmem.chat.resume)."""
+    of its first message, each message's ``unit`` column, and the session's
+    open tool-call unit before and after it (tokenmem.chat.resume)."""
 
     first: int
     turn: int
     cum: int
+    units: list[int | None]
     open_before: OpenUnit | None
     open_after: OpenUnit | None
 
@@ -181,7 +182,9 @@ def _reserve(conn: Connection, p: PreparedAppend, now: datetime) -> tuple[Prepar
     """Bump the session (locking its row until the transaction ends) for all
     of ``p``; return ``p`` as it is stored and where it goes. Its tool-call
     units are checked against the unit the session left open (an error rolls
-    the transaction back: nothing written).
+    the transaction back: nothing written); items are placed in theirs
+    (:func:`tokenmem.chat.place_items`), the rows of an open unit they
+    orphan marked as such.
 
     A session counted with another encoding than ``p``'s (the model
     changed) keeps its own until :func:`recount_batch` has counted every
@@ -202,7 +205,28 @@ def _reserve(conn: Connection, p: PreparedAppend, now: datetime) -> tuple[Prepar
     if open_position is not None:
         calls = json.loads(open_calls) if isinstance(open_calls, str) else open_calls
         before = OpenUnit(open_position, open_floor, list(calls))
-    after = resume(p.units, before, first, p.key.name)
+    if p.items:
+        placed = place_items(p.messages, before, first)
+        units, after = placed.units, placed.after
+        if placed.orphaned is not None:  # its stored rows: never sent now
+            conn.execute(
+                _ORPHANED,
+                {
+                    "sid": p.key.id,
+                    "start": placed.orphaned,
+                    "end": first,
+                    "unit": -1 - placed.orphaned,
+                },
+            )
+    else:
+        after = resume(p.units, before, first, p.key.name)
+        continued = len(p.units.continues)  # its first messages answer the open unit
+        units = [
+            (before.position if before else None)
+            if i < continued
+            else (first + i + back if back else None)
+            for i, back in enumerate(p.units.back)
+        ]
     if after is not None and after.floor < 0:  # opened by p: its cum_floor
         at = after.position - first
         after = OpenUnit(after.position, cum + sum(c.floor for c in p.counts[:at]), after.calls)
@@ -216,9 +240,18 @@ def _reserve(conn: Connection, p: PreparedAppend, now: datetime) -> tuple[Prepar
                 "calls": after and after.calls,
             },
         )
-    return p, _Placed(first, next_turn - p.turns, cum, before, after)
+    return p, _Placed(first, next_turn - p.turns, cum, units, before, after)
 
 
+_ORPHANED = (
+    update(MESSAGES)
+    .where(
+        MESSAGES.c.session_id == bindparam("sid"),
+        MESSAGES.c.position >= bindparam("start"),
+        MESSAGES.c.position < bindparam("end"),
+    )
+    .values(unit=bindparam("unit"))
+)
 _SET_OPEN = (
     update(SESSIONS)
     .where(SESSIONS.c.id == bindparam("sid"))
@@ -250,17 +283,12 @@ def _rows(
 ) -> list[dict[str, Any]]:
     """Messages ``lo`` to ``hi`` of ``p`` as rows, placed as ``at`` says,
     ``cum`` being the ``cum_floor`` of message ``lo``."""
-    sid, encoding, units = p.key.id, p.encoding, p.units
+    sid, encoding = p.key.id, p.encoding
     position, turn = at.first, at.turn
-    continued = len(units.continues)  # its first messages answer the open unit
     rows = []
     for i in range(lo, hi):
         msg, c, created = p.messages[i], p.counts[i], p.created_at[i]
         openai = msg.openai or {}
-        if i < continued:
-            unit = at.open_before.position if at.open_before else None
-        else:
-            unit = position + i + units.back[i] if units.back[i] else None
         rows.append(
             {
                 "session_id": sid,
@@ -278,8 +306,8 @@ def _rows(
                 "cum_floor": cum,
                 "message": msg.openai,
                 "tool_calls": openai.get("tool_calls"),
-                "tool_call_id": openai.get("tool_call_id"),
-                "unit": unit,
+                "tool_call_id": answered(openai),
+                "unit": at.units[i],
             }
         )
         cum += c.floor
