@@ -47,7 +47,8 @@ class SessionInfo:
     owner_id: str
     session_id: str
     # The position the next message gets: how many were ever appended,
-    # pruned ones included (positions are never reused).
+    # pruned ones included (positions are never reused, except the one
+    # freed by popping the newest message: tokenmem.agents).
     next_position: int
     created_at: datetime
     updated_at: datetime
