@@ -28,7 +28,9 @@ def test_sample_output_is_current() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-@pytest.mark.parametrize(("section", "checks"), [("Example", 3), ("Tool calls", 4)])
+@pytest.mark.parametrize(
+    ("section", "checks"), [("Example", 3), ("Tool calls", 4), ("OpenAI Agents SDK", 3)]
+)
 def test_the_example_prints_what_its_comments_say(section: str, checks: int) -> None:
     """Run a README section's first block; each expression followed by ``#``
     lines must have that repr (whitespace aside)."""
