@@ -475,6 +475,34 @@ def test_settings_limit_and_configuration(store: Store) -> None:
     assert new(store, model="gpt-4").counter.encoding_name == "cl100k_base"
 
 
+def test_a_model_with_another_encoding_recounts_the_items(store: Store) -> None:
+    """Items added by a session counting with another encoding are counted
+    with the session's, then the session is recounted (one batch, after the
+    commit): the window is then counted with the new encoding."""
+
+    async def check() -> None:
+        old = new(store, encoding="o200k_base", max_token_limit=10_000)
+        await old.add_items(WEATHER)
+        fresh = TokenmemSession(
+            old.session_id, store=store, encoding="cl100k_base", max_token_limit=10_000
+        )
+        await fresh.add_items([{"content": "Thanks!", "role": "user"}])
+        assert store.session(old.session_id).encoding == "cl100k_base"
+        counter = TokenCounter("cl100k_base")
+        items = [*WEATHER, {"content": "Thanks!", "role": "user"}]
+        budget = 3 + sum(item_cost(counter, d) for d in items[1:])
+        fitting = TokenmemSession(
+            old.session_id, store=store, encoding="cl100k_base", max_token_limit=budget
+        )
+        assert await fitting.get_items() == items[1:]
+        tight = TokenmemSession(
+            old.session_id, store=store, encoding="cl100k_base", max_token_limit=budget - 1
+        )
+        assert await tight.get_items() == items[-2:]
+
+    run(check())
+
+
 def test_async_store(db: Engine) -> None:
     async def check() -> None:
         store = AsyncStore(async_twin(db))
