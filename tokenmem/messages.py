@@ -15,10 +15,11 @@ Role = Literal["human", "ai", "system", "developer", "tool"]
 class Message:
     """A chat message; ``type`` is ``"human"``, ``"ai"`` or ``"system"`` as in
     LangChain, or OpenAI's ``"developer"`` or ``"tool"``. ``openai``: the
-    Chat Completions dict it was saved from (``memory.save_messages``) when
-    role, content and name do not rebuild it exactly (tool calls, content
-    parts, extra keys); ``content`` is then its text as a string window
-    renders it (:mod:`tokenmem.chat`)."""
+    Chat Completions dict (``memory.save_messages``) or Responses API item
+    (``tokenmem.agents.TokenmemSession``) it was saved from, when role,
+    content and name do not rebuild it exactly (tool calls, content parts,
+    extra keys, any item but a plain message); ``content`` is then its
+    text as a string window renders it (:mod:`tokenmem.chat`)."""
 
     type: Role
     content: str

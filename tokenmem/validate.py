@@ -227,8 +227,8 @@ def _prepare(
             check_metadata(msg.openai, f"message {i} openai")
             if role_of(msg.openai) != msg.type:
                 raise InvalidInputError(
-                    f"message {i}: its openai role {msg.openai.get('role')!r} is not its "
-                    f"type {msg.type!r}"
+                    f"message {i}: its openai dict is a {role_of(msg.openai)!r} message, "
+                    f"not {msg.type!r}"
                 )
         created = getattr(msg, "created_at", None)
         if created is not None and (not isinstance(created, datetime) or created.tzinfo is None):
