@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from statistics import median
+from typing import Any
 
 import pytest
 from sqlalchemy import Column, Engine, Integer, MetaData, Table, Text, create_engine, insert
@@ -16,6 +20,7 @@ from tokenmem import (
     ConversationChain,
     ConversationTokenBufferMemory,
     Message,
+    ModelError,
     Store,
     TokenCounter,
 )
@@ -369,3 +374,131 @@ def test_window_shows_the_pinned_prompt_and_tool_traffic(
     assert rows[0]["pinned"] and rows[0]["position"] == 12
     assert shown["fell_out"] == rows[1]["position"]  # all before it: the prompt is after them
     assert f"{shown['fell_out']} older message(s) are outside the window" in out
+
+
+# --- issue 13: OpenAI chat messages and the API's prompt tokens ------------------------
+
+TOOL_TALK: list[dict[str, Any]] = [
+    {"role": "developer", "content": "Use metric units."},
+    {"role": "user", "content": "Weather in Paris?", "name": "alice"},
+    {
+        "role": "assistant",
+        "content": "Let me look.",
+        "tool_calls": [
+            {
+                "id": "call_p",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            },
+            {
+                "id": "call_x",
+                "type": "function",
+                "function": {"name": "log", "arguments": '{"text": "\x1b[2Jgone"}'},
+            },
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_x", "content": "ok"},
+    {"role": "tool", "tool_call_id": "call_p", "content": "18C\nsunny"},
+    {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "And this?"},
+            {"type": "image_url", "image_url": {"url": "https://x.test/a.png"}},
+        ],
+    },
+]
+
+
+def test_history_shows_tool_calls_their_answers_roles_and_parts(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = url_of(store.engine)
+    ConversationTokenBufferMemory(store=store, session_id="tools").save_messages(TOOL_TALK)
+    code, out, _ = run(capsys, "--db", url, "history", "tools")
+    assert code == 0
+    lines = out.splitlines()
+    content = lines[0].index("content")  # where the content column starts
+    assert lines[0].split() == ["pos", "turn", "role", "name", "text_tokens", "created", "content"]
+    rows = [(line[:content].split(), line[content:]) for line in lines[1:]]
+    assert [(r[:4], text) for r, text in rows] == [
+        (["0", "0", "developer", "-"], "Use metric units."),
+        (["1", "0", "human", "alice"], "Weather in Paris?"),
+        (["2", "0", "ai", "-"], "Let me look."),
+        ([], '→ call_p get_weather({"city": "Paris"})'),  # a call a line, under its message
+        ([], '→ call_x log({"text": "\\x1b[2Jgone"})'),  # escapes shown, never sent
+        (["3", "0", "tool", "-"], "← call_x ok"),
+        (["4", "0", "tool", "-"], "← call_p 18C⏎ sunny"),
+        (["5", "0", "human", "-"], "And this?⏎ [image_url]"),
+    ]
+    assert "\x1b" not in out
+
+    # --json (as --format jsonl): the export's lines, each message's dict in full
+    code, out, _ = run(capsys, "--db", url, "--json", "history", "tools")
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["role"] for r in records] == ["developer", "human", "ai", "tool", "tool", "human"]
+    assert [r.get("openai") for r in records] == [None, None, *TOOL_TALK[2:]]
+    assert json.dumps([r["openai"] for r in records[2:]]) == json.dumps(TOOL_TALK[2:])
+    assert (records[1]["name"], records[3]["openai"]["tool_call_id"]) == ("alice", "call_x")
+
+    # --format csv: the dict as JSON in its own column
+    code, out, _ = run(capsys, "--db", url, "history", "tools", "--format", "csv")
+    table = list(csv.DictReader(io.StringIO(out)))
+    assert [row["role"] for row in table] == [r["role"] for r in records]
+    assert [json.loads(row["openai"]) if row["openai"] else None for row in table] == [
+        None,
+        None,
+        *TOOL_TALK[2:],
+    ]
+
+
+def test_turns_show_local_and_api_prompt_tokens_and_their_ratio(
+    store: Store, openai_server: FakeOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = url_of(store.engine)
+    for model, n in (("gpt-4o-mini", 3), ("gpt-4o", 2)):
+        llm = ChatOpenAI(model=model, base_url=openai_server.base_url, api_key="k", max_retries=0)
+        memory = ConversationTokenBufferMemory(llm=llm, store=store, session_id="talk")
+        for i in range(n):
+            ConversationChain(llm=llm, memory=memory).predict(input=f"question {i} on {model}")
+    openai_server.fail(500)  # a failed call: no usage reported
+    with pytest.raises(ModelError):
+        ConversationChain(llm=llm, memory=memory).predict(input="lost")
+    turns = store.turns("talk")
+    ratios = [t.api_prompt_tokens / t.prompt_tokens for t in turns[:5]]  # type: ignore[operator]
+    assert len(set(ratios)) > 1  # the fake server counts words: not tiktoken's count
+
+    code, out, _ = run(capsys, "--db", url, "turns", "talk")
+    assert code == 0
+    calls, summary = out.split("\n\n")
+    header, *rows = calls.splitlines()
+    assert "prompt  api prompt  api/prompt  ms" in header
+    for t, row in zip(turns, rows, strict=True):
+        shown = row.split()
+        ratio = (
+            "-" if t.api_prompt_tokens is None else f"{t.api_prompt_tokens / t.prompt_tokens:.3f}"
+        )
+        at = shown.index(str(t.prompt_tokens), 4)  # after seq, date, time, model
+        assert shown[at : at + 3] == [str(t.prompt_tokens), str(t.api_prompt_tokens or "-"), ratio]
+    head, *lines = summary.splitlines()
+    assert head.split() == "model calls with usage median api/prompt min max".split()
+    by_model = {}
+    for model in ("gpt-4o", "gpt-4o-mini"):  # by name
+        by_model[model] = got = [r for t, r in zip(turns, ratios, strict=False) if t.model == model]
+        stats = (f"{f(got):.3f}" for f in (median, min, max))
+        assert lines.pop(0).split() == [model, "3", str(len(got)), *stats]
+
+    shown = json.loads(run(capsys, "--db", url, "--json", "turns", "talk")[1])
+    assert [t["prompt_ratio"] for t in shown["turns"]] == [*(round(r, 4) for r in ratios), None]
+    assert [t["api_prompt_tokens"] for t in shown["turns"]] == [t.api_prompt_tokens for t in turns]
+    assert shown["models"][1] == {
+        "model": "gpt-4o-mini",
+        "calls": 3,
+        "reported": 3,
+        "median_ratio": median(by_model["gpt-4o-mini"]),
+        "min_ratio": min(by_model["gpt-4o-mini"]),
+        "max_ratio": max(by_model["gpt-4o-mini"]),
+    }
+    one = json.loads(run(capsys, "--db", url, "--json", "turns", "talk", "1")[1])
+    assert one["turn"]["prompt_ratio"] == round(ratios[1], 4)
+    code, out, _ = run(capsys, "--db", url, "turns", "talk", "1")
+    assert f"prompt_ratio: {round(ratios[1], 4)}" in out

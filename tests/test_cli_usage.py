@@ -145,7 +145,7 @@ def test_turns_session_and_seq(
     err = capsys.readouterr().err
     assert exit.value.code == 2 and "SEQ must be a call's number, not 'x'" in err
     assert "rest" not in err and "argument seq" not in err
-    turns = json.loads(run(capsys, "--db", url, "--json", "turns", "talk")[1])
+    turns = json.loads(run(capsys, "--db", url, "--json", "turns", "talk")[1])["turns"]
     assert turns[0]["latency_ms"] == round(turns[0]["latency_ms"], 1)
     shown = json.loads(run(capsys, "--db", url, "--json", "turns", "talk", "0")[1])
     assert shown["turn"]["latency_ms"] == round(shown["turn"]["latency_ms"], 1)

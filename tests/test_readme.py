@@ -60,7 +60,9 @@ def run_block(code: str) -> int:
     return checked
 
 
-@pytest.mark.parametrize(("section", "checks"), [("Example", 3), ("Tool calls", 4)])
+@pytest.mark.parametrize(
+    ("section", "checks"), [("Example", 3), ("Tool calls", 4), ("OpenAI Agents SDK", 3)]
+)
 def test_the_example_prints_what_its_comments_say(section: str, checks: int) -> None:
     """Run a README section's first block; each expression followed by ``#``
     lines must have that repr (whitespace aside)."""

@@ -7,11 +7,20 @@ exchange; a failed call is recorded alone, and saves nothing::
     for t in store.turns("chat-1"):
         print(t.seq, t.outcome, t.window_first, t.window_last, t.prompt_tokens)
     store.rebuild_prompt("chat-1", seq=3)   # the messages (or string) sent
+
+Each call keeps the prompt tokens counted locally beside the ones the API
+reported (``usage.prompt_tokens``); :func:`prompt_ratio` and
+:func:`usage_by_model` show how far apart they are, per call and per model::
+
+    for u in usage_by_model(store.turns("chat-1")):
+        print(u.model, u.reported, u.median_ratio)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -28,7 +37,17 @@ from .validate import PreparedAppend, SessionKey
 from .window import get_buffer_string
 from .writes import append, session_upsert
 
-__all__ = ["TurnRecord", "build_prompt", "rebuild", "record_turn", "turn", "turns"]
+__all__ = [
+    "ModelUsage",
+    "TurnRecord",
+    "build_prompt",
+    "prompt_ratio",
+    "rebuild",
+    "record_turn",
+    "turn",
+    "turns",
+    "usage_by_model",
+]
 
 
 @dataclass(frozen=True)
@@ -193,3 +212,55 @@ def turn(conn: Connection, key: SessionKey, seq: int) -> tuple[TurnRecord, list[
     if record.window_first is not None and record.window_last is not None:
         window = messages_between(conn, key, record.window_first, record.window_last)
     return record, [*pinned, *summary, *window], len(pinned)
+
+
+# --- local counts against the API's ---------------------------------------------
+
+
+def prompt_ratio(record: TurnRecord) -> float | None:
+    """The API's reported prompt tokens over the locally counted ones (1.0:
+    they agree; above: the API counted more), or None when the call has no
+    reported usage (a failed call, a server that sends none)."""
+    if record.api_prompt_tokens is None or record.prompt_tokens <= 0:
+        return None
+    return record.api_prompt_tokens / record.prompt_tokens
+
+
+@dataclass(frozen=True)
+class ModelUsage:
+    """How one model's prompts were counted: ``calls`` recorded, ``reported``
+    of them with the API's usage, and :func:`prompt_ratio` over those —
+    median, lowest, highest (None when none reported)."""
+
+    model: str
+    calls: int
+    reported: int
+    median_ratio: float | None
+    min_ratio: float | None
+    max_ratio: float | None
+
+
+def usage_by_model(records: Iterable[TurnRecord]) -> list[ModelUsage]:
+    """``records`` (one session's :meth:`Store.turns`, or many sessions')
+    summed up per model, by model name."""
+    calls: dict[str, int] = {}
+    ratios: dict[str, list[float]] = {}
+    for record in records:
+        calls[record.model] = calls.get(record.model, 0) + 1
+        ratio = prompt_ratio(record)
+        if ratio is not None:
+            ratios.setdefault(record.model, []).append(ratio)
+    made = []
+    for model in sorted(calls):
+        got = ratios.get(model, [])
+        made.append(
+            ModelUsage(
+                model=model,
+                calls=calls[model],
+                reported=len(got),
+                median_ratio=statistics.median(got) if got else None,
+                min_ratio=min(got, default=None),
+                max_ratio=max(got, default=None),
+            )
+        )
+    return made

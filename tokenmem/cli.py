@@ -35,6 +35,8 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from .audit import TurnRecord
+    from .messages import StoredMessage
     from .store import Store
     from .tokens import TokenCounter
 
@@ -296,7 +298,29 @@ _HISTORY_FIELDS = [
     "created_at",
     "encoding",
     "text_tokens",
+    "openai",
 ]
+_HISTORY_HEAD = (
+    f"{'pos':>6} {'turn':>5} {'role':<9} {'name':<10} {'text_tokens':>11}  {'created':<19}  "
+)
+
+
+def _content_lines(m: StoredMessage) -> list[str]:
+    """A message's content in the history table: its text; a tool message's
+    after the id of the call it answers (``← id``); an assistant's tool
+    calls a line each (``→ id name(arguments)``) after its text."""
+    from .chat import display_text
+
+    d = m.openai or {}
+    if m.type == "tool":
+        return [f"← {d.get('tool_call_id')} {m.content}"]
+    calls = d.get("tool_calls") or []
+    if not calls:
+        return [m.content]
+    text = display_text({**d, "tool_calls": None})  # the content, without the calls
+    return [text] * bool(text) + [
+        f"→ {c['id']} {c['function']['name']}({c['function']['arguments']})" for c in calls
+    ]
 
 
 def cmd_history(args: argparse.Namespace, store: Store, out: _Out) -> int:
@@ -304,9 +328,9 @@ def cmd_history(args: argparse.Namespace, store: Store, out: _Out) -> int:
     first = next(stream, None)  # a missing session fails here, before any output
     messages = itertools.chain([first] if first else [], stream)
     fmt = "jsonl" if out.as_json else args.format
-    if fmt == "jsonl":  # the export format: `tokenmem import` reads it back
-        from .transfer import to_json, to_record
+    from .transfer import to_json, to_record
 
+    if fmt == "jsonl":  # the export format: `tokenmem import` reads it back
         key = store.session(args.session, owner=args.owner)
         for m in messages:
             out.stream.write(to_json(to_record(key.owner_id, key.session_id, m)) + "\n")
@@ -324,17 +348,19 @@ def cmd_history(args: argparse.Namespace, store: Store, out: _Out) -> int:
                     _plain(m.created_at),
                     m.encoding,
                     m.text_tokens,
+                    "" if m.openai is None else to_json(m.openai),
                 ]
             )
     else:
-        out.header(
-            f"{'pos':>6} {'turn':>5} {'role':<6} {'text_tokens':>11}  {'created':<19}  content"
-        )
+        out.header(_HISTORY_HEAD + "content")
         for m in messages:
+            text, *calls = _content_lines(m)
             out.line(
-                f"{m.position:>6} {m.turn:>5} {m.type:<6} {m.text_tokens:>11}  "
-                f"{_cell(m.created_at)}  {_short(m.content)}"
+                f"{m.position:>6} {m.turn:>5} {m.type:<9} {_short(m.name or '-', 10):<10} "
+                f"{m.text_tokens:>11}  {_cell(m.created_at)}  {_short(text)}"
             )
+            for call in calls:
+                out.line(" " * len(_HISTORY_HEAD) + _short(call))
     return 0
 
 
@@ -429,15 +455,32 @@ def cmd_window(args: argparse.Namespace, store: Store, out: _Out) -> int:
     return 0
 
 
+def _turn(record: TurnRecord) -> dict[str, Any]:
+    """A call as shown: its fields, latency to 0.1 ms, and the API's prompt
+    tokens over the local count."""
+    from .audit import prompt_ratio
+
+    ratio = prompt_ratio(record)
+    return {
+        **asdict(replace(record, latency_ms=round(record.latency_ms, 1))),
+        "prompt_ratio": None if ratio is None else round(ratio, 4),
+    }
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def cmd_turns(args: argparse.Namespace, store: Store, out: _Out) -> int:
+    from .audit import prompt_ratio, usage_by_model
+
     if args.seq is not None:
         prompt = store.rebuild_prompt(args.session, args.seq, owner=args.owner)
         (turn,) = (t for t in store.turns(args.session, owner=args.owner) if t.seq == args.seq)
-        turn = replace(turn, latency_ms=round(turn.latency_ms, 1))
         if out.as_json:
-            out.json({"turn": turn, "prompt": prompt})
+            out.json({"turn": _turn(turn), "prompt": prompt})
             return 0
-        for key, value in asdict(turn).items():
+        for key, value in _turn(turn).items():
             if key not in ("system", "template"):
                 out.line(f"{key:>22}: {_cell(value)}")
         out.line("\nThe prompt it sent, rebuilt from the stored history:\n")
@@ -448,8 +491,9 @@ def cmd_turns(args: argparse.Namespace, store: Store, out: _Out) -> int:
                 out.line(f"[{message['role']}] {message['content']}")
         return 0
     turns = store.turns(args.session, owner=args.owner)
+    models = usage_by_model(turns)
     if out.as_json:
-        out.json([replace(t, latency_ms=round(t.latency_ms, 1)) for t in turns])
+        out.json({"turns": [_turn(t) for t in turns], "models": models})
         return 0
     out.table(
         [
@@ -461,6 +505,7 @@ def cmd_turns(args: argparse.Namespace, store: Store, out: _Out) -> int:
             "budget",
             "prompt",
             "api prompt",
+            "api/prompt",
             "ms",
             "error",
         ],
@@ -474,12 +519,29 @@ def cmd_turns(args: argparse.Namespace, store: Store, out: _Out) -> int:
                 t.token_budget,
                 t.prompt_tokens,
                 t.api_prompt_tokens,
+                _ratio(prompt_ratio(t)),
                 f"{t.latency_ms:.0f}",
                 t.error_type,
             )
             for t in turns
         ],
     )
+    if models:
+        out.line()
+        out.table(
+            ["model", "calls", "with usage", "median api/prompt", "min", "max"],
+            [
+                (
+                    _short(u.model, 24),
+                    u.calls,
+                    u.reported,
+                    _ratio(u.median_ratio),
+                    _ratio(u.min_ratio),
+                    _ratio(u.max_ratio),
+                )
+                for u in models
+            ],
+        )
     return 0
 
 

@@ -15,10 +15,11 @@ Role = Literal["human", "ai", "system", "developer", "tool"]
 class Message:
     """A chat message; ``type`` is ``"human"``, ``"ai"`` or ``"system"`` as in
     LangChain, or OpenAI's ``"developer"`` or ``"tool"``. ``openai``: the
-    Chat Completions dict it was saved from (``memory.save_messages``) when
-    role, content and name do not rebuild it exactly (tool calls, content
-    parts, extra keys); ``content`` is then its text as a string window
-    renders it (:mod:`tokenmem.chat`)."""
+    Chat Completions dict (``memory.save_messages``) or Responses API item
+    (``tokenmem.agents.TokenmemSession``) it was saved from, when role,
+    content and name do not rebuild it exactly (tool calls, content parts,
+    extra keys, any item but a plain message); ``content`` is then its
+    text as a string window renders it (:mod:`tokenmem.chat`)."""
 
     type: Role
     content: str
@@ -47,7 +48,8 @@ class SessionInfo:
     owner_id: str
     session_id: str
     # The position the next message gets: how many were ever appended,
-    # pruned ones included (positions are never reused).
+    # pruned ones included (positions are never reused, except the one
+    # freed by popping the newest message: tokenmem.agents).
     next_position: int
     created_at: datetime
     updated_at: datetime

@@ -203,7 +203,9 @@ class MessageRow(Base):
     tool_call_id: Mapped[str | None] = mapped_column(Text)
     # The position of the first message of the message's unit: an assistant
     # message with tool calls and the tool messages answering it are one,
-    # all in a window or none. NULL: a unit of its own.
+    # all in a window or none. NULL: a unit of its own (or the first of
+    # one). Negative: an orphan of the unit starting at -1 - unit, never
+    # sent (Responses API items whose unit was never completed: tokenmem.chat).
     unit: Mapped[int | None] = mapped_column(BigInteger)
     # SHA-256 chaining it to the session's previous message (tokenmem.digest).
     digest: Mapped[str | None] = mapped_column(String(64))

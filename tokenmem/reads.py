@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, NamedTuple, cast
 
-from sqlalchemy import Connection, case, func, select
+from sqlalchemy import BigInteger, Connection, bindparam, case, func, select
 
 from . import direct
 from .errors import ConfigurationError, InvalidInputError, SessionNotFound
@@ -38,6 +38,7 @@ __all__ = [
     "session",
     "session_stats",
     "sessions",
+    "tail",
     "window_messages",
     "window_rows",
 ]
@@ -217,7 +218,7 @@ def _window_recounting(
         before, page = got[-1].position, page * 2
     rows = newer_first[::-1]
     start = fit_units([(r[0], r[_UNIT], r[2], r[5]) for r in rows], rest, rule.start_on)
-    return [*pinned, *rows[start:]]
+    return [*pinned, *(r for r in rows[start:] if r[_UNIT] >= 0)]  # (orphans: never sent)
 
 
 _HISTORY = (
@@ -304,6 +305,29 @@ _SESSION = (
     SESSIONS.c.start_position,
     SESSIONS.c.metadata,
 )
+
+
+def _tail_statement() -> Any:
+    m, s = MESSAGES.c, SESSIONS.c
+    sid = bindparam("sid", type_=m.session_id.type)
+    start = select(s.start_position).where(s.id == sid).scalar_subquery()
+    return (
+        select(m.role, m.content, m.name, m.message)
+        .where(m.session_id == sid, m.position >= start)
+        .order_by(m.position.desc())
+        .limit(bindparam("n", type_=BigInteger))
+    )
+
+
+_TAIL = _tail_statement()  # built once
+
+
+def tail(conn: Connection, key: SessionKey, limit: int) -> list[Message]:
+    """The session's newest ``limit`` messages since its last clear, oldest
+    first — all of them, exactly as stored, units cut or open (the Agents
+    SDK's ``get_items(limit)``); none when the session does not exist."""
+    rows = conn.execute(_TAIL, {"sid": key.id, "n": limit}).all()
+    return [Message(r.role, r.content, r.name, openai=r.message) for r in reversed(rows)]
 
 
 def encoding_of(conn: Connection, key: SessionKey) -> str | None:

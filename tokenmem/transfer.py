@@ -10,6 +10,11 @@ name, so ``export | import | export`` into an empty database writes the same
 file again (but for a session exported part-way through a model switch: its
 oldest records name the new encoding, and the import counts it all with its
 newest record's, the session's own). Not carried: the turn audit log and the sessions' timestamps.
+A message ``save_messages`` saved carries its Chat Completions dict
+(``openai``), which an import checks as ``save_messages`` does (and the
+tool-call rules over each session's records), so tool calls and their
+answers are units again — one left open too — and the pinned prompt stays
+where it was.
 
 Exports and recounts stream, page by page. An import reads its input twice
 (a stream is spooled to a temporary file): first to check every line, so a
@@ -65,6 +70,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
+from .chat import from_openai
 from .engine import source_engine
 from .errors import (
     ConfigurationError,
@@ -140,8 +146,10 @@ _UNSAFE = re.compile("[\x7f-\x9f]")  # json leaves DEL and C1 as they are
 
 def to_record(owner: str, session_id: str, m: StoredMessage) -> dict[str, Any]:
     """A stored message as one JSONL record (the export format; an import
-    counts again, with the record's ``encoding``, and gets the same counts)."""
-    return {
+    counts again, with the record's ``encoding``, and gets the same counts).
+    ``openai``: the Chat Completions dict ``save_messages`` kept for it, only
+    when it has one (:attr:`Message.openai`)."""
+    record = {
         "owner": owner,
         "session_id": session_id,
         "position": m.position,
@@ -155,6 +163,9 @@ def to_record(owner: str, session_id: str, m: StoredMessage) -> dict[str, Any]:
         "text_tokens": m.text_tokens,
         "chat_tokens": m.chat_tokens,
     }
+    if m.openai is not None:  # as saved: its keys' order is the message's
+        record["openai"] = m.openai
+    return record
 
 
 # --- the session row: what the messages do not say ------------------------------
@@ -167,8 +178,9 @@ def _restore(
 ) -> None:
     """Set the window's start to ``start`` (a position the session has
     reached) as ``clear()`` would have, unless the session was cleared later
-    or that would bring messages back into the window; and the session's
-    metadata, if given."""
+    or that would bring messages back into the window (as after ``clear()``,
+    tool calls left open before it are forgotten, and a pinned prompt
+    running across it starts there); and the session's metadata, if given."""
     s, m = SESSIONS.c, MESSAGES.c
     if start is not None:
         floor = (
@@ -188,8 +200,29 @@ def _restore(
             )
             .values(start_position=start, start_floor=func.coalesce(floor, s.floor_total))
         )
+        # clear() forgets tool calls left open before it, and ends a run of
+        # system/developer messages: what goes on after it is the pinned
+        # prompt (the import wrote the run as one).
+        conn.execute(_forget_open(key, below=s.start_position))
+        conn.execute(
+            update(SESSIONS)
+            .where(s.id == key.id, s.pinned_first < s.start_position)
+            .where(s.pinned_last >= s.start_position)
+            .values(pinned_first=s.start_position)
+        )
     if metadata is not None:
         conn.execute(update(SESSIONS).where(s.id == key.id).values({"metadata": metadata}))
+
+
+def _forget_open(key: SessionKey, below: Any) -> Any:
+    """The statement forgetting the session's open tool-call unit if it
+    starts before ``below`` (a position, or a column), as ``clear()`` does."""
+    s = SESSIONS.c
+    return (
+        update(SESSIONS)
+        .where(s.id == key.id, s.open_position < below)
+        .values(open_position=None, open_floor=None, open_calls=None)
+    )
 
 
 def _state(store: Store, key: SessionKey) -> SessionInfo | None:
@@ -283,6 +316,9 @@ class _Line:
     record: dict[str, Any]
     message: StoredMessage | None  # None: a session line
     position: int = -1
+    # The first message after tool calls left unanswered (which only clear()
+    # forgets: the session line checks it came before the window's start).
+    forgets: bool = False
 
 
 @dataclasses.dataclass
@@ -293,8 +329,14 @@ class _Seen:
 
     position: int = -1
     line: int = 0
+    before: int = -1  # the position of the record before the last
     encoding: str | None = None
     ended: bool = False
+    # Tool calls not answered yet: the ids, where and at which position the
+    # call is; the calls another message left unanswered, for the session line.
+    waiting: list[str] = dataclasses.field(default_factory=list)
+    call: tuple[str, int] = ("", -1)
+    left: list[tuple[str, int, list[str], str]] = dataclasses.field(default_factory=list)
 
 
 _REQUIRED = ("session_id", "role", "content")
@@ -315,6 +357,8 @@ class _Reader:
             try:
                 text = next(it)
             except StopIteration:
+                for seen in self.seen.values():
+                    _forgotten(seen, None)
                 return
             except UnicodeDecodeError as exc:
                 raise InvalidInputError(
@@ -325,9 +369,45 @@ class _Reader:
                 text = text.removeprefix("\ufeff")
             if text.strip():
                 try:
-                    yield self._line(number, text)
+                    line = self._line(number, text)
                 except InvalidInputError as exc:
                     raise InvalidInputError(f"line {number}: {exc}") from None
+                yield self._unit(line)
+
+    def _unit(self, line: _Line) -> _Line:
+        """Check the tool-call rules over the line's session (errors name
+        their lines): a tool message answers a call still open, at the next
+        position; calls another message leaves unanswered are before the
+        window's start, as only ``clear()`` forgets them."""
+        seen, message = self.seen[line.key], line.message
+        if message is None:  # another export of the session may follow: its own units
+            _forgotten(seen, line.record.get("window_start"))
+            seen.waiting, seen.left = [], []
+            return line
+        d = message.openai or {}
+        if message.type == "tool":
+            call_id = d.get("tool_call_id")
+            if call_id not in seen.waiting:
+                raise InvalidInputError(
+                    f"{line.where}: tool message answers {call_id!r}, which no open tool call "
+                    "of its session made (or it was answered already): a tool message follows "
+                    "the assistant message whose tool_calls it answers"
+                )
+            if line.position != seen.before + 1:
+                raise InvalidInputError(
+                    f"{line.where}: position {line.position} is not right after position "
+                    f"{seen.before}: a tool message follows its call, or its call's "
+                    "other answers"
+                )
+            seen.waiting.remove(call_id)
+            return line
+        forgets = bool(seen.waiting)
+        if forgets:
+            seen.left.append((*seen.call, seen.waiting, line.where))
+        calls = d.get("tool_calls") if message.type == "ai" else None
+        seen.waiting = [c["id"] for c in calls or ()]
+        seen.call = (line.where, line.position)
+        return dataclasses.replace(line, forgets=forgets)
 
     def _line(self, number: int, text: str) -> _Line:
         try:
@@ -364,7 +444,7 @@ class _Reader:
                 f"{seen.position} (line {seen.line}): a session's records go in order"
             )
         _number(record.get("turn"), "turn")
-        seen.position, seen.line = position, number
+        seen.before, seen.position, seen.line = seen.position, position, number
         encoding = record.get("encoding")
         if encoding is not None and self.counter is None:
             if not isinstance(encoding, str):
@@ -398,6 +478,23 @@ class _Reader:
             f"the record belongs to {_owner_label(named)}, but the import is into "
             f"{_owner_label(self.owner)}: drop its owner field to import it there"
         )
+
+
+def _forgotten(seen: _Seen, start: int | None) -> None:
+    """Check that the tool calls a message left unanswered in ``seen``'s
+    session are before its window's ``start`` (the session line's; None:
+    none came): only ``clear()`` forgets open calls."""
+    for where, position, calls, by in seen.left:
+        if start is None or position >= start:
+            why = (
+                "and no session line says the window starts after them"
+                if start is None
+                else f"yet the session's window starts at {start}, not after them"
+            )
+            raise InvalidInputError(
+                f"{where}: tool_calls {calls} have no tool message answering them before "
+                f"{by}, {why}: only clear() forgets unanswered calls (was a line lost?)"
+            )
 
 
 def _owner_label(owner: object) -> str:
@@ -445,7 +542,43 @@ def _message(record: dict[str, Any]) -> StoredMessage:
         name=name,
         metadata=record.get("metadata"),
         created_at=created_at,
+        openai=_openai(record),
     )
+
+
+def _openai(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The record's ``openai`` dict, checked as ``save_messages`` checks a
+    message and against the record's role, content and name (an export
+    writes them from it); None when there is none, or when role, content
+    and name rebuild it."""
+    given = record.get("openai")
+    if given is None:
+        if record["role"] == "tool":
+            raise InvalidInputError(
+                "a tool message needs its openai object (with its tool_call_id)"
+            )
+        return None
+    if not isinstance(given, dict):
+        raise InvalidInputError(f"openai must be an object or null, not a {_json_type(given)}")
+    check_metadata(given, "openai")
+    try:
+        # one message: a tool answer may continue, and tool calls may be left
+        # open for, other records (the reader checks the units)
+        (made,) = from_openai([given])
+    except InvalidInputError as exc:
+        raise InvalidInputError("openai" + str(exc).removeprefix("messages[0]")) from None
+    if made.type != record["role"]:
+        raise InvalidInputError(
+            f"openai's role {given['role']!r} does not make a {record['role']!r} message"
+        )
+    if made.content != record["content"]:
+        raise InvalidInputError(
+            "content is not the text of openai's message (tokenmem.chat.display_text): "
+            "one of them was changed"
+        )
+    if made.name != record.get("name"):
+        raise InvalidInputError(f"name {record.get('name')!r} is not openai's {made.name!r}")
+    return made.openai
 
 
 @contextmanager
@@ -534,7 +667,7 @@ def _lock(conn: Connection, key: SessionKey) -> tuple[int, int]:
 
 
 _m = MESSAGES.c
-_STORED = select(_m.position, _m.turn, _m.role, _m.content, _m.name, _m.metadata)
+_STORED = select(_m.position, _m.turn, _m.role, _m.content, _m.name, _m.metadata, _m.message)
 # A batch's positions are (nearly always) consecutive: read them as a range.
 _STORED_BETWEEN = _STORED.where(
     _m.session_id == bindparam("sid"), _m.position.between(bindparam("lo"), bindparam("hi"))
@@ -587,6 +720,8 @@ def _put(
             j += 1
         if lines[i].position > have:
             align(conn, key, lines[i].position, turn)
+        if lines[i].forgets:  # the calls left open before it: forgotten, as by clear()
+            conn.execute(_forget_open(key, below=lines[i].position))
         base, turns = turn, []
         for line in lines[i:j]:
             if not _continues(last, line):
@@ -680,6 +815,8 @@ class _Importer:
             self.store.run(functools.partial(_end, key=line.key, record=line.record))
             self.last.pop(line.key, None)  # another export of it may follow
             return
+        if line.forgets:  # first in its batch: the open calls are forgotten before it
+            self._flush(line.key)
         batch = self.batches.setdefault(line.key, [])
         batch.append(line)
         self.held += 1
@@ -758,6 +895,8 @@ def _check_same(key: SessionKey, line: _Line, stored: Any) -> None:
         ("content", message.content, stored.content),
         ("name", message.name, stored.name),
         ("metadata", message.metadata, stored.metadata),
+        # the dict exactly, its keys' order too
+        ("openai", json.dumps(message.openai), json.dumps(stored.message)),
     ):
         if mine != theirs:
             raise InvalidInputError(

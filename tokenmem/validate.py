@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
-from .chat import FROM_OPENAI, Units, units
+from .chat import Units, role_of, units
 from .errors import ConfigurationError, InvalidInputError
 from .messages import Message
 from .models import ROLES, session_uuid
@@ -114,6 +114,9 @@ class PreparedAppend:
     counter: TokenCounter
     # Original timestamps of imported messages (None: now).
     created_at: list[datetime | None]
+    # Responses API items (chat.from_items): placed in units under the
+    # session's lock (chat.place_items), never refused for their order.
+    items: bool = False
 
     @functools.cached_property
     def floor(self) -> int:
@@ -121,7 +124,8 @@ class PreparedAppend:
 
     @functools.cached_property
     def units(self) -> Units:
-        """The messages' tool-call units (checked: :func:`tokenmem.chat.units`)."""
+        """The messages' tool-call units (checked: :func:`tokenmem.chat.units`;
+        not for items)."""
         return units(self.messages)
 
     @functools.cached_property
@@ -160,14 +164,20 @@ def batches(turns: Iterable[Sequence[Message]], size: int) -> Iterator[list[Sequ
 
 
 def prepare_append(
-    key: SessionKey, turns: Sequence[Sequence[Message]], counter: TokenCounter
+    key: SessionKey,
+    turns: Sequence[Sequence[Message]],
+    counter: TokenCounter,
+    *,
+    items: bool = False,
 ) -> PreparedAppend:
-    """``turns`` checked and counted with ``counter``: each a turn of its own."""
+    """``turns`` checked and counted with ``counter``: each a turn of its own.
+    ``items``: they are Responses API items (:func:`tokenmem.chat.from_items`),
+    placed in units by the items' rules."""
     if not turns or not all(turns):
         raise InvalidInputError("nothing to append: a turn needs at least one message")
     messages = [m for turn in turns for m in turn]
     turn_of = [t for t, turn in enumerate(turns) for _ in turn]
-    return _prepare(key, messages, turn_of, counter)
+    return _prepare(key, messages, turn_of, counter, items)
 
 
 def check_counter(counter: object) -> None:
@@ -198,7 +208,11 @@ def prepare_messages(
 
 
 def _prepare(
-    key: SessionKey, messages: list[Message], turn_of: list[int], counter: TokenCounter
+    key: SessionKey,
+    messages: list[Message],
+    turn_of: list[int],
+    counter: TokenCounter,
+    items: bool = False,
 ) -> PreparedAppend:
     for i, msg in enumerate(messages):
         if not isinstance(msg, Message):
@@ -211,10 +225,10 @@ def _prepare(
         check_metadata(msg.metadata, f"message {i} metadata")
         if msg.openai is not None:
             check_metadata(msg.openai, f"message {i} openai")
-            if FROM_OPENAI.get(str(msg.openai.get("role"))) != msg.type:
+            if role_of(msg.openai) != msg.type:
                 raise InvalidInputError(
-                    f"message {i}: its openai role {msg.openai.get('role')!r} is not its "
-                    f"type {msg.type!r}"
+                    f"message {i}: its openai dict is a {role_of(msg.openai)!r} message, "
+                    f"not {msg.type!r}"
                 )
         created = getattr(msg, "created_at", None)
         if created is not None and (not isinstance(created, datetime) or created.tzinfo is None):
@@ -228,6 +242,8 @@ def _prepare(
         turns=turn_of[-1] + 1,
         counter=counter,
         created_at=[getattr(m, "created_at", None) for m in messages],
+        items=items,
     )
-    prepared.units  # noqa: B018  (the tool-call rules, checked before any transaction)
+    if not items:
+        prepared.units  # noqa: B018  (the tool-call rules, checked before any transaction)
     return prepared

@@ -392,7 +392,9 @@ def fit_units(
     start of the newest run of costs summing to at most ``budget`` (a unit
     whose first row is not in ``rows`` never fits) and, with
     ``start_on="human"``, from there the first human row (``len(rows)``
-    when there is none)."""
+    when there is none). A row whose unit is negative is an orphan
+    (:mod:`tokenmem.chat`): it counts, but is never sent — the window is
+    the rows from there without the orphans."""
     total, start = 0, len(rows)
     for i in range(len(rows) - 1, -1, -1):
         position, unit, _, cost = rows[i]
@@ -436,9 +438,10 @@ def window_select(
     than the one asked for.
 
     The window's rows fit in the budget less the pinned rows' cost, hold
-    whole units (an assistant message with tool calls and its answers) and,
-    with ``start_on="human"``, start at a user message. Its shape is chosen
-    so that no plan can go wrong (docs/window-plans.md): the oldest message
+    whole units (an assistant message with tool calls and its answers; never
+    an orphan, whose negative unit no row starts) and, with
+    ``start_on="human"``, start at a user message. Its shape is chosen so
+    that no plan can go wrong (docs/window-plans.md): the oldest message
     that could fit is a scalar subquery over the session row (an InitPlan
     in PostgreSQL: run once, its value a parameter of the scan), and the
     candidates are read newest first through the ``(session_id, cum_floor)``

@@ -27,6 +27,7 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
+    func,
     insert,
     literal_column,
     null,
@@ -37,10 +38,10 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from . import direct
-from .chat import OpenUnit, resume
+from .chat import OpenUnit, answered, as_openai, place_items, reopen, resume
 from .digest import message_digest
 from .errors import ConfigurationError, EncodingUnavailable, SessionNotFound
-from .messages import StoredMessage
+from .messages import Message, StoredMessage
 from .models import MESSAGES, SESSIONS, SUMMARIES, TURNS, utcnow
 from .reads import encoding_of
 from .tokens import TokenCounter
@@ -58,6 +59,7 @@ __all__ = [
     "clear",
     "erase",
     "erase_owner",
+    "pop",
     "prune",
     "recount_batch",
     "recount_start",
@@ -175,13 +177,14 @@ BULK_BATCH = 2000  # rows a bulk append sends per statement (COPY or executemany
 @dataclass(frozen=True)
 class _Placed:
     """Where an append goes: its first position and turn, the ``cum_floor``
-    of its first message, the session's open tool-call unit before and
-    after it (tokenmem.chat.resume), and the digest its first message
-    chains to (the session's head)."""
+    of its first message, each message's ``unit`` column, the session's
+    open tool-call unit before and after it (tokenmem.chat.resume), and the
+    digest its first message chains to (the session's head)."""
 
     first: int
     turn: int
     cum: int
+    units: list[int | None]
     open_before: OpenUnit | None
     open_after: OpenUnit | None
     head: str
@@ -191,7 +194,9 @@ def _reserve(conn: Connection, p: PreparedAppend, now: datetime) -> tuple[Prepar
     """Bump the session (locking its row until the transaction ends) for all
     of ``p``; return ``p`` as it is stored and where it goes. Its tool-call
     units are checked against the unit the session left open (an error rolls
-    the transaction back: nothing written).
+    the transaction back: nothing written); items are placed in theirs
+    (:func:`tokenmem.chat.place_items`), the rows of an open unit they
+    orphan marked as such.
 
     A session counted with another encoding than ``p``'s (the model
     changed) keeps its own until :func:`recount_batch` has counted every
@@ -212,7 +217,28 @@ def _reserve(conn: Connection, p: PreparedAppend, now: datetime) -> tuple[Prepar
     if open_position is not None:
         calls = json.loads(open_calls) if isinstance(open_calls, str) else open_calls
         before = OpenUnit(open_position, open_floor, list(calls))
-    after = resume(p.units, before, first, p.key.name)
+    if p.items:
+        placed = place_items(p.messages, before, first)
+        units, after = placed.units, placed.after
+        if placed.orphaned is not None:  # its stored rows: never sent now
+            conn.execute(
+                _ORPHANED,
+                {
+                    "sid": p.key.id,
+                    "start": placed.orphaned,
+                    "end": first,
+                    "unit": -1 - placed.orphaned,
+                },
+            )
+    else:
+        after = resume(p.units, before, first, p.key.name)
+        continued = len(p.units.continues)  # its first messages answer the open unit
+        units = [
+            (before.position if before else None)
+            if i < continued
+            else (first + i + back if back else None)
+            for i, back in enumerate(p.units.back)
+        ]
     if after is not None and after.floor < 0:  # opened by p: its cum_floor
         at = after.position - first
         after = OpenUnit(after.position, cum + sum(c.floor for c in p.counts[:at]), after.calls)
@@ -226,9 +252,18 @@ def _reserve(conn: Connection, p: PreparedAppend, now: datetime) -> tuple[Prepar
                 "calls": after and after.calls,
             },
         )
-    return p, _Placed(first, next_turn - p.turns, cum, before, after, head or "")
+    return p, _Placed(first, next_turn - p.turns, cum, units, before, after, head or "")
 
 
+_ORPHANED = (
+    update(MESSAGES)
+    .where(
+        MESSAGES.c.session_id == bindparam("sid"),
+        MESSAGES.c.position >= bindparam("start"),
+        MESSAGES.c.position < bindparam("end"),
+    )
+    .values(unit=bindparam("unit"))
+)
 _SET_OPEN = (
     update(SESSIONS)
     .where(SESSIONS.c.id == bindparam("sid"))
@@ -266,17 +301,12 @@ def _rows(
     """Messages ``lo`` to ``hi`` of ``p`` as rows, placed as ``at`` says,
     ``cum`` being the ``cum_floor`` of message ``lo`` and ``previous`` the
     digest it chains to (tokenmem.digest)."""
-    sid, encoding, units = p.key.id, p.encoding, p.units
+    sid, encoding = p.key.id, p.encoding
     position, turn = at.first, at.turn
-    continued = len(units.continues)  # its first messages answer the open unit
     rows = []
     for i in range(lo, hi):
         msg, c, created = p.messages[i], p.counts[i], p.created_at[i]
         openai = msg.openai or {}
-        if i < continued:
-            unit = at.open_before.position if at.open_before else None
-        else:
-            unit = position + i + units.back[i] if units.back[i] else None
         row = {
             "session_id": sid,
             "position": position + i,
@@ -293,8 +323,8 @@ def _rows(
             "cum_floor": cum,
             "message": msg.openai,
             "tool_calls": openai.get("tool_calls"),
-            "tool_call_id": openai.get("tool_call_id"),
-            "unit": unit,
+            "tool_call_id": answered(openai),
+            "unit": at.units[i],
         }
         row["digest"] = previous = message_digest(row, previous)
         rows.append(row)
@@ -575,6 +605,140 @@ def clear(conn: Connection, key: SessionKey) -> None:
             updated_at=utcnow(),
         )
     )
+
+
+def pop(conn: Connection, key: SessionKey) -> Message | None:
+    """Remove the session's newest message since its last clear and return
+    it (None when there is none): the Agents SDK's ``pop_item``, which the
+    Runner uses to take back what it saved for a turn it retries. Under the
+    session's row lock, the session is left as it was before that message
+    was appended: its next position (reused) and turn, floor total, pinned
+    prompt and open unit — the unit of the newest message left is open
+    again if its items are not whole without the popped one (popping an
+    answer re-opens its call; popping the message that made an orphan of
+    the unit before it makes that unit open again), and none is open when
+    the popped message opened it."""
+    s, m = SESSIONS.c, MESSAGES.c
+    sid = key.id
+    state = conn.execute(_LOCKED, {"sid": sid}).first()
+    if state is None:
+        return None
+    newest = conn.execute(
+        select(m.position, m.turn, m.role, m.content, m.name, m.message, m.cum_floor)
+        .where(m.session_id == sid, m.position >= state.start_position)
+        .order_by(m.position.desc())
+        .limit(1)
+    ).first()
+    if newest is None:
+        return None
+    conn.execute(delete(MESSAGES).where(m.session_id == sid, m.position == newest.position))
+    previous = conn.execute(
+        select(m.position, m.turn, m.unit)
+        .where(m.session_id == sid, m.position < newest.position)
+        .order_by(m.position.desc())
+        .limit(1)
+    ).first()
+    values: dict[str, Any] = {
+        "next_position": newest.position,
+        "floor_total": newest.cum_floor,
+        "updated_at": utcnow(),
+    }
+    if newest.turn == state.next_turn - 1 and (previous is None or previous.turn != newest.turn):
+        values["next_turn"] = newest.turn  # its turn had no other message
+    if state.pinned_last == newest.position:
+        values.update(_pinned_before(conn, sid, newest.position, state.pinned_first, previous))
+    after = None
+    if previous is not None and previous.position >= state.start_position:
+        after = _reopened(conn, sid, previous.position, previous.unit, state.start_position)
+    values.update(
+        open_position=after and after.position,
+        open_floor=after and after.floor,
+        open_calls=after and after.calls,
+    )
+    conn.execute(update(SESSIONS).where(s.id == sid).values(**values))
+    return Message(newest.role, newest.content, newest.name, openai=newest.message)
+
+
+# Takes the session's row lock (a write: SQLite has no FOR UPDATE), changing nothing.
+_LOCKED = (
+    update(SESSIONS)
+    .where(SESSIONS.c.id == bindparam("sid"))
+    .values(updated_at=SESSIONS.c.updated_at)
+    .returning(
+        SESSIONS.c.start_position,
+        SESSIONS.c.next_turn,
+        SESSIONS.c.pinned_first,
+        SESSIONS.c.pinned_last,
+    )
+)
+_PINNED_ROLES = ("system", "developer")
+
+
+def _pinned_before(
+    conn: Connection, sid: Any, popped: int, first: int, previous: Any
+) -> dict[str, int | None]:
+    """The pinned prompt once the newest message, the last of it, is popped:
+    the rest of its run, or the run of system/developer messages before."""
+    m = MESSAGES.c
+    if first < popped:
+        return {"pinned_last": previous.position}
+    last = conn.execute(
+        select(func.max(m.position)).where(
+            m.session_id == sid, m.role.in_(_PINNED_ROLES), m.position < popped
+        )
+    ).scalar()
+    if last is None:
+        return {"pinned_first": None, "pinned_last": None}
+    other = conn.execute(
+        select(func.max(m.position)).where(
+            m.session_id == sid, m.role.not_in(_PINNED_ROLES), m.position < last
+        )
+    ).scalar()
+    start = conn.execute(
+        select(func.min(m.position)).where(
+            m.session_id == sid, m.position > (-1 if other is None else other), m.position <= last
+        )
+    ).scalar()
+    return {"pinned_first": start, "pinned_last": last}
+
+
+def _reopened(
+    conn: Connection, sid: Any, last: int, unit: int | None, start: int
+) -> OpenUnit | None:
+    """The open unit once the message after ``last`` is popped: the unit of
+    ``last`` if its messages are not whole (:func:`tokenmem.chat.reopen`),
+    its rows no longer orphans; else None."""
+    m = MESSAGES.c
+    first = last if unit is None else (unit if unit >= 0 else -1 - unit)
+    if first < start:
+        return None
+    rows = conn.execute(
+        select(m.position, m.role, m.content, m.name, m.message, m.cum_floor)
+        .where(m.session_id == sid, m.position.between(first, last))
+        .order_by(m.position)
+    ).all()
+    if not rows or rows[0].position != first:
+        return None
+    waiting = reopen(
+        [as_openai(Message(r.role, r.content, r.name, openai=r.message)) for r in rows]
+    )
+    if waiting is None:
+        return None
+    if unit is not None and unit < 0:
+        conn.execute(_UNORPHANED, {"sid": sid, "first": first, "last": last})
+    return OpenUnit(first, rows[0].cum_floor, waiting)
+
+
+_UNORPHANED = (
+    update(MESSAGES)
+    .where(
+        MESSAGES.c.session_id == bindparam("sid"),
+        MESSAGES.c.position.between(bindparam("first"), bindparam("last")),
+    )
+    .values(
+        unit=case((MESSAGES.c.position == bindparam("first"), null()), else_=bindparam("first"))
+    )
+)
 
 
 def erase(conn: Connection, key: SessionKey) -> int:
