@@ -5,6 +5,7 @@ row changed, inserted, deleted or moved through plain SQL."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -16,11 +17,12 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, delete, insert, inspect, select, text, update
 
 import tokenmem.audit
-from tokenmem import Message, Store, StoredMessage, TokenCounter, TurnRecord, Verified
+from tokenmem import Message, Store, StoredMessage, TokenCounter, TurnRecord, Verified, writes
 from tokenmem.aio import AsyncStore
 from tokenmem.cli import main
 from tokenmem.digest import MESSAGE_FIELDS, backfill, chain, message_digest
 from tokenmem.models import MESSAGES, SESSIONS, TURNS, session_uuid, utcnow
+from tokenmem.validate import SessionKey
 
 from .conftest import async_twin
 
@@ -438,3 +440,20 @@ def test_concurrent_writers_chain_in_commit_order(store: Store, o200k: TokenCoun
     report = store.verify("s")
     assert report.ok, report
     assert (report.messages, report.turns) == (6 * (5 * 2 + 3), 6 * 3)
+
+
+def test_pop_leaves_the_chain_as_before(store: Store, o200k: TokenCounter) -> None:
+    """The Agents SDK's pop_item (writes.pop) takes the newest message back:
+    the head is the one before it, and the next append chains to that."""
+    filled(store, o200k)
+    before = store.verify("s").head_digest
+    store.append("s", [Message("human", "retried")], o200k)
+    popped = store.run(functools.partial(writes.pop, key=SessionKey.of("s")))
+    assert popped is not None and popped.content == "retried"
+    report = store.verify("s")
+    assert report.ok and report.head_digest == before
+    store.append("s", [Message("human", "again")], o200k)
+    assert store.verify("s").ok
+    for _ in range(10):  # down to nothing: the head is the chain's start
+        store.run(functools.partial(writes.pop, key=SessionKey.of("s")))
+    assert store.verify("s").ok

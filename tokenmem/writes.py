@@ -633,7 +633,7 @@ def pop(conn: Connection, key: SessionKey) -> Message | None:
         return None
     conn.execute(delete(MESSAGES).where(m.session_id == sid, m.position == newest.position))
     previous = conn.execute(
-        select(m.position, m.turn, m.unit)
+        select(m.position, m.turn, m.unit, m.digest)
         .where(m.session_id == sid, m.position < newest.position)
         .order_by(m.position.desc())
         .limit(1)
@@ -642,6 +642,9 @@ def pop(conn: Connection, key: SessionKey) -> Message | None:
         "next_position": newest.position,
         "floor_total": newest.cum_floor,
         "updated_at": utcnow(),
+        # the chain ends where it did before (tokenmem.digest): at the
+        # message before, or at the anchor a prune left
+        "head_digest": s.anchor_digest if previous is None else previous.digest,
     }
     if newest.turn == state.next_turn - 1 and (previous is None or previous.turn != newest.turn):
         values["next_turn"] = newest.turn  # its turn had no other message
