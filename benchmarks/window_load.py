@@ -555,8 +555,9 @@ def _scans(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 def pg_summary(plan: dict[str, Any], cap: int) -> str:
     """One line of a JSON plan: is every read of tokenmem_messages an index
-    range of at most ``cap`` rows, is the cum_floor index read in order
-    (newest first, under the LIMIT), and what it cost."""
+    range of at most ``cap`` rows (and the plan not JIT-compiled), is the
+    cum_floor index read in order (newest first, under the LIMIT), and what
+    it cost: the planner's estimate, buffers, times."""
     root = plan["Plan"]
     reads, bounded = [], "JIT" not in plan
     for node in _scans(root):
@@ -573,7 +574,8 @@ def pg_summary(plan: dict[str, Any], cap: int) -> str:
     return (
         f"{'bounded' if bounded else 'NOT BOUNDED'}, cum_floor index "
         f"{'read newest first under the LIMIT' if in_order else 'NOT read in order'}; "
-        f"cost {root['Total Cost']:,.0f}, {buffers} buffers, planning "
+        f"cost {root['Total Cost']:,.0f} ({'JIT' if 'JIT' in plan else 'no JIT'}), "
+        f"{buffers} buffers, planning "
         f"{plan['Planning Time']:.3f} ms, execution {plan['Execution Time']:.3f} ms; "
         f"tokenmem_messages read by: {'; '.join(reads)}"
     )
