@@ -193,6 +193,13 @@ def driver_id(backend: str, sid: uuid.UUID) -> object:
     return sid.hex if backend == "sqlite" else sid
 
 
+def driver_dialect(backend: str) -> Dialect:
+    """The dialect that writes a statement as the bare driver takes it:
+    sqlite3's named parameters, psycopg's ``%(name)s`` (with the casts
+    SQLAlchemy writes for tokenmem)."""
+    return sqlite.dialect(paramstyle="named") if backend == "sqlite" else PGDialect_psycopg()
+
+
 def _upsert(backend: str) -> Any:
     """Create the session or bump its counters, returning them: tokenmem's
     append, step 1 (tokenmem's own statement)."""
@@ -211,9 +218,7 @@ class TurnSQL:
 
     def __init__(self, backend: str, rule: Rule, counter: TokenCounter) -> None:
         self.backend, self.sqlite = backend, backend == "sqlite"
-        dialect: Dialect = (
-            sqlite.dialect(paramstyle="named") if self.sqlite else PGDialect_psycopg()
-        )
+        dialect = driver_dialect(backend)
         statements = (_upsert(backend), _insert_exchange(), window_select("text"))
         upsert, insert, window = (s.compile(dialect=dialect) for s in statements)
         self.upsert, self.insert, self.window = upsert.string, insert.string, window.string

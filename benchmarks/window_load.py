@@ -1,44 +1,68 @@
 """How long loading a 2,000-token window takes as a session's history grows,
 in a table of millions of messages, analysed and never analysed, on a
-connection's first loads and in the steady state.
+connection's first loads and in the steady state: for plain text sessions,
+and for tool-heavy sessions of OpenAI chat messages with a pinned prompt.
 
 The window statement reads the session row's start bound once (a scalar
 subquery) and then at most a constant number of candidates, newest first,
-through the index on ``(session_id, cum_floor)`` (docs/window-plans.md):
-loading a window should cost about the same for a session of 100 messages
-as for one of a million, whatever the planner knows about the tables. This
-script checks that on SQLite (a file in a temporary directory) and on
-PostgreSQL (a fresh schema, dropped at the end) and prints one Markdown
-table per backend, the plans, and the goals met or missed.
+through the index on ``(session_id, cum_floor)`` (docs/window-plans.md);
+the pinned prompt by its positions; units and ``start_on`` are window
+functions over those rows. Loading a window should cost about the same for a
+session of 100 messages as for one of a million, whatever the planner knows
+about the tables. This script checks that on SQLite (a file in a temporary
+directory) and on PostgreSQL (a fresh schema, dropped at the end) and prints
+Markdown tables per backend, the plans, and the goals met or missed.
 
-**What is in the database.** One session each of 100, 1,000, 2,000, 10,000,
-100,000 and (``--scale full``) 1,000,000 messages, plus filler sessions of
-1,000 messages (9,000 of them at full scale: 10,113,100 messages in the table;
-900 by default: 1,011,100 in all, sizes up to 100,000). Counting ten million
-messages with tiktoken would take hours, so one realistic block is counted
-and the rest is copied from it on the server:
+**What is in the database** (``benchmarks/window_sessions.py``). Two
+sessions of each size — 100, 1,000, 2,000, 10,000, 100,000 and (``--scale
+full``) 1,000,000 messages — one of each shape, plus filler sessions of
+1,000 text messages (9,000 of them at full scale: 11,226,206 messages in
+the table; 900 by default, sizes up to 100,000):
 
-* the 2,000-message session is written with ``Store.append_turns`` (1,000
-  human/ai turns of deterministic English-like text, about 5 to 60
-  o200k_base tokens a message; its fill time is reported);
-* every other session is ``INSERT ... SELECT``-ed from it: its message at
-  position ``p`` is the block's message ``p % 2000``, with ``turn`` shifted by
-  1,000 and ``cum_floor`` by the block's ``floor_total`` per whole block
-  (``generate_series`` on PostgreSQL, a recursive CTE on SQLite), and its
-  session row's ``next_position``, ``next_turn`` and ``floor_total`` set to
-  match (sessions of 100 and 1,000 are the block's first messages). A
-  message's counts depend on its own text only (README, "How the window is
-  counted"), so every copied window is exact. Each session's rows are
-  inserted in position order, session after session (a live table
-  interleaves sessions' rows in its heap; that makes no difference to
-  which index range is read);
-* after filling, every measured session is checked in SQL (positions gapless
-  and ``cum_floor`` the running sum of the floors before each message, to the
-  session's ``floor_total``), and its window against the plain-Python
-  reference: ``tokenmem.window.fit`` over the stored costs of its newest
-  messages must give exactly ``store.window``'s rows and costs, and tiktoken
-  must count the memory's rendered history within the limit, one older line
-  more over it.
+* **text**: human/ai turns of deterministic English-like text, about 5 to
+  60 o200k_base tokens a message;
+* **tools**: a pinned system prompt (``system_message=``), then that many
+  messages in turns of OpenAI chat messages — a user message, an assistant
+  message calling one to three tools at once (content null), each tool's
+  answer (JSON text), the assistant's reply: tool calls and their answers
+  are units (``tokenmem_messages.unit``), the prompt is the session row's
+  ``pinned_first``/``pinned_last``.
+
+Counting ten million messages with tiktoken would take hours, so one block
+of each shape is written by tokenmem and the rest is copied from it on the
+server:
+
+* the 2,000-message sessions are the blocks: the text one written with
+  ``Store.append_turns``, the tool one as an application writes it — its
+  memory's first load saves the system prompt, then one
+  ``memory.save_messages`` call per turn (its turns end at 100, 1,000 and
+  2,000 messages, so every session below ends a turn);
+* every other session is ``INSERT ... SELECT``-ed from its block: after the
+  block's head (the pinned prompt, copied once), its message ``k`` is the
+  block's message ``k % 2000``, with ``position`` and ``unit`` shifted by
+  2,000, ``turn`` by the block's turns and ``cum_floor`` by its floors per
+  whole block (``generate_series`` on PostgreSQL, a recursive CTE on
+  SQLite), and its session row's ``next_position``, ``next_turn``,
+  ``floor_total`` and pinned range set to match (sessions of 100 and 1,000
+  are the block's first messages). A message's counts depend on its own
+  text only (README, "How the window is counted"), so every copied window
+  is exact. Each session's rows are inserted in position order, session
+  after session (a live table interleaves sessions' rows in its heap; that
+  makes no difference to which index range is read);
+* after filling, every measured session is checked in SQL (positions
+  gapless, ``cum_floor`` the running sum of the floors before each message
+  to the session's ``floor_total``; in a tool session the pinned prompt at
+  position 0, every tool message and no other in the unit of an assistant
+  message with tool calls), and the first 4,001 messages of a copied tool
+  session must equal, column for column, what ``Store.append_turns`` writes
+  from the same turns in a scratch database;
+* in each state, every window measured is checked against the plain-Python
+  reference: ``tokenmem.window.fit_units`` over the stored costs of the
+  session's newest messages, in the budget its pinned prompt leaves, must
+  give exactly ``store.window_rows``'s rows and costs; and the memory must
+  load exactly those rows — rendered (text) or the dicts as saved
+  (messages) — counted again by tiktoken within the limit, and one older
+  unit more over it.
 
 SQLite gets the same tables, filler included, at every scale (the fill is a
 minute or two: there is no reason to test it on a smaller table).
@@ -49,48 +73,68 @@ while they are filled and measured), then after ``VACUUM ANALYZE`` (``ANALYZE``
 on SQLite), as autovacuum leaves them in production. JIT keeps the server's
 settings (``SHOW jit`` and ``jit_above_cost`` are printed).
 
-**Measurements**, per session, ``max_token_limit=2000``, text mode:
+**Windows**, ``max_token_limit=2000``: the text session's text window
+(``load_memory_variables``); the tool session's in four ways — text, text
+with ``start_on="human"``, messages (``memory.load_messages()``, counted
+with the chat formula) and messages with ``start_on="human"`` — its memory
+given the session's ``system_message``, as an application would.
+
+**Measurements**, per session and window:
 
 * **steady state** — after a warm-up, ``--reps`` rounds, round-robin over the
-  sessions and over three measurements (the starting point rotates each
-  round), on one store: **load**, ``ConversationTokenBufferMemory.
-  load_memory_variables({})`` end to end; **store.window**, the SQL and the
-  Python around it; **bare**, the window's rows (positions first..last,
-  known beforehand) fetched on a raw DBAPI connection with a plain ``SELECT
-  role, content ... WHERE session_id = ? AND position BETWEEN ? AND ? ORDER
-  BY position`` and committed, the floor any implementation pays;
-* **fresh connection** — ``--fresh-reps`` times per session (sizes and the
-  two kinds interleaved): a new ``Store`` (new engine, new pool) whose
+  windows and over their measurements (the starting point rotates each
+  round), on one store: **load**, the memory's call end to end;
+  **store.window** (text sessions) / **store.window_rows** (tool sessions),
+  the statement and the Python around it; **bare**, the window's rows
+  (positions known beforehand) fetched on a raw DBAPI connection with plain
+  ``SELECT ... WHERE session_id = ? AND position BETWEEN ? AND ?`` (on a tool
+  session the pinned prompt's range and the rest's, ``UNION ALL``, with the
+  message dicts) and committed, the floor any implementation pays; on text
+  sessions also **statement**, tokenmem's window statement alone on that
+  connection, and **baseline**, the window statement of ``--baseline``
+  (commit ebe9dbe, before issue 13 added units, the pinned prompt and
+  ``start_on``: its ``tokenmem/window.py`` read with ``git show`` and run
+  against today's tables), both as the bare driver runs them (compiled
+  once, psycopg preparing them from their sixth execution), each checked
+  first to return the window's rows;
+* **fresh connection** — ``--fresh-reps`` times per window (sizes and
+  kinds interleaved): a new ``Store`` (new engine, new pool) whose
   schema check has opened its one connection, untimed; then its first
-  ``--fresh-loads`` loads, each timed. Beside it the bare query on a new
-  psycopg / sqlite3 connection (connected untimed). psycopg prepares a
-  statement on its sixth execution and PostgreSQL plans the first five
-  executions of a prepared statement with their parameters before it may
-  switch to a generic plan, so the table shows the first load, the median
-  of loads 1-10 and of loads 11 on. Connecting is left out of both sides.
+  ``--fresh-loads`` loads, each timed; the same on a store whose pool was
+  renewed. Beside them the bare query, and on text sessions the two
+  statements, on a new psycopg / sqlite3 connection (connected untimed).
+  psycopg prepares a statement on its sixth execution and PostgreSQL plans
+  the first five executions of a prepared statement with their parameters
+  before it may switch to a generic plan, so the tables show the first
+  load, the median of loads 1-10 and of loads 11 on. Connecting is left out
+  of every side.
 
 The tables show medians (of all repetitions' samples of that load number).
-The plans of the statement for the largest session are printed: on
-PostgreSQL ``EXPLAIN (ANALYZE, BUFFERS)`` of the prepared statement with
+The plans of the largest sessions' windows are printed: on PostgreSQL
+``EXPLAIN (ANALYZE, BUFFERS)`` of the prepared statement with
 ``plan_cache_mode`` forced to the custom and to the generic plan (as
-tests/test_window_plans.py does), on SQLite ``EXPLAIN QUERY PLAN``.
+tests/test_window_plans.py does) in full for the text windows, and a line
+for every window and for the baseline: whether every read of
+``tokenmem_messages`` is an index range of at most the row cap, whether the
+``cum_floor`` index is read newest first under the ``LIMIT``, cost, buffers
+and times; on SQLite ``EXPLAIN QUERY PLAN``.
 
-Goals: on PostgreSQL (each state) the largest session's load within 1.5x
-of the 2,000-message session's and within 2x of the bare query, in the
-steady state and on a fresh connection (first load, loads 1-10, loads 11
-on); on SQLite the largest session's load within 1.5x of the 2,000-message
-one's (the same four).
+Goals: on PostgreSQL (each state, each window) the largest session's load
+within 1.5x of the 2,000-message session's and within 2x of the bare query,
+in the steady state and on a fresh connection (first load, loads 1-10,
+loads 11 on); on SQLite the largest session's load within 1.5x of the
+2,000-message one's (the same four). The statements' ratio has no goal: it
+is reported.
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/window_load.py                # sizes to 10^5, 10^6 rows
+    .venv/bin/python benchmarks/window_load.py --scale quick  # to 10^4, a minute
+    .venv/bin/python benchmarks/window_load.py                # to 10^5 in 10^6 rows
     .venv/bin/python benchmarks/window_load.py --scale full   # to 10^6 in 10^7 rows
     .venv/bin/python benchmarks/window_load.py --scale quick --backend sqlite
     .venv/bin/python benchmarks/window_load.py --json /tmp/window_load.json
 
-``--scale full`` took seven minutes on two cores (PostgreSQL's table is
-about 3 GB, filled in three; SQLite's in under two); the default scale is
-about a tenth of that. PostgreSQL comes from
+Run times on two cores: docs/benchmarks.md. PostgreSQL comes from
 ``TOKENMEM_BENCH_POSTGRES_URL`` (default
 ``postgresql+psycopg://postgres@127.0.0.1:5432/test``).
 """
@@ -98,15 +142,18 @@ about a tenth of that. PostgreSQL comes from
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import random
 import re
+import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from common import (
@@ -116,18 +163,42 @@ from common import (
     TIMES,
     connect,
     database,
+    driver_dialect,
     driver_id,
     median_ms,
     range_sql,
-    sentence_text,
     source_digest,
 )
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, Executable, select
+from sqlalchemy.engine import Row
 from sqlalchemy.pool import PoolProxiedConnection
+from window_sessions import (
+    BLOCK,
+    FILLER,
+    SHAPES,
+    SYSTEM_PROMPT,
+    TEXT,
+    TOOLS,
+    Shape,
+    check_copies,
+    check_session,
+    fill,
+    log,
+    table_rows,
+)
 
 from tokenmem import ConversationTokenBufferMemory, Message, Rule, Store, TokenCounter
-from tokenmem.models import session_uuid
-from tokenmem.window import Counts, fit, row_cap, window_select
+from tokenmem.chat import as_openai
+from tokenmem.models import MESSAGES, SESSIONS, session_uuid
+from tokenmem.window import (
+    REPLY_PRIMING,
+    TOKENS_PER_MESSAGE,
+    Counts,
+    count_message,
+    fit_units,
+    row_cap,
+    window_select,
+)
 
 
 @dataclass(frozen=True)
@@ -143,252 +214,295 @@ SCALES = {
     "default": Scale((100, 1_000, 2_000, 10_000, 100_000), 900, 300, 15),
     "full": Scale((100, 1_000, 2_000, 10_000, 100_000, 1_000_000), 9_000, 1_000, 40),
 }
-BLOCK = 2_000  # the session written with append_turns, copied into the others
-FILLER = 1_000  # messages per filler session
 LIMIT = 2_000
 RULE = Rule(limit=LIMIT)
-SEED = 20_241_129
+# The window statement before issue 13 (units, the pinned prompt, start_on):
+# timed beside today's on the text sessions.
+BASELINE = "ebe9dbe"
 FLAT_GOAL = 1.5  # the largest session's load, at most this many times the 2,000 one's
 BARE_GOAL = 2.0  # ... and this many times the bare query's (PostgreSQL)
 STATES = ("never analysed", "analysed")
-MEASURES = ("load", "window", "bare")
-FRESH_KINDS = ("load", "renewed", "bare")
 SEEK_INDEX = "ix_tokenmem_messages_session_id_cum_floor"
-COLUMNS = (
-    "session_id, position, turn, role, content, name, metadata, created_at, encoding,"
-    " text_tokens, newline_tokens, chat_tokens, cum_floor"
-)
-
-
-def session_name(size: int) -> str:
-    return f"bench-{size}"
-
-
-def make_turns(messages: int, seed: int) -> list[list[Message]]:
-    """``messages // 2`` deterministic human/ai turns (4 to 48 words a message)."""
-    rng = random.Random(seed)
-    return [
-        [
-            Message("human", sentence_text(rng, rng.randint(4, 48))),
-            Message("ai", sentence_text(rng, rng.randint(4, 48))),
-        ]
-        for _ in range(messages // 2)
-    ]
-
-
-def log(message: str) -> None:
-    print(f"  [{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-# --- filling -------------------------------------------------------------------
-
-
-def _floor_sql(dialect: str) -> str:
-    """A message's floor (tokenmem.window.Counts.floor) over tokenmem_messages."""
-    least = "MIN" if dialect == "sqlite" else "LEAST"
-    return f"{least}(text_tokens + COALESCE(newline_tokens, 1) + 1, chat_tokens + 3)"
-
-
-def _series(dialect: str, last: str) -> str:
-    """Rows ``g`` = 0..``last`` (a bound parameter's name)."""
-    if dialect == "postgresql":
-        return f"SELECT g FROM generate_series(0, :{last}) AS g"
-    return (
-        f"WITH RECURSIVE s(g) AS (SELECT 0 UNION ALL SELECT g + 1 FROM s WHERE g < :{last})"
-        " SELECT g FROM s"
-    )
 
 
 @dataclass(frozen=True)
-class Block:
-    sid: object  # the block session's id as the driver takes it
-    floor_total: int
-    cum_floor: dict[int, int]  # position -> cum_floor, for cutting shorter sessions
+class Variant:
+    """How a window is loaded: the memory's call, and the rule it counts by."""
+
+    label: str
+    rule: Rule
+
+    def load(self, memory: ConversationTokenBufferMemory) -> object:
+        if self.rule.mode == "messages":
+            return memory.load_messages()
+        return memory.load_memory_variables({})
 
 
-def read_block(conn: Connection, dialect: str) -> Block:
-    sid = driver_id(dialect, session_uuid(OWNER, session_name(BLOCK)))
-    total, positions, turns = conn.execute(
-        text("SELECT floor_total, next_position, next_turn FROM tokenmem_sessions WHERE id = :id"),
-        {"id": sid},
-    ).one()
-    if (positions, turns) != (BLOCK, BLOCK // 2):
-        raise RuntimeError(f"the block has {positions} messages in {turns} turns")
-    cum = dict(
-        conn.execute(
-            text("SELECT position, cum_floor FROM tokenmem_messages WHERE session_id = :id"),
-            {"id": sid},
-        ).all()
+VARIANTS = {
+    TEXT: (Variant("text", RULE),),
+    TOOLS: (
+        Variant("text", RULE),
+        Variant("text, start_on=human", Rule(LIMIT, start_on="human")),
+        Variant("messages", Rule(LIMIT, mode="messages")),
+        Variant("messages, start_on=human", Rule(LIMIT, mode="messages", start_on="human")),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Query:
+    """SQL text and its parameters, for a bare DBAPI connection."""
+
+    sql: str
+    params: Any
+
+    def run(self, raw: Any) -> list[Any]:
+        cur = raw.cursor()
+        try:
+            cur.execute(self.sql, self.params)
+            rows = cur.fetchall()
+        finally:
+            cur.close()
+        raw.commit()
+        return list(rows)
+
+
+def statement_query(dialect: str, statement: Executable, params: dict[str, Any]) -> Query:
+    """``statement`` as the bare driver runs it, with the values it binds itself."""
+    compiled = statement.compile(dialect=driver_dialect(dialect))
+    bound = {k: v for k, v in compiled.params.items() if v is not None}
+    return Query(compiled.string, bound | params)
+
+
+def baseline_window(commit: str) -> types.ModuleType:
+    """``tokenmem/window.py`` as it was at ``commit``, read from git and run as
+    a module of today's package (its relative imports find today's models,
+    messages and tokens): its ``window_select`` is the baseline statement."""
+    root = Path(__file__).resolve().parents[1]
+    found = subprocess.run(
+        ["git", "show", f"{commit}:tokenmem/window.py"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
     )
-    return Block(sid, int(total), {int(p): int(c) for p, c in cum.items()})
+    if found.returncode:
+        raise SystemExit(
+            f"cannot read the baseline statement ({found.stderr.strip()}); "
+            "--baseline none runs without it"
+        )
+    module = types.ModuleType(f"tokenmem.window_{commit}")
+    module.__package__ = "tokenmem"
+    sys.modules[module.__name__] = module  # (dataclasses look their module up)
+    exec(compile(found.stdout, f"{commit}:tokenmem/window.py", "exec"), module.__dict__)
+    return module
 
 
-def _new_session(conn: Connection, dialect: str, name: str, size: int, total: int) -> object:
-    sid = driver_id(dialect, session_uuid(OWNER, name))
-    conn.execute(
-        text(
-            "INSERT INTO tokenmem_sessions (id, owner_id, name, encoding, next_position,"
-            " next_turn, floor_total, start_position, start_floor, next_call, created_at,"
-            " updated_at) VALUES (:id, :owner, :name, :enc, :n, :turns, :total, 0, 0, 0,"
-            " CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
-        ),
-        {
-            "id": sid,
-            "owner": OWNER,
-            "name": name,
-            "enc": ENCODING,
-            "n": size,
-            "turns": size // 2,
-            "total": total,
-        },
-    )
-    return sid
+# --- the cases and their windows -------------------------------------------------
 
 
-def copy_session(conn: Connection, dialect: str, block: Block, size: int) -> None:
-    """The session ``bench-<size>``: the block's messages, copied whole
-    ``size // BLOCK`` times and then its first ``size % BLOCK`` messages."""
-    whole, rest = divmod(size, BLOCK)
-    total = whole * block.floor_total + (block.cum_floor[rest] if rest else 0)
-    sid = _new_session(conn, dialect, session_name(size), size, total)
-    select_copy = (
-        f"INSERT INTO tokenmem_messages ({COLUMNS})"
-        " SELECT :sid, b.position + g * :block, b.turn + g * :turns, b.role, b.content,"
-        " b.name, b.metadata, b.created_at, b.encoding, b.text_tokens, b.newline_tokens,"
-        " b.chat_tokens, b.cum_floor + g * :floor"
-        " FROM ({series}) AS series CROSS JOIN tokenmem_messages AS b"
-        " WHERE b.session_id = :src AND g >= :first AND b.position < :upto"
-        " ORDER BY g, b.position"
-    )
-    common = {"sid": sid, "src": block.sid, "block": BLOCK, "turns": BLOCK // 2}
-    common["floor"] = block.floor_total
-    if whole:
-        sql = select_copy.format(series=_series(dialect, "last"))
-        conn.execute(text(sql), {**common, "first": 0, "last": whole - 1, "upto": BLOCK})
-    if rest:
-        sql = select_copy.format(series=_series(dialect, "last"))
-        conn.execute(text(sql), {**common, "first": whole, "last": whole, "upto": rest})
+@dataclass
+class Case:
+    """One session loaded one way: its window and its measurements."""
+
+    shape: Shape
+    variant: Variant
+    size: int
+    rows: int = 0  # the window's rows, the pinned prompt's included
+    first: int = 0  # the positions of the rest of the window
+    last: int = 0
+    pinned: tuple[int, int] = (-1, -1)
+    # the bare connection's queries: "bare", and on a text session the statements
+    queries: dict[str, Query] = field(default_factory=dict)
+    steady: dict[str, list[int]] = field(default_factory=dict)
+    # per kind, per repetition: the times of loads 1, 2, ... on a fresh connection
+    fresh: dict[str, list[list[int]]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.shape.session(self.size)
+
+    @property
+    def label(self) -> str:
+        return f"{self.shape.name} session, {self.variant.label}"
+
+    @property
+    def measures(self) -> tuple[str, ...]:
+        return ("load", "window", *self.queries)
+
+    @property
+    def fresh_kinds(self) -> tuple[str, ...]:
+        return ("load", "renewed", *self.queries)
+
+    def memory(self, store: Store) -> ConversationTokenBufferMemory:
+        return ConversationTokenBufferMemory(
+            store=store,
+            session_id=self.name,
+            max_token_limit=LIMIT,
+            encoding=ENCODING,
+            start_on=self.variant.rule.start_on,
+            system_message=SYSTEM_PROMPT if self.shape.head else None,
+        )
+
+    def steady_ms(self, measure: str) -> float:
+        return median_ms(self.steady.get(measure, []))
+
+    def fresh_ms(self, kind: str, first: int, last: int | None = None) -> float:
+        """The median of loads ``first``..``last`` (1-based; ``last`` None: to the end)."""
+        return median_ms([t for rep in self.fresh.get(kind, []) for t in rep[first - 1 : last]])
 
 
-def copy_filler(conn: Connection, dialect: str, block: Block, first: int, count: int) -> None:
-    """Filler sessions ``first`` .. ``first + count - 1``, the block's first
-    ``FILLER`` messages each."""
-    names = [f"filler-{i:05d}" for i in range(first, first + count)]
-    for name in names:
-        _new_session(conn, dialect, name, FILLER, block.cum_floor[FILLER])
-    conn.execute(
-        text(
-            f"INSERT INTO tokenmem_messages ({COLUMNS})"
-            " SELECT s.id, b.position, b.turn, b.role, b.content, b.name, b.metadata,"
-            " b.created_at, b.encoding, b.text_tokens, b.newline_tokens, b.chat_tokens,"
-            " b.cum_floor FROM tokenmem_sessions AS s CROSS JOIN tokenmem_messages AS b"
-            " WHERE s.name >= :lo AND s.name <= :hi AND s.owner_id = :owner"
-            " AND b.session_id = :src AND b.position < :upto ORDER BY s.name, b.position"
-        ),
-        {"lo": names[0], "hi": names[-1], "owner": OWNER, "src": block.sid, "upto": FILLER},
-    )
+def make_cases(sizes: Sequence[int]) -> list[Case]:
+    return [Case(shape, v, size) for shape in SHAPES for v in VARIANTS[shape] for size in sizes]
 
 
-def fill(store: Store, scale: Scale, counter: TokenCounter) -> dict[str, float]:
-    """Fill the database (see the module docstring); return seconds per step."""
-    seconds: dict[str, float] = {}
-    dialect = store.dialect
-    t0 = time.perf_counter()
-    written = store.append_turns(session_name(BLOCK), make_turns(BLOCK, SEED), counter)
-    if written != BLOCK:
-        raise RuntimeError(f"wrote {written} messages, expected {BLOCK}")
-    seconds["block (append_turns)"] = time.perf_counter() - t0
-    log(f"block of {BLOCK:,} written in {seconds['block (append_turns)']:.1f} s")
-    engine = store.engine
-    with engine.begin() as conn:
-        block = read_block(conn, dialect)
-    for size in scale.sizes:
-        if size == BLOCK:
-            continue
-        t0 = time.perf_counter()
-        with engine.begin() as conn:
-            copy_session(conn, dialect, block, size)
-        seconds[f"{size:,}"] = time.perf_counter() - t0
-        log(f"session of {size:,} copied in {seconds[f'{size:,}']:.1f} s")
-    t0 = time.perf_counter()
-    step = 500
-    for first in range(0, scale.filler_sessions, step):
-        with engine.begin() as conn:
-            copy_filler(conn, dialect, block, first, min(step, scale.filler_sessions - first))
-        log(f"filler sessions {first + step:,} of {scale.filler_sessions:,}")
-    seconds[f"filler ({scale.filler_sessions:,} x {FILLER:,})"] = time.perf_counter() - t0
-    return seconds
+_COLUMNS = (
+    MESSAGES.c.position,
+    MESSAGES.c.role,
+    MESSAGES.c.content,
+    MESSAGES.c.name,
+    MESSAGES.c.message,
+    MESSAGES.c.unit,
+    MESSAGES.c.text_tokens,
+    MESSAGES.c.newline_tokens,
+    MESSAGES.c.chat_tokens,
+)
 
 
-def table_rows(engine: Engine) -> int:
-    with engine.connect() as conn:
-        return int(conn.execute(text("SELECT COUNT(*) FROM tokenmem_messages")).scalar_one())
-
-
-# --- checking the fill ---------------------------------------------------------
-
-
-def check_session(conn: Connection, dialect: str, size: int) -> None:
-    """Positions gapless, ``cum_floor`` the running sum of the earlier floors,
-    the session row's counters in step (one pass in SQL)."""
-    sid = driver_id(dialect, session_uuid(OWNER, session_name(size)))
-    found = conn.execute(
-        text(
-            "SELECT COUNT(*), MIN(position), MAX(position), MAX(turn),"
-            " SUM(CASE WHEN cum_floor = before THEN 0 ELSE 1 END), MAX(cum_floor + floor)"
-            " FROM (SELECT position, turn, cum_floor, floor, COALESCE(SUM(floor) OVER"
-            " (ORDER BY position ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before"
-            f" FROM (SELECT position, turn, cum_floor, {_floor_sql(dialect)} AS floor"
-            " FROM tokenmem_messages WHERE session_id = :id) AS m) AS checked"
-        ),
-        {"id": sid},
-    ).one()
-    row = conn.execute(
-        text("SELECT next_position, next_turn, floor_total FROM tokenmem_sessions WHERE id = :id"),
-        {"id": sid},
-    ).one()
-    count, lo, hi, last_turn, wrong, total = found
-    expected = (size, 0, size - 1, size // 2 - 1, 0, row.floor_total)
-    if (count, lo, hi, last_turn, wrong, total) != expected or tuple(row[:2]) != (
-        size,
-        size // 2,
-    ):
-        raise RuntimeError(f"session {size:,} is inconsistent: {found} / {tuple(row)}")
-
-
-def check_window(store: Store, size: int, counter: TokenCounter) -> list[Any]:
-    """``store.window`` against ``fit`` over the stored costs of the newest
-    messages, and the memory's history counted by tiktoken; returns the window."""
-    name = session_name(size)
-    sid = driver_id(store.dialect, session_uuid(OWNER, name))
+def newest_rows(store: Store, name: str) -> tuple[tuple[int, int], list[Row[Any]], list[Row[Any]]]:
+    """The session's pinned range and rows, and its newest ``LIMIT + 1``
+    other rows, oldest first (more than any window of ``LIMIT`` tokens)."""
+    s, m = SESSIONS.c, MESSAGES.c
+    sid = session_uuid(OWNER, name)
     with store.engine.connect() as conn:
+        found = conn.execute(select(s.pinned_first, s.pinned_last).where(s.id == sid)).one()
+        pin = (-1, -1) if found.pinned_first is None else (found.pinned_first, found.pinned_last)
+        pinned = conn.execute(
+            select(*_COLUMNS)
+            .where(m.session_id == sid, m.position.between(*pin))
+            .order_by(m.position)
+        ).all()
         newest = conn.execute(
-            text(
-                "SELECT position, role, content, text_tokens, newline_tokens, chat_tokens"
-                " FROM tokenmem_messages WHERE session_id = :id"
-                " ORDER BY position DESC LIMIT :n"
-            ),
-            {"id": sid, "n": LIMIT + 1},
-        ).all()[::-1]
-    prefix_tokens = RULE.prefix_tokens(counter)
-    counts = [Counts(r.text_tokens, r.chat_tokens, r.newline_tokens) for r in newest]
-    costs = [RULE.cost(r.role, c, prefix_tokens) for r, c in zip(newest, counts, strict=True)]
-    start = fit(costs, RULE.budget(counts[-1]))
-    if start == 0:
-        raise RuntimeError(f"{name}: the reference needs more than {len(newest)} messages")
-    window = store.window(name, RULE, counter)
-    expected = [(r.position, cost) for r, cost in zip(newest[start:], costs[start:], strict=True)]
-    if [(w.position, w.tokens) for w in window] != expected:
-        raise RuntimeError(f"{name}: store.window is not the reference window")
-    memory = ConversationTokenBufferMemory(
-        store=store, session_id=name, max_token_limit=LIMIT, encoding=ENCODING
-    )
-    history = str(memory.load_memory_variables({})["history"])
-    older = newest[start - 1]
-    longer = f"{RULE.line_prefixes[older.role]}{older.content}\n{history}"
-    if counter.count(history) > LIMIT or counter.count(longer) <= LIMIT:
-        raise RuntimeError(f"{name}: the rendered window is not the longest that fits")
-    return window
+            select(*_COLUMNS)
+            .where(m.session_id == sid, ~m.position.between(*pin))
+            .order_by(m.position.desc())
+            .limit(LIMIT + 1)
+        ).all()
+    return pin, list(pinned), list(newest[::-1])
+
+
+def check_window(store: Store, case: Case, counter: TokenCounter) -> None:
+    """The case's window (``store.window_rows``) against the plain-Python
+    reference — ``fit_units`` over the stored costs of the session's newest
+    messages, in the budget its pinned prompt leaves — and what the memory
+    loads: the same rows, rendered (text) or the dicts saved (messages),
+    counted again by tiktoken within the limit, and one older unit more over
+    it. Fills in the case's window."""
+    rule = case.variant.rule
+    prefix_tokens = rule.prefix_tokens(counter)
+    pin, pinned, newest = newest_rows(store, case.name)
+
+    def cost(r: Row[Any]) -> int:
+        counts = Counts(r.text_tokens, r.chat_tokens, r.newline_tokens)
+        return rule.cost(r.role, counts, prefix_tokens)
+
+    rest = rule.budget(None) - sum(map(cost, pinned))
+    if rule.mode == "text":  # the newest line is joined to nothing
+        rest += newest[-1].newline_tokens
+    units = [
+        (r.position, r.position if r.unit is None else r.unit, r.role, cost(r)) for r in newest
+    ]
+    longest = fit_units(units, rest)
+    start = fit_units(units, rest, rule.start_on)
+    if longest == 0:
+        raise RuntimeError(f"{case.name}: the reference needs more than {len(newest)} messages")
+    expected = [(r.position, cost(r), True) for r in pinned]
+    expected += [(r.position, cost(r), False) for r in newest[start:]]
+    got = [(row[0], row[5], bool(row[7])) for row in store.window_rows(case.name, rule, counter)]
+    if got != expected:
+        raise RuntimeError(f"{case.name}, {case.variant.label}: not the reference window")
+    # the window without start_on, and one older unit: over the limit
+    older = next(i for i in range(longest) if newest[i].position == units[longest - 1][1])
+    window, longer = pinned + newest[start:], pinned + newest[older:]
+    if rule.mode == "text":
+        lines = [
+            [rule.line_prefixes[r.role] + r.content for r in rows] for rows in (window, longer)
+        ]
+        shown: object = {"history": "\n".join(lines[0])}
+        tokens, more = (counter.count("\n".join(rows)) for rows in lines)
+    else:
+        shown = [as_openai(Message(r.role, r.content, r.name, openai=r.message)) for r in window]
+        tokens, more = (
+            REPLY_PRIMING
+            + sum(
+                TOKENS_PER_MESSAGE
+                + count_message(counter, r.role, r.content, r.name, r.message).chat_tokens
+                for r in rows
+            )
+            for rows in (window, longer)
+        )
+    if case.variant.load(case.memory(store)) != shown or tokens > LIMIT or more <= LIMIT:
+        raise RuntimeError(
+            f"{case.name}, {case.variant.label}: the memory's window is not the longest that "
+            f"fits ({tokens} tokens, {more} with one unit more)"
+        )
+    case.rows, case.pinned = len(expected), pin
+    case.first, case.last = newest[start].position, newest[-1].position
+
+
+# The window's rows by position, as any implementation must read them: the
+# pinned prompt's range, then the rest's (one range each: an OR of the two
+# is no index range to SQLite without statistics).
+_PINNED_RANGES = (
+    "SELECT position, role, content, message FROM tokenmem_messages"
+    " WHERE session_id = {0} AND position BETWEEN {0} AND {0} UNION ALL"
+    " SELECT position, role, content, message FROM tokenmem_messages"
+    " WHERE session_id = {0} AND position BETWEEN {0} AND {0} ORDER BY position"
+)
+
+
+def prepare(
+    store: Store, case: Case, counter: TokenCounter, baseline: types.ModuleType | None
+) -> None:
+    """Check the case's window and set up its bare queries: the window's
+    rows by position and, on a text session beside a baseline, today's
+    statement and the baseline's, which must return the window's rows."""
+    check_window(store, case, counter)
+    dialect = store.dialect
+    sid = session_uuid(OWNER, case.name)
+    key = driver_id(dialect, sid)
+    if case.shape.head:
+        sql = _PINNED_RANGES.format("?" if dialect == "sqlite" else "%s")
+        case.queries["bare"] = Query(sql, (key, *case.pinned, key, case.first, case.last))
+    else:
+        case.queries["bare"] = Query(range_sql(dialect), (key, case.first, case.last))
+    if case.shape is not TEXT or baseline is None:
+        return
+    for kind, statement, rule in window_statements(case, baseline):
+        params = rule.params(sid, ENCODING, rule.prefix_tokens(counter))
+        case.queries[kind] = query = statement_query(
+            dialect, statement, params | {"w_session": key}
+        )
+        raw = store.engine.raw_connection()
+        try:
+            positions = [row[0] for row in query.run(raw)]
+        finally:
+            raw.close()
+        if positions != list(range(case.first, case.last + 1)):
+            raise RuntimeError(f"{case.name}: the {kind} statement returns {positions}")
+
+
+def window_statements(
+    case: Case, baseline: types.ModuleType | None
+) -> list[tuple[str, Executable, Any]]:
+    """(kind, statement, rule): the window statement of the case's rule, as
+    tokenmem runs it, and on a text session the baseline's."""
+    rule = case.variant.rule
+    out = [("statement", window_select(rule.mode, row_cap(rule), rule.start_on), rule)]
+    if case.shape is TEXT and baseline is not None:
+        old = baseline.Rule(limit=LIMIT)
+        out.append(("baseline", baseline.window_select(old.mode, baseline.row_cap(old)), old))
+    return out
 
 
 # --- plans ---------------------------------------------------------------------
@@ -402,10 +516,15 @@ def pg_settings(engine: Engine) -> dict[str, str]:
         } | {"jit available": str(conn.exec_driver_sql("SELECT pg_jit_available()").scalar_one())}
 
 
-def pg_plan(engine: Engine, size: int, plan_cache_mode: str, counter: TokenCounter) -> list[str]:
-    """``EXPLAIN (ANALYZE, BUFFERS)`` of the window statement prepared, as
-    psycopg runs it from its sixth execution, with ``plan_cache_mode`` forced."""
-    statement = window_select(RULE.mode, row_cap(RULE))
+def pg_explain(
+    engine: Engine,
+    statement: Executable,
+    params: dict[str, object],
+    plan_cache_mode: str,
+    options: str = "ANALYZE, BUFFERS",
+) -> list[Any]:
+    """``EXPLAIN (options)`` of ``statement`` prepared, as psycopg runs it
+    from its sixth execution, with ``plan_cache_mode`` forced; its rows' values."""
     sql = str(statement.compile(dialect=engine.dialect))
     names: list[str] = []
 
@@ -415,120 +534,156 @@ def pg_plan(engine: Engine, size: int, plan_cache_mode: str, counter: TokenCount
         return f"${names.index(found[1]) + 1}"
 
     prepared = re.sub(r"%\((\w+)\)s", number, sql)
-    params = RULE.params(
-        session_uuid(OWNER, session_name(size)), ENCODING, RULE.prefix_tokens(counter)
-    )
     literals = ", ".join(
         str(params[n]) if isinstance(params[n], int) else f"'{params[n]}'" for n in names
     )
     with engine.connect() as conn:
         conn.exec_driver_sql(f"SET plan_cache_mode = {plan_cache_mode}")
         conn.exec_driver_sql(f"PREPARE tm_window AS {prepared}")
-        rows = conn.exec_driver_sql(
-            f"EXPLAIN (ANALYZE, BUFFERS) EXECUTE tm_window({literals})"
-        ).all()
+        rows = conn.exec_driver_sql(f"EXPLAIN ({options}) EXECUTE tm_window({literals})").all()
         conn.exec_driver_sql("DEALLOCATE tm_window")
         conn.rollback()
-    return [str(row[0]) for row in rows]
+    return [row[0] for row in rows]
 
 
-def sqlite_plan(store: Store, size: int, counter: TokenCounter) -> list[str]:
+def _scans(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    if node.get("Relation Name") == "tokenmem_messages":
+        yield node
+    for child in node.get("Plans", ()):
+        yield from _scans(child)
+
+
+def pg_summary(plan: dict[str, Any], cap: int) -> str:
+    """One line of a JSON plan: is every read of tokenmem_messages an index
+    range of at most ``cap`` rows (and the plan not JIT-compiled), is the
+    cum_floor index read in order (newest first, under the LIMIT), and what
+    it cost: the planner's estimate, buffers, times."""
+    root = plan["Plan"]
+    reads, bounded = [], "JIT" not in plan
+    for node in _scans(root):
+        index = node.get("Index Name") or " ".join(
+            child.get("Index Name", "") for child in node.get("Plans", ())
+        )
+        backward = " Backward" if node.get("Scan Direction") == "Backward" else ""
+        rows = node["Actual Rows"] * node["Actual Loops"]
+        reads.append(f"{node['Node Type']}{backward} {index} ({rows:g} rows)")
+        bounded = bounded and rows <= cap
+        bounded = bounded and node["Node Type"] in ("Index Scan", "Bitmap Heap Scan")
+    in_order = any(r.startswith(f"Index Scan Backward {SEEK_INDEX}") for r in reads)
+    buffers = root.get("Shared Hit Blocks", 0) + root.get("Shared Read Blocks", 0)
+    return (
+        f"{'bounded' if bounded else 'NOT BOUNDED'}, cum_floor index "
+        f"{'read newest first under the LIMIT' if in_order else 'NOT read in order'}; "
+        f"cost {root['Total Cost']:,.0f} ({'JIT' if 'JIT' in plan else 'no JIT'}), "
+        f"{buffers} buffers, planning "
+        f"{plan['Planning Time']:.3f} ms, execution {plan['Execution Time']:.3f} ms; "
+        f"tokenmem_messages read by: {'; '.join(reads)}"
+    )
+
+
+def sqlite_plan(store: Store, name: str, rule: Rule, counter: TokenCounter) -> list[str]:
     """``EXPLAIN QUERY PLAN`` as a tree, from its rows (id | parent | _ | detail)."""
     depth: dict[str, int] = {"0": -1}
     lines = []
-    for line in store.explain_window(session_name(size), RULE, counter).splitlines():
+    for line in store.explain_window(name, rule, counter).splitlines():
         node, parent, _, detail = line.split(" | ", 3)
         depth[node] = depth.get(parent, -1) + 1
         lines.append("  " * depth[node] + detail)
     return lines
 
 
+def plans(
+    backend: str,
+    store: Store,
+    cases: list[Case],
+    counter: TokenCounter,
+    baseline: types.ModuleType | None,
+) -> dict[str, list[str]]:
+    """The plans of the largest sessions' windows: in full for the text
+    window of each shape, and a line each for every window and (on
+    PostgreSQL) the baseline statement."""
+    size = max(c.size for c in cases)
+    out: dict[str, list[str]] = {}
+    summary = []
+    for c in (c for c in cases if c.size == size):
+        full = c.variant.label == "text"
+        if backend == "sqlite":
+            lines = sqlite_plan(store, c.name, c.variant.rule, counter)
+            if full:
+                out[f"EXPLAIN QUERY PLAN, {c.label}"] = lines
+            plan = "\n".join(lines)
+            summary.append(
+                f"{c.label}: seeks through {SEEK_INDEX}: "
+                + ("yes" if SEEK_INDEX in plan else "NO")
+                + ("; SCANS tokenmem_messages" if "SCAN tokenmem_messages" in plan else "")
+            )
+            continue
+        sid = session_uuid(OWNER, c.name)
+        for kind, statement, rule in window_statements(c, baseline):
+            label = c.label if kind == "statement" else f"{c.label}, the {BASELINE} statement"
+            params = rule.params(sid, ENCODING, rule.prefix_tokens(counter))
+            for mode in ("force_custom_plan", "force_generic_plan"):
+                if full and kind == "statement":
+                    title = f"EXPLAIN (ANALYZE, BUFFERS), prepared, {mode}, {label}"
+                    out[title] = [
+                        str(line) for line in pg_explain(store.engine, statement, params, mode)
+                    ]
+                (found,) = pg_explain(
+                    store.engine, statement, params, mode, "ANALYZE, BUFFERS, FORMAT JSON"
+                )
+                plan = (found if isinstance(found, list) else json.loads(found))[0]
+                summary.append(f"{label}, {mode}: {pg_summary(plan, row_cap(rule))}")
+    out["Summary"] = summary
+    return out
+
+
 # --- measuring -----------------------------------------------------------------
 
 
-@dataclass
-class Case:
-    """One session under test: its window and its measurements."""
-
-    size: int
-    rows: int
-    first: int
-    last: int
-    steady: dict[str, list[int]] = field(default_factory=lambda: {m: [] for m in MEASURES})
-    # per kind, per repetition: the times of loads 1, 2, ... on a fresh connection
-    fresh: dict[str, list[list[int]]] = field(default_factory=lambda: {k: [] for k in FRESH_KINDS})
-
-    def steady_ms(self, measure: str) -> float:
-        return median_ms(self.steady[measure])
-
-    def fresh_ms(self, kind: str, first: int, last: int | None = None) -> float:
-        """The median of loads ``first``..``last`` (1-based; ``last`` None: to the end)."""
-        return median_ms([t for rep in self.fresh[kind] for t in rep[first - 1 : last]])
-
-
-def bare_query(raw: Any, sql: str, params: tuple[Any, ...]) -> Sequence[Any]:
-    cur = raw.cursor()
-    try:
-        cur.execute(sql, params)
-        rows = cur.fetchall()
-    finally:
-        cur.close()
-    raw.commit()
-    return list(rows)
-
-
 def measure_steady(
-    store: Store, raw: PoolProxiedConnection, cases: list[Case], reps: int, warmup: int
+    store: Store,
+    raw: PoolProxiedConnection,
+    cases: list[Case],
+    reps: int,
+    warmup: int,
+    counter: TokenCounter,
 ) -> float:
     """Time every measurement of every case ``reps`` times, after ``warmup``
     untimed rounds, rotating which case and which measurement go first."""
-    counter = TokenCounter(ENCODING)
-    bare_sql = range_sql(store.dialect)
     runs: list[dict[str, Callable[[], object]]] = []
     for case in cases:
-        name = session_name(case.size)
-        memory = ConversationTokenBufferMemory(
-            store=store, session_id=name, max_token_limit=LIMIT, encoding=ENCODING
-        )
-        params = (driver_id(store.dialect, session_uuid(OWNER, name)), case.first, case.last)
-        runs.append(
-            {
-                "load": lambda memory=memory: memory.load_memory_variables({}),
-                "window": lambda name=name: store.window(name, RULE, counter),
-                "bare": lambda params=params: bare_query(raw, bare_sql, params),
-            }
-        )
+        rule = case.variant.rule
+        window = store.window if case.shape is TEXT else store.window_rows
+        run: dict[str, Callable[[], object]] = {
+            "load": functools.partial(case.variant.load, case.memory(store)),
+            "window": functools.partial(window, case.name, rule, counter),
+        }
+        runs.append(run | {k: functools.partial(q.run, raw) for k, q in case.queries.items()})
     clock = time.perf_counter_ns
     started = time.perf_counter()
+    pairs = list(zip(cases, runs, strict=True))
     for r in range(warmup + reps):
-        k = r % len(cases)
-        for case, run in (
-            list(zip(cases, runs, strict=True))[k:] + list(zip(cases, runs, strict=True))[:k]
-        ):
-            j = r % len(MEASURES)
-            for m in MEASURES[j:] + MEASURES[:j]:
+        k = r % len(pairs)
+        for case, run in pairs[k:] + pairs[:k]:
+            measures = case.measures
+            j = r % len(measures)
+            for m in measures[j:] + measures[:j]:
                 fn = run[m]
                 t0 = clock()
                 fn()
                 elapsed = clock() - t0
                 if r >= warmup:
-                    case.steady[m].append(elapsed)
+                    case.steady.setdefault(m, []).append(elapsed)
     return time.perf_counter() - started
 
 
 def fresh_load_times(url: str, case: Case, loads: int) -> list[int]:
     """A new store (engine, pool) whose schema check opened its connection;
-    then ``loads`` loads of the case's session, each timed."""
+    then ``loads`` loads of the case's window, each timed."""
     store = Store(url)
     try:
         store.check()  # connects, initialises the dialect, checks the schema: untimed
-        memory = ConversationTokenBufferMemory(
-            store=store,
-            session_id=session_name(case.size),
-            max_token_limit=LIMIT,
-            encoding=ENCODING,
-        )
-        return timed_loads(memory, loads)
+        return timed_loads(case, case.memory(store), loads)
     finally:
         store.close()
 
@@ -541,39 +696,34 @@ def renewed_load_times(store: Store, case: Case, loads: int) -> list[int]:
     store.close()
     with store.engine.connect():
         pass
-    memory = ConversationTokenBufferMemory(
-        store=store, session_id=session_name(case.size), max_token_limit=LIMIT, encoding=ENCODING
-    )
-    return timed_loads(memory, loads)
+    return timed_loads(case, case.memory(store), loads)
 
 
-def timed_loads(memory: ConversationTokenBufferMemory, loads: int) -> list[int]:
-    """``loads`` loads of ``memory``'s window, each timed (ns)."""
-    clock, times = time.perf_counter_ns, []
+def timed_loads(case: Case, memory: ConversationTokenBufferMemory, loads: int) -> list[int]:
+    """``loads`` loads of the case's window through ``memory``, each timed (ns)."""
+    clock, times, load = time.perf_counter_ns, [], case.variant.load
     for _ in range(loads):
         t0 = clock()
-        memory.load_memory_variables({})
+        load(memory)
         times.append(clock() - t0)
     return times
 
 
-def fresh_bare_times(url: str, dialect: str, case: Case, loads: int) -> list[int]:
-    """The bare query on a new DBAPI connection (connected untimed), ``loads`` times."""
-    sql = range_sql(dialect)
-    sid = driver_id(dialect, session_uuid(OWNER, session_name(case.size)))
+def fresh_query_times(url: str, query: Query, loads: int) -> list[int]:
+    """A bare query on a new DBAPI connection (connected untimed), ``loads`` times."""
     raw = connect(url)
     try:
         clock, times = time.perf_counter_ns, []
         for _ in range(loads):
             t0 = clock()
-            bare_query(raw, sql, (sid, case.first, case.last))
+            query.run(raw)
             times.append(clock() - t0)
         return times
     finally:
         raw.close()
 
 
-def measure_fresh(url: str, dialect: str, cases: list[Case], reps: int, loads: int) -> float:
+def measure_fresh(url: str, cases: list[Case], reps: int, loads: int) -> float:
     started = time.perf_counter()
     renewed = Store(url)
     try:
@@ -581,15 +731,16 @@ def measure_fresh(url: str, dialect: str, cases: list[Case], reps: int, loads: i
         for r in range(reps):
             k = r % len(cases)
             for case in cases[k:] + cases[:k]:
-                j = r % len(FRESH_KINDS)
-                for kind in FRESH_KINDS[j:] + FRESH_KINDS[:j]:
+                kinds = case.fresh_kinds
+                j = r % len(kinds)
+                for kind in kinds[j:] + kinds[:j]:
                     if kind == "load":
                         times = fresh_load_times(url, case, loads)
                     elif kind == "renewed":
                         times = renewed_load_times(renewed, case, loads)
                     else:
-                        times = fresh_bare_times(url, dialect, case, loads)
-                    case.fresh[kind].append(times)
+                        times = fresh_query_times(url, case.queries[kind], loads)
+                    case.fresh.setdefault(kind, []).append(times)
     finally:
         renewed.close()
     return time.perf_counter() - started
@@ -605,60 +756,108 @@ def ratio(a: float, b: float | None) -> str:
 FRESH_SPANS = (("first load", 1, 1), ("loads 1-10", 1, 10), ("loads 11+", 11, None))
 
 
-def figures(case: Case) -> dict[str, tuple[float, float]]:
-    """(tokenmem, bare) medians in ms: steady state and the fresh-connection spans."""
-    out = {"steady": (case.steady_ms("load"), case.steady_ms("bare"))}
+def figures(
+    case: Case, measure: str = "load", floor: str = "bare"
+) -> dict[str, tuple[float, float]]:
+    """(``measure``, ``floor``) medians in ms: steady state and the fresh-connection spans."""
+    out = {"steady": (case.steady_ms(measure), case.steady_ms(floor))}
     for label, first, last in FRESH_SPANS:
-        out[label] = (case.fresh_ms("load", first, last), case.fresh_ms("bare", first, last))
-    out["first load, pool renewed"] = (case.fresh_ms("renewed", 1, 1), case.fresh_ms("bare", 1, 1))
+        out[label] = (case.fresh_ms(measure, first, last), case.fresh_ms(floor, first, last))
+    if measure == "load":
+        out["first load, pool renewed"] = (
+            case.fresh_ms("renewed", 1, 1),
+            case.fresh_ms(floor, 1, 1),
+        )
     return out
 
 
-def table(results: dict[str, list[Case]]) -> str:
+def _reference(cases: list[Case], case: Case) -> Case | None:
+    """The case ``case`` is compared with: the same window of the block's size."""
+    return next(
+        (c for c in cases if (c.shape, c.variant, c.size) == (case.shape, case.variant, BLOCK)),
+        None,
+    )
+
+
+def table(results: dict[str, list[Case]], shape: Shape) -> str:
+    window = "store.window" if shape is TEXT else "store.window_rows"
+    variant = "| variant " if shape is TOOLS else ""
     lines = [
-        "| tables | history | window rows | load (ms) | store.window (ms) | bare (ms) "
+        f"| tables {variant}| history | window rows | load (ms) | {window} (ms) | bare (ms) "
         "| load ÷ load@2,000 | load ÷ bare | 1st load, new store (ms) "
         "| 1st load, new pool (ms) | bare 1st (ms) | 1st ÷ 1st@2,000 | 1st ÷ bare 1st "
         "| loads 1-10 (ms) | loads 11+ (ms) | bare 1-10 / 11+ (ms) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|" + ("---|" if variant else "") + "---:|" * 15,
     ]
     for state, cases in results.items():
-        ref = {c.size: figures(c) for c in cases}.get(BLOCK)
-        for c in cases:
+        for c in (c for c in cases if c.shape is shape):
+            ref = _reference(cases, c)
+            base = figures(ref) if ref else None
             f = figures(c)
             load, bare = f["steady"]
             first, bare_first = f["first load"]
             lines.append(
-                f"| {state} | {c.size:,} | {c.rows} | {load:.3f} | {c.steady_ms('window'):.3f} "
-                f"| {bare:.3f} | {ratio(load, ref['steady'][0] if ref else None)} "
+                f"| {state} "
+                + (f"| {c.variant.label} " if variant else "")
+                + f"| {c.size:,} | {c.rows} | {load:.3f} | {c.steady_ms('window'):.3f} "
+                f"| {bare:.3f} | {ratio(load, base['steady'][0] if base else None)} "
                 f"| {ratio(load, bare)} | {first:.2f} "
                 f"| {f['first load, pool renewed'][0]:.2f} | {bare_first:.2f} "
-                f"| {ratio(first, ref['first load'][0] if ref else None)} "
+                f"| {ratio(first, base['first load'][0] if base else None)} "
                 f"| {ratio(first, bare_first)} | {f['loads 1-10'][0]:.3f} "
                 f"| {f['loads 11+'][0]:.3f} | {f['loads 1-10'][1]:.3f} / {f['loads 11+'][1]:.3f} |"
             )
     return "\n".join(lines)
 
 
+def statements_table(results: dict[str, list[Case]]) -> str:
+    """Today's window statement and the baseline's, on a bare connection."""
+    b = BASELINE
+    lines = [
+        f"| tables | history | bare (ms) | statement (ms) | {b} statement (ms) "
+        f"| statement ÷ {b} | statement ÷ bare | {b} ÷ bare | 1st statement (ms) "
+        f"| 1st {b} (ms) | 1st ÷ 1st {b} | 11+ statement (ms) | 11+ {b} (ms) | 11+ ÷ 11+ {b} |",
+        "|---|" + "---:|" * 13,
+    ]
+    for state, cases in results.items():
+        for c in cases:
+            if "baseline" not in c.queries:
+                continue
+            new, old = figures(c, "statement"), figures(c, "baseline")
+            (stmt, bare), (base, _) = new["steady"], old["steady"]
+            first, first_old = new["first load"][0], old["first load"][0]
+            later, later_old = new["loads 11+"][0], old["loads 11+"][0]
+            lines.append(
+                f"| {state} | {c.size:,} | {bare:.3f} | {stmt:.3f} | {base:.3f} "
+                f"| {ratio(stmt, base)} | {ratio(stmt, bare)} | {ratio(base, bare)} "
+                f"| {first:.2f} | {first_old:.2f} | {ratio(first, first_old)} "
+                f"| {later:.3f} | {later_old:.3f} | {ratio(later, later_old)} |"
+            )
+    return "\n".join(lines)
+
+
 def goals(backend: str, results: dict[str, list[Case]]) -> list[tuple[str, bool]]:
-    """Each goal as (line, met)."""
+    """Each goal as (line, met): per state and window, the largest session's
+    load against the block's (and, on PostgreSQL, against the bare query)."""
     out = []
     for state, cases in results.items():
-        by_size = {c.size: figures(c) for c in cases}
-        largest = max(by_size)
-        if BLOCK not in by_size or largest <= BLOCK:
-            continue
-        for label, (load, bare) in by_size[largest].items():
-            flat = load / by_size[BLOCK][label][0]
-            line = (
-                f"{backend}, {state}, {label}: {largest:,} load ÷ {BLOCK:,} load "
-                f"{flat:.2f}{TIMES} (goal {FLAT_GOAL}{TIMES})"
-            )
-            met = flat <= FLAT_GOAL
-            if backend == "postgresql":
-                line += f", ÷ bare {load / bare:.2f}{TIMES} (goal {BARE_GOAL}{TIMES})"
-                met = met and load / bare <= BARE_GOAL
-            out.append((line, met))
+        largest = max(c.size for c in cases)
+        for c in (c for c in cases if c.size == largest):
+            ref = _reference(cases, c)
+            if ref is None or largest <= BLOCK:
+                continue
+            base = figures(ref)
+            for label, (load, bare) in figures(c).items():
+                flat = load / base[label][0]
+                line = (
+                    f"{backend}, {state}, {c.label}, {label}: {largest:,} load ÷ {BLOCK:,} "
+                    f"load {flat:.2f}{TIMES} (goal {FLAT_GOAL}{TIMES})"
+                )
+                met = flat <= FLAT_GOAL
+                if backend == "postgresql":
+                    line += f", ÷ bare {load / bare:.2f}{TIMES} (goal {BARE_GOAL}{TIMES})"
+                    met = met and load / bare <= BARE_GOAL
+                out.append((line, met))
     return out
 
 
@@ -682,40 +881,65 @@ def analyse(engine: Engine, dialect: str) -> float:
     return time.perf_counter() - t0
 
 
-def plans(backend: str, store: Store, size: int, counter: TokenCounter) -> dict[str, list[str]]:
-    if backend == "sqlite":
-        return {"EXPLAIN QUERY PLAN": sqlite_plan(store, size, counter)}
-    return {
-        f"EXPLAIN (ANALYZE, BUFFERS), prepared, {mode}": pg_plan(store.engine, size, mode, counter)
-        for mode in ("force_custom_plan", "force_generic_plan")
-    }
+def analysed_by_others(engine: Engine) -> str | None:
+    """When PostgreSQL last analysed the tables, if it did: on a shared
+    server another client's database-wide ``ANALYZE`` (as the test suite's
+    plan tests run) reaches this schema too, and "never analysed" is then
+    not true. Give the benchmark a database of its own there."""
+    with engine.connect() as conn:
+        found = conn.exec_driver_sql(
+            "SELECT max(greatest(last_analyze, last_autoanalyze)) FROM pg_stat_user_tables"
+            " WHERE schemaname = current_schema()"
+            " AND relname IN ('tokenmem_messages', 'tokenmem_sessions')"
+        ).scalar_one()
+    return None if found is None else str(found)
+
+
+def check_unchanged(engine: Engine, cases: list[Case]) -> None:
+    """Raise if a load wrote to a session (a system_message saved again)."""
+    s = SESSIONS.c
+    with engine.connect() as conn:
+        for c in cases:
+            sid = session_uuid(OWNER, c.name)
+            found = conn.execute(select(s.next_position).where(s.id == sid)).scalar_one()
+            if found != c.shape.head + c.size:
+                raise RuntimeError(f"{c.name} was written to while it was measured")
 
 
 def run_state(
-    backend: str, url: str, state: str, args: argparse.Namespace, counter: TokenCounter
+    backend: str,
+    url: str,
+    state: str,
+    args: argparse.Namespace,
+    counter: TokenCounter,
+    baseline: types.ModuleType | None,
 ) -> tuple[list[Case], dict[str, list[str]]]:
+    cases = make_cases(args.scale.sizes)
     store = Store(url)
     try:
-        cases = []
-        for size in args.scale.sizes:
-            window = check_window(store, size, counter)
-            cases.append(Case(size, len(window), window[0].position, window[-1].position))
+        for case in cases:
+            prepare(store, case, counter, baseline)
         log(f"{state}: windows checked against the reference")
-        shown = plans(backend, store, max(args.scale.sizes), counter)
+        shown = plans(backend, store, cases, counter, baseline)
         raw = store.engine.raw_connection()
         try:
-            seconds = measure_steady(store, raw, cases, args.reps, args.warmup)
+            seconds = measure_steady(store, raw, cases, args.reps, args.warmup, counter)
         finally:
             raw.close()
         log(f"{state}: steady state measured in {seconds:.0f} s")
     finally:
         store.close()
-    seconds = measure_fresh(url, backend, cases, args.fresh_reps, args.fresh_loads)
+    seconds = measure_fresh(url, cases, args.fresh_reps, args.fresh_loads)
     log(f"{state}: fresh connections measured in {seconds:.0f} s")
     return cases, shown
 
 
-def run_backend(backend: str, args: argparse.Namespace, counter: TokenCounter) -> dict[str, Any]:
+def run_backend(
+    backend: str,
+    args: argparse.Namespace,
+    counter: TokenCounter,
+    baseline: types.ModuleType | None,
+) -> dict[str, Any]:
     started = time.perf_counter()
     report: dict[str, Any] = {"backend": backend}
     print(f"\n## {backend}\n", flush=True)
@@ -737,20 +961,23 @@ def run_backend(backend: str, args: argparse.Namespace, counter: TokenCounter) -
             print(f"SQLite {version} (a file, WAL).\n")
             report["settings"] = {"sqlite_version": version}
         t0 = time.perf_counter()
-        fills = fill(store, args.scale, counter)
+        fills = fill(store, args.scale.sizes, args.scale.filler_sessions, counter)
         fill_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         with engine.connect() as conn:
-            for size in args.scale.sizes:
-                check_session(conn, backend, size)
+            for shape in SHAPES:
+                for size in args.scale.sizes:
+                    check_session(conn, backend, shape, size)
+        compared = check_copies(store, args.scale.sizes, counter)
         check_seconds = time.perf_counter() - t0
         rows = table_rows(engine)
         store.close()
         print(
             f"Filled in {fill_seconds:.0f} s ("
             + ", ".join(f"{k}: {v:.1f} s" for k, v in fills.items())
-            + f"): {rows:,} messages in the table. Sessions checked in SQL in "
-            f"{check_seconds:.1f} s; windows checked against the reference in each state.",
+            + f"): {rows:,} messages in the table. Sessions checked in SQL, and {compared:,} "
+            "messages of a copied tool session against the same turns written by tokenmem, "
+            f"in {check_seconds:.1f} s; windows checked against the reference in each state.",
             flush=True,
         )
         report.update(fill_seconds=fills, table_rows=rows)
@@ -761,18 +988,30 @@ def run_backend(backend: str, args: argparse.Namespace, counter: TokenCounter) -
                 seconds = analyse(engine, backend)
                 what = "VACUUM ANALYZE" if backend == "postgresql" else "ANALYZE"
                 print(f"\n{what} in {seconds:.0f} s.", flush=True)
-            results[state], shown[state] = run_state(backend, url, state, args, counter)
+            results[state], shown[state] = run_state(backend, url, state, args, counter, baseline)
+            check_unchanged(engine, results[state])
+            if state == "never analysed" and backend == "postgresql":
+                report["analysed_meanwhile"] = when = analysed_by_others(engine)
+                if when:
+                    print(f"\nWARNING: the tables were analysed at {when} by another client.")
+            largest = max(args.scale.sizes)
             for title, lines in shown[state].items():
-                print(f"\n{title} ({state}), {max(args.scale.sizes):,}-message session:\n")
+                print(f"\n{title} ({state}), {largest:,}-message sessions:\n")
                 print("\n".join(f"    {line}" for line in lines))
-                seeks = any(SEEK_INDEX in line for line in lines)
-                print(f"\nSeeks through {SEEK_INDEX}: {'yes' if seeks else 'NO'}.", flush=True)
+                if title.startswith("EXPLAIN"):
+                    seeks = any(SEEK_INDEX in line for line in lines)
+                    print(f"\nSeeks through {SEEK_INDEX}: {'yes' if seeks else 'NO'}.")
         engine.dispose()
     print(
         f"\nMedians: steady state {args.reps} rounds; fresh connections {args.fresh_reps} "
-        f"per session and kind, {args.fresh_loads} loads each:\n"
+        f"per session and kind, {args.fresh_loads} loads each.\n\nText sessions:\n"
     )
-    print(table(results))
+    print(table(results, TEXT))
+    if baseline is not None:
+        print(f"\nThe window statement against {BASELINE}'s, text sessions, bare connection:\n")
+        print(statements_table(results))
+    print("\nTool sessions (a pinned system prompt, then the history's messages):\n")
+    print(table(results, TOOLS))
     met = goals(backend, results)
     print()
     for line, ok in met:
@@ -782,11 +1021,14 @@ def run_backend(backend: str, args: argparse.Namespace, counter: TokenCounter) -
     report["states"] = {
         state: [
             {
+                "shape": c.shape.name,
+                "variant": c.variant.label,
                 "size": c.size,
                 "window_rows": c.rows,
+                "pinned": c.pinned,
                 "first": c.first,
                 "last": c.last,
-                "figures_ms": figures(c),
+                "figures_ms": {m: figures(c, m) for m in ("load", *c.queries)},
                 "steady_ns": c.steady,
                 "fresh_ns": c.fresh,
             }
@@ -813,6 +1055,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=20, help="untimed steady-state rounds")
     parser.add_argument("--fresh-reps", type=int, help="fresh connections per session and kind")
     parser.add_argument("--fresh-loads", type=int, default=20, help="loads per fresh connection")
+    parser.add_argument(
+        "--baseline",
+        default=BASELINE,
+        help=f"the commit whose window statement is timed beside today's (default {BASELINE}; "
+        "none: no baseline)",
+    )
     parser.add_argument("--json", help="write the raw numbers to this file")
     args = parser.parse_args(argv)
     args.backends = args.backend or list(BACKENDS)
@@ -827,24 +1075,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     digest = source_digest()  # of the sources imported now, should they change meanwhile
+    baseline = None if args.baseline == "none" else baseline_window(args.baseline)
     counter = TokenCounter(ENCODING)
+    sizes = args.scale.sizes
     filler = args.scale.filler_sessions * FILLER
     print(
-        f"# Window load vs history length ({LIMIT:,}-token window, text mode, {ENCODING})\n\n"
+        f"# Window load vs history length ({LIMIT:,}-token window, {ENCODING})\n\n"
         f"tokenmem sources {digest}, Python {sys.version.split()[0]}, "
-        f"{os.cpu_count()} CPUs; scale {args.scale_name}: sessions of "
-        + ", ".join(f"{s:,}" for s in args.scale.sizes)
-        + f" messages and {args.scale.filler_sessions:,} filler sessions of {FILLER:,} "
-        f"({filler + sum(args.scale.sizes):,} messages)."
+        f"{os.cpu_count()} CPUs; scale {args.scale_name}: text sessions of "
+        + ", ".join(f"{s:,}" for s in sizes)
+        + " messages, tool sessions of as many after their pinned prompt, and "
+        f"{args.scale.filler_sessions:,} filler sessions of {FILLER:,} "
+        f"({filler + 2 * sum(sizes) + len(sizes):,} messages); baseline statement: "
+        f"{args.baseline}."
     )
-    reports = [run_backend(backend, args, counter) for backend in args.backends]
+    reports = [run_backend(backend, args, counter, baseline) for backend in args.backends]
     total = time.perf_counter() - started
     missed = sum(not g["met"] for r in reports for g in r["goals"])
     print(f"\nGoals missed: {missed}. Total run time: {total:.0f} s.")
     if args.json:
         with open(args.json, "w") as out:
             json.dump(
-                {"source_digest": digest, "total_seconds": total, "backends": reports},
+                {
+                    "source_digest": digest,
+                    "baseline": args.baseline,
+                    "total_seconds": total,
+                    "backends": reports,
+                },
                 out,
                 indent=1,
             )

@@ -146,7 +146,11 @@ def _check_plans(store: Store, rule: Rule) -> None:
             assert node["Actual Rows"] <= cap, shown
         assert f"{CUM_FLOOR_INDEX} " in shown, shown
         assert "JIT" not in plan, shown
-        assert plan["Plan"]["Total Cost"] < _jit_above_cost(store), shown
+        # a tenth: an estimate that grows with the session (as the pinned
+        # prompt's join once made it, ~50,000 here) crosses jit_above_cost
+        # at a million messages, where every fresh connection's first loads
+        # were JIT-compiled (about a second each)
+        assert plan["Plan"]["Total Cost"] < _jit_above_cost(store) / 10, shown
 
 
 def _postgres_plan(store: Store, rule: Rule, plan_cache_mode: str, encoding: str) -> dict[str, Any]:

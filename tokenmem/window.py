@@ -494,17 +494,21 @@ def window_select(
     # (no rows) when the session is missing, empty, being recounted, or
     # counted with another encoding. (Pinned rows only make the rest's
     # budget smaller: each costs at least its floor, so the bound holds.)
-    start = (
-        select(
-            case(
-                (s.start_floor > floor_end - bound, s.start_floor),
-                else_=floor_end - bound,
-            )
-        )
+    reach = (
+        select(s.start_floor.label("start_floor"), (floor_end - bound).label("reach"))
         .select_from(sources)
         .where(s.id == sid, s.encoding == bindparam("w_encoding"))
-        .scalar_subquery()
+        .subquery("reach")
     )
+    r0 = reach.c
+    start = select(
+        case((r0.start_floor > r0.reach, r0.start_floor), else_=r0.reach)
+    ).scalar_subquery()
+    # The pinned range, as values (InitPlans) rather than a join: a range
+    # bounded by a joined row's columns is estimated at a tenth of the
+    # session, which made the plan's cost cross jit_above_cost.
+    first_pinned = select(pinned_first).where(s.id == sid).scalar_subquery()
+    last_pinned = select(pinned_last).where(s.id == sid).scalar_subquery()
 
     def columns(pinned: bool) -> list[ColumnElement[Any]]:
         return [
@@ -522,32 +526,32 @@ def window_select(
             m.message,
         ]
 
+    # (no pinned rows when the session is counted with another encoding;
+    # more than the cap cannot fit: each costs at least one token)
     pinned = (
         select(*columns(True))
-        .select_from(MESSAGES.join(SESSIONS, s.id == m.session_id))
         .where(
             m.session_id == sid,
-            s.id == sid,
-            s.encoding == bindparam("w_encoding"),
-            m.position.between(pinned_first, pinned_last),
+            m.position.between(first_pinned, last_pinned),
+            select(s.encoding).where(s.id == sid).scalar_subquery() == bindparam("w_encoding"),
         )
+        .order_by(m.position)
     )
     candidates = select(*columns(False)).where(
         m.session_id == sid,
         m.cum_floor >= start,
-        ~m.position.between(
-            select(pinned_first).where(s.id == sid).scalar_subquery(),
-            select(pinned_last).where(s.id == sid).scalar_subquery(),
-        ),
+        ~m.position.between(first_pinned, last_pinned),
         m.position < select(before).where(s.id == sid).scalar_subquery(),
     )
     # cum_floor grows with position (every floor is at least 1): the index
     # order is the session's order, newest first.
     candidates = candidates.order_by(m.cum_floor.desc())
     if cap is not None:
+        pinned = pinned.limit(_const(str(cap)))
         candidates = candidates.limit(_const(str(cap)))
-    capped = candidates.subquery("candidates")
-    both = union_all(pinned, select(capped)).subquery("rows")
+    both = union_all(
+        select(pinned.subquery("pinned")), select(candidates.subquery("candidates"))
+    ).subquery("rows")
     c = both.c
 
     def newest_first(f: FunctionElement[Any]) -> Over[Any]:
