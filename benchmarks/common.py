@@ -45,9 +45,10 @@ from sqlalchemy.engine import Engine, make_url
 
 import tokenmem
 from tokenmem import Rule, TokenCounter
+from tokenmem.digest import message_digest
 from tokenmem.models import MESSAGES
-from tokenmem.window import Counts, window_select
-from tokenmem.writes import bump_statement
+from tokenmem.window import Counts, row_cap, window_select
+from tokenmem.writes import SET_HEAD, bump_statement
 
 PG_URL = os.environ.get(
     "TOKENMEM_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -219,9 +220,11 @@ class TurnSQL:
     def __init__(self, backend: str, rule: Rule, counter: TokenCounter) -> None:
         self.backend, self.sqlite = backend, backend == "sqlite"
         dialect = driver_dialect(backend)
-        statements = (_upsert(backend), _insert_exchange(), window_select("text"))
-        upsert, insert, window = (s.compile(dialect=dialect) for s in statements)
+        window = window_select("text", row_cap(rule), rule.start_on)
+        statements = (_upsert(backend), _insert_exchange(), window, SET_HEAD)
+        upsert, insert, window, head = (s.compile(dialect=dialect) for s in statements)
         self.upsert, self.insert, self.window = upsert.string, insert.string, window.string
+        self.head = head.string
         constants = rule.params(uuid.UUID(int=0), ENCODING, rule.prefix_tokens(counter))
         # what the dialect bound itself (SQLite's OFFSET 0), and the rule's constants
         self.window_params = {k: v for k, v in window.params.items() if v is not None}
@@ -240,6 +243,8 @@ class TurnSQL:
             "turns": 1,
             "floor": sum(c.floor for c in counts),
             "now": now,
+            "pin_first": None,
+            "pin_last": None,
         }
 
     def insert_params(
@@ -250,8 +255,8 @@ class TurnSQL:
         counts: Sequence[Counts],
     ) -> list[dict[str, Any]]:
         """The exchange's two rows, placed by the upsert's returned ``row``."""
-        next_position, next_turn, floor_total = row
-        rows, cum = [], floor_total - upsert["floor"]
+        next_position, next_turn, floor_total, *_, head = row
+        rows, cum, previous = [], floor_total - upsert["floor"], head or ""
         for i, role in enumerate(("human", "ai")):
             c = counts[i]
             rows.append(
@@ -269,10 +274,27 @@ class TurnSQL:
                     "newline_tokens": c.newline_tokens,
                     "chat_tokens": c.chat_tokens,
                     "cum_floor": cum,
+                    "message": None,
+                    "tool_calls": None,
+                    "tool_call_id": None,
+                    "unit": None,
                 }
             )
+            # the chain link, as tokenmem makes it (tokenmem.digest)
+            made = dict(rows[-1])
+            if isinstance(made["created_at"], str):  # SQLite's text: the digest takes the time
+                made["created_at"] = datetime.fromisoformat(made["created_at"]).replace(
+                    tzinfo=timezone.utc
+                )
+            rows[-1]["digest"] = previous = message_digest(made, previous)
             cum += c.floor
         return rows
+
+    def head_params(
+        self, upsert: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
+    ) -> dict[str, Any]:
+        """The session's new head digest: tokenmem's last statement of an append."""
+        return {"sid": upsert["id"], "head": rows[-1]["digest"]}
 
     def load_params(self, sid: uuid.UUID) -> dict[str, Any]:
         return {**self.window_params, "w_session": driver_id(self.backend, sid)}
@@ -305,9 +327,9 @@ def _markers(sql: str) -> str:
 
 def same_sql(sent: Sequence[tuple[str, Any]], sql: TurnSQL, store: str) -> None:
     """Raise unless ``sent`` (what a tokenmem turn sent: save, then load) is
-    exactly the bare driver's three statements, up to how parameters are named."""
+    exactly the bare driver's four statements, up to how parameters are named."""
     theirs = [_markers(s) for s, _ in sent]
-    ours = [_markers(s) for s in (sql.upsert, sql.insert, sql.window)]
+    ours = [_markers(s) for s in (sql.upsert, sql.insert, sql.head, sql.window)]
     if theirs != ours:
         raise RuntimeError(
             f"a turn on {store} sends other SQL than the bare driver's (benchmarks/common.py):\n"

@@ -132,10 +132,10 @@ class Bare:
         p = self.sql.upsert_params(ex.sid, ex.name, ex.counts)
         try:
             (row,) = self.conn.execute(self.sql.upsert, p).fetchall()
+            rows = self.sql.insert_params(p, row, ex.texts, ex.counts)
             with contextlib.closing(self.conn.cursor()) as cursor:
-                cursor.executemany(
-                    self.sql.insert, self.sql.insert_params(p, row, ex.texts, ex.counts)
-                )
+                cursor.executemany(self.sql.insert, rows)
+            self.conn.execute(self.sql.head, self.sql.head_params(p, rows))
             self.conn.commit()
         except BaseException:
             self.conn.rollback()
@@ -155,6 +155,7 @@ class Bare:
             cursor = await cursor if inspect.isawaitable(cursor) else cursor
             await cursor.executemany(self.sql.insert, rows)
             await cursor.close()
+            await self.conn.execute(self.sql.head, self.sql.head_params(p, rows))
             await self.conn.commit()
         except BaseException:
             await self.conn.rollback()

@@ -50,6 +50,7 @@ from .window import Counts, count_message
 
 __all__ = [
     "RECOUNT_BATCH",
+    "SET_HEAD",
     "Erased",
     "Recount",
     "align",
@@ -290,7 +291,7 @@ def _bump_params(p: PreparedAppend, now: datetime) -> dict[str, Any]:
     }
 
 
-_SET_HEAD = (
+SET_HEAD = (
     update(SESSIONS).where(SESSIONS.c.id == bindparam("sid")).values(head_digest=bindparam("head"))
 )
 
@@ -342,7 +343,7 @@ def append(conn: Connection, p: PreparedAppend) -> list[StoredMessage]:
     rows = _rows(p, 0, len(p.messages), at, at.cum, now, at.head)
     direct.execute(conn, _INSERT_MESSAGES, rows)
     if rows:
-        direct.execute(conn, _SET_HEAD, {"sid": p.key.id, "head": rows[-1]["digest"]})
+        direct.execute(conn, SET_HEAD, {"sid": p.key.id, "head": rows[-1]["digest"]})
     return [
         StoredMessage(
             type=row["role"],
@@ -377,7 +378,7 @@ def append_many(conn: Connection, p: PreparedAppend, batch_size: int = BULK_BATC
         cum += sum(c.floor for c in p.counts[lo:hi])
         head = rows[-1]["digest"]
     if n:
-        direct.execute(conn, _SET_HEAD, {"sid": p.key.id, "head": head})
+        direct.execute(conn, SET_HEAD, {"sid": p.key.id, "head": head})
     return range(at.first, at.first + n)
 
 
