@@ -303,6 +303,8 @@ def _scenario(store: Store, o200k: TokenCounter) -> dict[str, object]:
         "text": texts,
         "messages": messages,
         "window_q": store.window("q", Rule(limit=30), o200k),
+        # (Message.metadata is not compared by ==)
+        "metadata": [w.message.metadata for w in store.window("p", Rule(limit=60), o200k)],
         "rows": rows,
     }
 
@@ -323,6 +325,7 @@ def test_the_direct_path_writes_and_reads_what_the_public_one_does(
             store.close()
     assert results[0] == results[1]
     assert results[0]["text"] and results[0]["window_q"]
+    assert results[0]["metadata"][0] == {"k": [1, "二"]}  # the pinned system message's
 
 
 def test_the_direct_path_wraps_errors_and_retries(tmp_path: Path, o200k: TokenCounter) -> None:

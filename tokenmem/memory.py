@@ -27,7 +27,7 @@ from sqlalchemy import Engine
 from .chat import as_openai, from_openai
 from .errors import ConfigurationError, InvalidInputError
 from .messages import Message, StoredMessage
-from .reads import PINNED, WindowMessage, WindowRow, window_messages
+from .reads import METADATA, PINNED, WindowMessage, WindowRow, window_messages
 from .store import Store
 from .tokens import TokenCounter, encoding_for_model
 from .validate import check_text
@@ -99,7 +99,7 @@ def _rule(limit: int, mode: Mode, human_prefix: str, ai_prefix: str, start_on: S
 
 
 def _messages(rows: Sequence[WindowRow]) -> list[Message]:
-    return [Message(row[2], row[3], row[4], openai=row[9]) for row in rows]
+    return [Message(row[2], row[3], row[4], row[METADATA], row[9]) for row in rows]
 
 
 def _store(store: Store | AsyncStore | Engine | str | None) -> Store | AsyncStore:

@@ -423,15 +423,17 @@ def row_cap(rule: Rule) -> int:
 @functools.lru_cache(maxsize=128)
 def window_select(
     mode: Mode, cap: int | None = None, start_on: StartOn = None
-) -> Select[tuple[int, int, str, str, str | None, int, bool, bool, int, Any, int]]:
+) -> Select[tuple[int, int, str, str, str | None, int, bool, bool, int, Any, int, Any]]:
     """The window as one statement, built once per mode, row cap and
     ``start_on``: the session's pinned prompt (its newest run of
     system/developer messages) first, then the newest messages that fit,
     oldest first, as rows (position, turn, role, content, name, cost,
-    counted, pinned, unit, message, newline): ``cost`` the row's under the
-    rule, ``counted`` whether its newline_tokens were counted at write
-    time, ``unit`` the position its unit starts at, ``message`` the OpenAI
-    dict kept for it (or NULL), ``newline`` its newline_tokens. Its
+    counted, pinned, unit, message, newline, metadata): ``cost`` the row's
+    under the rule, ``counted`` whether its newline_tokens were counted at
+    write time, ``unit`` the position its unit starts at, ``message`` the
+    OpenAI dict kept for it (or NULL), ``newline`` its newline_tokens,
+    ``metadata`` the message's metadata (what tokenmem.langchain rebuilds a
+    LangChain message from). Its
     parameters come from :meth:`Rule.params`. It returns no rows when the
     session is missing, empty, being recounted (its oldest message counted
     with another encoding than the session) or counted with another encoding
@@ -520,6 +522,7 @@ def window_select(
             _const("1" if pinned else "0").label("pinned"),
             func.coalesce(m.unit, m.position).label("unit"),
             m.message,
+            m.metadata,
         ]
 
     pinned = (
@@ -602,4 +605,5 @@ _OUT = (
     "unit",
     "message",
     "newline",
+    "metadata",
 )
