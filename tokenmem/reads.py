@@ -104,9 +104,9 @@ def _window(conn: Connection, rule: Rule, params: Mapping[str, object]) -> Seque
     """The window statement's rows; asked again without its row cap in the
     one case the cap may have cut the window (as many rows as the cap)."""
     cap = row_cap(rule)
-    rows = _run(conn, window_select(rule.mode, cap, rule.start_on), params)
+    rows = _run(conn, window_select(rule.mode, cap, rule.start_on, rule.include_open), params)
     if sum(not row[PINNED] for row in rows) == cap:
-        rows = _run(conn, window_select(rule.mode, None, rule.start_on), params)
+        rows = _run(conn, window_select(rule.mode, None, rule.start_on, rule.include_open), params)
     return rows
 
 
@@ -201,8 +201,10 @@ def _window_recounting(
     ]
     rest = rule.budget(None) - sum(row[5] for row in pinned)
     newer_first: list[WindowRow] = []
-    # (a unit still waiting for tool answers is not sent: the window ends before it)
-    before = found.next_position if found.open_position is None else found.open_position
+    # (a unit still waiting for tool answers is not sent, unless the rule asks
+    # for it: the window ends before it)
+    open_at = None if rule.include_open else found.open_position
+    before = found.next_position if open_at is None else open_at
     total, page = 0, 16
     while total <= rest:
         got = conn.execute(
