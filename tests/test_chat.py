@@ -58,11 +58,16 @@ def chat_cost(counter: TokenCounter, d: dict[str, Any]) -> int:
 
 
 def reference(
-    messages: list[dict[str, Any]], limit: int, counter: TokenCounter, start_on: str | None
+    messages: list[dict[str, Any]],
+    limit: int,
+    counter: TokenCounter,
+    start_on: str | None,
+    include_open: bool = False,
 ) -> list[dict[str, Any]] | None:
     """The pinned prompt (the newest run of system/developer messages), then
     the newest whole units that fit in what it leaves, from a user message
-    with start_on="human". None: the pinned prompt alone is over the limit."""
+    with start_on="human"; a unit waiting for answers left out unless
+    include_open. None: the pinned prompt alone is over the limit."""
     pinned: list[int] = []
     for i in range(len(messages) - 1, -1, -1):
         if messages[i]["role"] in PINNED_ROLES:
@@ -77,7 +82,7 @@ def reference(
     for i, d in enumerate(messages):
         waiting.update({c["id"]: i for c in d.get("tool_calls") or ()})
         waiting.pop(d.get("tool_call_id", ""), None)
-    end = min(waiting.values(), default=len(messages))
+    end = len(messages) if include_open else min(waiting.values(), default=len(messages))
     rest = [i for i in range(end) if i not in pinned]
     answered_by: dict[str, int] = {}  # a call id: the assistant message making it
     unit_of: dict[int, int] = {}
@@ -189,14 +194,19 @@ def test_windows_follow_the_rules(
         saver.save_messages(chunk)
     saved = [m for chunk in chunks for m in chunk]
     counter = saver.counter
-    for limit in limits:
-        memory = ConversationTokenBufferMemory(
+
+    def memory_for(limit: int, include_open: bool = False) -> ConversationTokenBufferMemory:
+        return ConversationTokenBufferMemory(
             store=store,
             session_id=session,
             max_token_limit=limit,
             encoding=encoding,
             start_on=start_on,  # type: ignore[arg-type]
+            include_open=include_open,
         )
+
+    for limit in limits:
+        memory = memory_for(limit)
         expected = reference(saved, limit, counter, start_on)
         if expected is None:
             with pytest.raises(ConfigurationError, match="pinned system prompt alone"):
@@ -213,6 +223,11 @@ def test_windows_follow_the_rules(
             assert first is None or first["role"] == "user"
         # The string window of the same session stays under the limit too.
         assert counter.count(memory.buffer_as_str) <= limit
+        # include_open: a unit waiting for answers ends the window, as it is so far.
+        window = memory_for(limit, include_open=True).load_messages()
+        expected = reference(saved, limit, counter, start_on, include_open=True)
+        assert json.dumps(window) == json.dumps(expected)
+        assert not window or 3 + sum(chat_cost(counter, d) for d in window) <= limit
     # The full history keeps every message exactly.
     assert json.dumps([m.openai or _plain(m) for m in saver.history()]) == json.dumps(saved)
 
@@ -299,6 +314,39 @@ def test_a_unit_left_open_waits_for_its_answers(store: Store) -> None:
     memory.clear()
     memory.save_messages([{"role": "user", "content": "fresh"}])
     assert memory.load_messages() == [{"role": "user", "content": "fresh"}]
+
+
+def test_include_open_ends_the_window_with_the_waiting_unit(store: Store) -> None:
+    """For a caller whose next request sends the answers after the window
+    (LangChain's RunnableWithMessageHistory): the unit waiting for answers
+    ends the window, whole so far — from the statement, counted in Python
+    (another encoding), and in text mode."""
+    earlier = {"role": "user", "content": "earlier"}
+
+    def memory(limit: int = 500, encoding: str = "o200k_base") -> ConversationTokenBufferMemory:
+        return ConversationTokenBufferMemory(
+            store=store,
+            session_id="tail",
+            max_token_limit=limit,
+            encoding=encoding,
+            include_open=True,
+        )
+
+    memory().save_messages([earlier])
+    memory().save_messages(WEATHER[:2])
+    assert memory().load_messages() == [earlier, *WEATHER[:2]]
+    memory().save_messages([WEATHER[2]])
+    tail = [earlier, *WEATHER[:3]]
+    assert memory().load_messages() == tail
+    check_messages([*tail, WEATHER[3]])  # the next request, the last answer after it
+    assert memory(encoding="cl100k_base").load_messages() == tail
+    assert memory().buffer_as_str.endswith("\nTool: 25C")
+    # No room for the waiting unit: nothing newer fits either.
+    costs = [chat_cost(memory().counter, d) for d in tail]
+    assert memory(limit=3 + sum(costs[2:]) - 1).load_messages() == []
+    assert memory(limit=3 + sum(costs[2:])).load_messages() == tail[2:]
+    memory().save_messages(WEATHER[3:])  # answered: an ordinary unit
+    assert memory().load_messages() == [earlier, *WEATHER]
 
 
 def test_tool_traffic_in_string_windows_and_history(store: Store) -> None:

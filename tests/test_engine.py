@@ -223,7 +223,8 @@ def _private_uses(tree: ast.AST, own: set[str]) -> list[str]:
 
 
 def test_no_private_names_of_dependencies() -> None:
-    trees = {path: ast.parse(path.read_text()) for path in PACKAGE.glob("*.py")}
+    trees = {path: ast.parse(path.read_text()) for path in PACKAGE.rglob("*.py")}
+    assert PACKAGE / "langchain" / "history.py" in trees  # subpackages too
     own: set[str] = set()
     for tree in trees.values():
         for node in ast.walk(tree):
@@ -237,7 +238,7 @@ def test_no_private_names_of_dependencies() -> None:
                 own.add(node.arg)
             elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
                 own.add(node.target.id)
-    found = {path.name: uses for path, tree in trees.items() if (uses := _private_uses(tree, own))}
+    found = {str(path): uses for path, tree in trees.items() if (uses := _private_uses(tree, own))}
     assert found == {}
     # The check finds what it is for.
     sample = ast.parse(
@@ -248,6 +249,8 @@ def test_no_private_names_of_dependencies() -> None:
         "line 2: _handle_dbapi_exception",
     ]
     sample = ast.parse("from sqlalchemy.engine._util import x\nfrom tiktoken import _x")
+    assert len(_private_uses(sample, own)) == 2
+    sample = ast.parse("from langchain_core._api import deprecated\nm._lc_kwargs")
     assert len(_private_uses(sample, own)) == 2
 
 
@@ -305,6 +308,8 @@ def _scenario(store: Store, o200k: TokenCounter) -> dict[str, object]:
         "text": texts,
         "messages": messages,
         "window_q": store.window("q", Rule(limit=30), o200k),
+        # (Message.metadata is not compared by ==)
+        "metadata": [w.message.metadata for w in store.window("p", Rule(limit=60), o200k)],
         "rows": rows,
         "verified": [store.verify(name).ok for name in ("p", "q")],
     }
@@ -326,6 +331,7 @@ def test_the_direct_path_writes_and_reads_what_the_public_one_does(
             store.close()
     assert results[0] == results[1]
     assert results[0]["text"] and results[0]["window_q"]
+    assert results[0]["metadata"][0] == {"k": [1, "二"]}  # the pinned system message's
 
 
 def test_the_direct_path_wraps_errors_and_retries(tmp_path: Path, o200k: TokenCounter) -> None:

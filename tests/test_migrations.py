@@ -146,6 +146,9 @@ def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
         "tokenmem/migrations/script.py.mako",
         "tokenmem/migrations/versions/0001_initial.py",
         "tokenmem/py.typed",
+        "tokenmem/langchain/__init__.py",
+        "tokenmem/langchain/history.py",
+        "tokenmem/langchain/memory.py",
     } <= names
 
 

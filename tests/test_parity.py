@@ -1,7 +1,7 @@
 """Twins stay equal by test, not by care (simonw/llm's test_async_parity):
 every public method of Store is on AsyncStore, and every method of the
-memory and the chain has its ``a``-prefixed twin, with the same parameters,
-awaited, and both documented."""
+memory, the chain and the LangChain adapters has its ``a``-prefixed twin,
+with the same parameters, awaited, and both documented."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from tokenmem import (
     Store,
 )
 from tokenmem.aio import AsyncStore
+from tokenmem.langchain import ConversationTokenBufferMemory as LangChainMemory
+from tokenmem.langchain import SQLTokenWindowHistory
 
 
 def public(cls: type) -> dict[str, Callable[..., Any]]:
@@ -64,6 +66,9 @@ def test_store_and_async_store() -> None:
         (ConversationChain, {"__init__"}),
         # its own methods and overrides (the rest is the class above)
         (ConversationSummaryBufferMemory, {"__init__"}),
+        # aget_messages is the twin of the property messages (LangChain's shape)
+        (SQLTokenWindowHistory, {"__init__", "aget_messages"}),
+        (LangChainMemory, {"model_post_init"}),
     ],
 )
 def test_a_twins(cls: type, sync_only: set[str]) -> None:

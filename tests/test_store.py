@@ -77,6 +77,12 @@ def test_names_and_metadata_roundtrip(store: Store, o200k: TokenCounter) -> None
     (stored,) = store.history("meta")
     assert stored.type == "system" and stored.name == "setup"
     assert stored.metadata == {"source": "api", "n": [1, 2]}
+    # The window returns it too: from the statement, and counted in Python
+    # for another encoding than the session's.
+    for counter in (o200k, TokenCounter("cl100k_base")):
+        for mode in ("text", "messages"):
+            (shown,) = store.window("meta", Rule(limit=100, mode=mode), counter)
+            assert shown.message.metadata == {"source": "api", "n": [1, 2]}
     assert stored.chat_tokens == o200k.count("system") + o200k.count("be brief") + (
         o200k.count("setup") + 1
     )

@@ -207,9 +207,11 @@ def test_a_window_as_long_as_the_row_cap_is_asked_again_without_it(
     sent: list[int | None] = []
     select = reads.window_select
 
-    def recording(mode: str, cap: int | None = None, start_on: None = None) -> object:
+    def recording(
+        mode: str, cap: int | None = None, start_on: None = None, include_open: bool = False
+    ) -> object:
         sent.append(cap)
-        return select(mode, cap, start_on)  # type: ignore[arg-type]
+        return select(mode, cap, start_on, include_open)  # type: ignore[arg-type]
 
     monkeypatch.setattr(reads, "window_select", recording)
     monkeypatch.setattr(reads, "row_cap", lambda rule: 4)

@@ -110,6 +110,7 @@ RULES = [
     Rule(limit=2000),
     Rule(limit=2000, mode="messages", start_on="human"),
     Rule(limit=100),
+    Rule(limit=2000, mode="messages", include_open=True),
 ]
 
 
@@ -155,7 +156,7 @@ def _check_plans(store: Store, rule: Rule) -> None:
 
 def _postgres_plan(store: Store, rule: Rule, plan_cache_mode: str, encoding: str) -> dict[str, Any]:
     """``EXPLAIN (ANALYZE, FORMAT JSON)`` of the window statement, prepared."""
-    statement = window_select(rule.mode, row_cap(rule), rule.start_on)
+    statement = window_select(rule.mode, row_cap(rule), rule.start_on, rule.include_open)
     sql = str(statement.compile(dialect=store.engine.dialect))
     names: list[str] = []
 

@@ -27,7 +27,7 @@ from sqlalchemy import Engine
 from .chat import as_openai, from_openai
 from .errors import ConfigurationError, InvalidInputError
 from .messages import Message, StoredMessage
-from .reads import PINNED, WindowMessage, WindowRow, window_messages
+from .reads import METADATA, PINNED, WindowMessage, WindowRow, window_messages
 from .store import Store
 from .tokens import TokenCounter, encoding_for_model
 from .validate import check_text
@@ -90,16 +90,28 @@ _counted = operator.itemgetter(6)  # of a window row: its newline_tokens were co
 
 
 @functools.lru_cache(maxsize=256)
-def _rule(limit: int, mode: Mode, human_prefix: str, ai_prefix: str, start_on: StartOn) -> Rule:
+def _rule(
+    limit: int,
+    mode: Mode,
+    human_prefix: str,
+    ai_prefix: str,
+    start_on: StartOn,
+    include_open: bool = False,
+) -> Rule:
     """Rules, made once: a memory is made per request, and a rule remembers
     what it derives (prefix tokens, line prefixes)."""
     return Rule(
-        limit=limit, mode=mode, human_prefix=human_prefix, ai_prefix=ai_prefix, start_on=start_on
+        limit=limit,
+        mode=mode,
+        human_prefix=human_prefix,
+        ai_prefix=ai_prefix,
+        start_on=start_on,
+        include_open=include_open,
     )
 
 
 def _messages(rows: Sequence[WindowRow]) -> list[Message]:
-    return [Message(row[2], row[3], row[4], openai=row[9]) for row in rows]
+    return [Message(row[2], row[3], row[4], row[METADATA], row[9]) for row in rows]
 
 
 def _store(store: Store | AsyncStore | Engine | str | None) -> Store | AsyncStore:
@@ -125,6 +137,10 @@ class ConversationTokenBufferMemory:
     SQLite file, or ``TOKENMEM_DATABASE_URL``). ``session_id`` names the
     conversation; without one a new session is started. ``llm`` (anything with
     a ``model``) picks the tiktoken encoding, unless ``encoding`` is given.
+    ``include_open=True``: tool calls still waiting for their answers end the
+    window (with the answers saved so far), for a caller whose next request
+    sends the answers after it (LangChain's ``RunnableWithMessageHistory``);
+    by default they are left out until the last answer is saved.
     """
 
     def __init__(
@@ -144,6 +160,7 @@ class ConversationTokenBufferMemory:
         encoding: str | None = None,
         system_message: str | None = None,
         start_on: StartOn = None,
+        include_open: bool = False,
     ) -> None:
         if isinstance(max_token_limit, bool) or not isinstance(max_token_limit, int):
             raise ConfigurationError("max_token_limit must be an int")
@@ -174,6 +191,7 @@ class ConversationTokenBufferMemory:
         self.store = _store(store)
         self.system_message = system_message
         self.start_on = start_on
+        self.include_open = include_open
 
     def __repr__(self) -> str:
         return (
@@ -197,7 +215,9 @@ class ConversationTokenBufferMemory:
         else:
             mode = "messages" if self.return_messages else "text"
         limit = self.max_token_limit if limit is None else limit
-        return _rule(limit, mode, self.human_prefix, self.ai_prefix, self.start_on)
+        return _rule(
+            limit, mode, self.human_prefix, self.ai_prefix, self.start_on, self.include_open
+        )
 
     def _as(self, messages: bool) -> bool | None:
         """How ``buffer_as_messages``/``buffer_as_str`` load: the model's one

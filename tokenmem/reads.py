@@ -44,17 +44,19 @@ __all__ = [
 ]
 
 
-WindowRow = tuple[int, int, Role, str, "str | None", int, bool, int, int, Any, int]
+WindowRow = tuple[int, int, Role, str, "str | None", int, bool, int, int, Any, int, Any]
 """A row of the window statement: position, turn, role, content, name,
 cost (under the window's rule), counted (its newline_tokens were counted at
 write time), pinned (1: the session's pinned prompt, sent first), unit (the
 position its unit starts at), message (the OpenAI dict kept for it, or
-None), newline (its newline_tokens)."""
+None), newline (its newline_tokens), metadata (the message's, or None)."""
 
 PINNED: Final = 7  # a window row's pinned flag
 _UNIT: Final = 8
 _MESSAGE: Final = 9
 _NEWLINE: Final = 10
+METADATA: Final = 11
+_JSON = (_MESSAGE, METADATA)  # the columns SQLite's direct path returns as JSON text
 
 
 class WindowMessage(NamedTuple):
@@ -102,19 +104,19 @@ def _window(conn: Connection, rule: Rule, params: Mapping[str, object]) -> Seque
     """The window statement's rows; asked again without its row cap in the
     one case the cap may have cut the window (as many rows as the cap)."""
     cap = row_cap(rule)
-    rows = _run(conn, window_select(rule.mode, cap, rule.start_on), params)
+    rows = _run(conn, window_select(rule.mode, cap, rule.start_on, rule.include_open), params)
     if sum(not row[PINNED] for row in rows) == cap:
-        rows = _run(conn, window_select(rule.mode, None, rule.start_on), params)
+        rows = _run(conn, window_select(rule.mode, None, rule.start_on, rule.include_open), params)
     return rows
 
 
 def _run(conn: Connection, statement: Any, params: Mapping[str, object]) -> Sequence[WindowRow]:
     rows = direct.execute(conn, statement, params)
-    if any(isinstance(row[_MESSAGE], str) for row in rows):  # SQLite's JSON text
+    if any(isinstance(row[k], str) for row in rows for k in _JSON):  # SQLite's JSON text
         rows = [
-            (*row[:_MESSAGE], json.loads(row[_MESSAGE]), *row[_MESSAGE + 1 :])
-            if isinstance(row[_MESSAGE], str)
-            else row
+            tuple(
+                json.loads(v) if k in _JSON and isinstance(v, str) else v for k, v in enumerate(row)
+            )
             for row in rows
         ]
     return cast(Sequence[WindowRow], rows)
@@ -130,7 +132,7 @@ def window_messages(rows: Sequence[WindowRow]) -> list[WindowMessage]:
             (
                 row[0],
                 row[1],
-                Message(row[2], row[3], row[4], openai=row[_MESSAGE]),
+                Message(row[2], row[3], row[4], row[METADATA], row[_MESSAGE]),
                 row[5],
                 bool(row[6]),
                 bool(row[PINNED]),
@@ -168,7 +170,7 @@ def _window_recounting(
     ).first()
     if found is None or found.encoding is None or found.next_position == found.start_position:
         return []  # no session, or nothing since it was cleared
-    columns = (m.position, m.turn, m.role, m.content, m.name, m.unit, m.message)
+    columns = (m.position, m.turn, m.role, m.content, m.name, m.unit, m.message, m.metadata)
     pin = (-1, -1)
     if found.pinned_first is not None and found.pinned_first >= found.start_position:
         pin = (found.pinned_first, found.pinned_last)
@@ -177,7 +179,16 @@ def _window_recounting(
         counts = count_message(counter, row.role, row.content, row.name, row.message)
         cost = rule.cost(row.role, counts, prefix_tokens)
         unit = row.position if row.unit is None else row.unit
-        made = (*row[:5], cost, True, pinned, unit, row.message, counts.newline_tokens)
+        made = (
+            *row[:5],
+            cost,
+            True,
+            pinned,
+            unit,
+            row.message,
+            counts.newline_tokens,
+            row.metadata,
+        )
         return cast(WindowRow, made), counts.newline_tokens
 
     pinned = [
@@ -190,8 +201,10 @@ def _window_recounting(
     ]
     rest = rule.budget(None) - sum(row[5] for row in pinned)
     newer_first: list[WindowRow] = []
-    # (a unit still waiting for tool answers is not sent: the window ends before it)
-    before = found.next_position if found.open_position is None else found.open_position
+    # (a unit still waiting for tool answers is not sent, unless the rule asks
+    # for it: the window ends before it)
+    open_at = None if rule.include_open else found.open_position
+    before = found.next_position if open_at is None else open_at
     total, page = 0, 16
     while total <= rest:
         got = conn.execute(

@@ -150,7 +150,8 @@ class StoreBase:
         """``EXPLAIN`` of the window statement, with its parameters inlined."""
         key = self._key(session_id, owner)
         params = rule.params(key.id, counter.encoding_name, rule.prefix_tokens(counter))
-        stmt = window_select(rule.mode, row_cap(rule), rule.start_on).params(params)
+        stmt = window_select(rule.mode, row_cap(rule), rule.start_on, rule.include_open)
+        stmt = stmt.params(params)
         translate = self._schema_map
         compiled = stmt.compile(
             dialect=self.engine.dialect,

@@ -240,6 +240,9 @@ class Rule:
     system_prefix: str = "System"
     # The window starts at a user message ("human"), or wherever it fits.
     start_on: StartOn = None
+    # The session's tool-call unit still waiting for answers ends the window
+    # (as it is so far), instead of being left out until it is answered.
+    include_open: bool = False
 
     def prefix(self, role: str) -> str:
         return {
@@ -422,16 +425,18 @@ def row_cap(rule: Rule) -> int:
 
 @functools.lru_cache(maxsize=128)
 def window_select(
-    mode: Mode, cap: int | None = None, start_on: StartOn = None
-) -> Select[tuple[int, int, str, str, str | None, int, bool, bool, int, Any, int]]:
-    """The window as one statement, built once per mode, row cap and
-    ``start_on``: the session's pinned prompt (its newest run of
+    mode: Mode, cap: int | None = None, start_on: StartOn = None, include_open: bool = False
+) -> Select[tuple[int, int, str, str, str | None, int, bool, bool, int, Any, int, Any]]:
+    """The window as one statement, built once per mode, row cap,
+    ``start_on`` and ``include_open``: the session's pinned prompt (its newest run of
     system/developer messages) first, then the newest messages that fit,
     oldest first, as rows (position, turn, role, content, name, cost,
-    counted, pinned, unit, message, newline): ``cost`` the row's under the
-    rule, ``counted`` whether its newline_tokens were counted at write
-    time, ``unit`` the position its unit starts at, ``message`` the OpenAI
-    dict kept for it (or NULL), ``newline`` its newline_tokens. Its
+    counted, pinned, unit, message, newline, metadata): ``cost`` the row's
+    under the rule, ``counted`` whether its newline_tokens were counted at
+    write time, ``unit`` the position its unit starts at, ``message`` the
+    OpenAI dict kept for it (or NULL), ``newline`` its newline_tokens,
+    ``metadata`` the message's metadata (what tokenmem.langchain rebuilds a
+    LangChain message from). Its
     parameters come from :meth:`Rule.params`. It returns no rows when the
     session is missing, empty, being recounted (its oldest message counted
     with another encoding than the session) or counted with another encoding
@@ -440,7 +445,10 @@ def window_select(
     The window's rows fit in the budget less the pinned rows' cost, hold
     whole units (an assistant message with tool calls and its answers; never
     an orphan, whose negative unit no row starts) and, with
-    ``start_on="human"``, start at a user message. Its shape is chosen so
+    ``start_on="human"``, start at a user message. A unit still waiting for
+    tool answers is left out, and the window ends before it; with
+    ``include_open`` it ends the window, as it is so far (for a caller whose
+    next request sends the answers after the window). Its shape is chosen so
     that no plan can go wrong (docs/window-plans.md): the oldest message
     that could fit is a scalar subquery over the session row (an InitPlan
     in PostgreSQL: run once, its value a parameter of the scan), and the
@@ -474,8 +482,9 @@ def window_select(
     pinned_last = case((s.pinned_first >= s.start_position, s.pinned_last), else_=_const("-1"))
     # A unit still waiting for tool answers (and what came after it: nothing)
     # is not sent; the window ends before it, and its floors do not count.
-    before = func.coalesce(s.open_position, s.next_position)
-    floor_end = func.coalesce(s.open_floor, s.floor_total)
+    # With include_open it is the window's newest unit, as any other.
+    before = s.next_position if include_open else func.coalesce(s.open_position, s.next_position)
+    floor_end = s.floor_total if include_open else func.coalesce(s.open_floor, s.floor_total)
     if mode == "text":  # plus what the newest unpinned message's newline adds: one probe
         n = MESSAGES.alias("newest_message").c
         newest = (
@@ -524,6 +533,7 @@ def window_select(
             _const("1" if pinned else "0").label("pinned"),
             func.coalesce(m.unit, m.position).label("unit"),
             m.message,
+            m.metadata,
         ]
 
     # (no pinned rows when the session is counted with another encoding;
@@ -606,4 +616,5 @@ _OUT = (
     "unit",
     "message",
     "newline",
+    "metadata",
 )
