@@ -503,10 +503,10 @@ class Store(StoreBase):
     def window_rows(
         self, session_id: str, rule: Rule, counter: TokenCounter, *, owner: str | None = None
     ) -> Sequence[WindowRow]:
-        """The window statement's rows — position, turn, role, content, name,
-        running (the cost of the row and every newer one), counted — oldest
-        first: what :meth:`window` makes messages of, for a caller that only
-        renders them (the memory)."""
+        """The window statement's rows (:data:`tokenmem.reads.WindowRow`: the
+        pinned prompt first, then the window oldest first, each with its cost
+        under ``rule``): what :meth:`window` makes messages of, for a caller
+        that only renders them (the memory)."""
         key = self._key(session_id, owner)
         return self.run(functools.partial(reads.window_rows, key=key, rule=rule, counter=counter))
 

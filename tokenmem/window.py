@@ -437,10 +437,11 @@ def window_select(
     OpenAI dict kept for it (or NULL), ``newline`` its newline_tokens,
     ``metadata`` the message's metadata (what tokenmem.langchain rebuilds a
     LangChain message from). Its
-    parameters come from :meth:`Rule.params`. It returns no rows when the
-    session is missing, empty, being recounted (its oldest message counted
-    with another encoding than the session) or counted with another encoding
-    than the one asked for.
+    parameters come from :meth:`Rule.params`. It returns no unpinned rows
+    when the session is missing, empty, being recounted (its oldest message
+    counted with another encoding than the session) or counted with another
+    encoding than the one asked for (the reader then counts in Python:
+    :func:`tokenmem.reads.window_rows`).
 
     The window's rows fit in the budget less the pinned rows' cost, hold
     whole units (an assistant message with tool calls and its answers; never
