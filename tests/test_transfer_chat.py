@@ -149,9 +149,10 @@ def test_an_exported_session_imports_with_the_same_windows(
                 chunk = chunk[1:]
         if chunk:
             saver.save_messages(chunk)
-        cleared = i in clears
-        if cleared:  # perhaps with calls left open: then more messages follow them
+            cleared = False  # (a chunk of answers alone, dropped, leaves it cleared)
+        if i in clears:  # perhaps with calls left open: then more messages follow them
             saver.clear()
+            cleared = True
         if i in pins:  # the pinned system_message, saved again when it is not pinned
             pinned(pinning)
     was = windows(store, session, encoding, limits)
