@@ -251,7 +251,7 @@ def test_completion_api_gets_the_rendered_string(openai_server: FakeOpenAI, stor
     assert body is not None and "messages" not in body
     prompt = body["prompt"]
     assert prompt.endswith(
-        "Conversation so far:\nHuman: hello\nAI: hi there\nHuman: and again\nAI:"
+        "Current conversation:\nHuman: hello\nAI: hi there\nHuman: and again\nAI:"
     )
     assert store.rebuild_prompt(chain.memory.session_id, 1) == prompt
     assert store.turns(chain.memory.session_id)[1].prompt_tokens == TokenCounter(

@@ -24,17 +24,20 @@ __all__ = ["PromptTemplate", "render_chat_text"]
 
 Language = Literal["en", "zh"]
 
-# (instructions, the line that introduces the history)
+# (instructions, the line that introduces the history): LangChain's
+# ConversationChain prompt (langchain_classic/chains/conversation/prompt.py,
+# DEFAULT_TEMPLATE), and the Chinese translation of it on LangChain's
+# Chinese documentation page this API mirrors.
 _DEFAULTS: dict[str, tuple[str, str]] = {
     "en": (
-        "You are a helpful assistant having a friendly conversation with a person. "
-        "Use the conversation so far for context and answer with concrete details. "
-        "When you do not know something, say so plainly instead of guessing.",
-        "Conversation so far:",
+        "The following is a friendly conversation between a human and an AI. The AI is "
+        "talkative and provides lots of specific details from its context. If the AI does "
+        "not know the answer to a question, it truthfully says it does not know.",
+        "Current conversation:",
     ),
     "zh": (
-        "你是一个乐于助人的助手，正在与一个人友好地交谈。请结合之前的对话内容，"
-        "给出具体、详细的回答。遇到不知道的事情，请如实说明，不要猜测。",
+        "下面是一个友好对话的片段，其中涉及人工智能和人类的对话。人工智能非常健谈，"
+        "从其上下文中提供了大量具体的细节。如果人工智能无法回答问题，它会如实回答自己不知道。",
         "当前对话：",
     ),
 }
@@ -87,7 +90,7 @@ class PromptTemplate:
         if self.system is not None:
             return self.system
         head = self.template.split("{history}", 1)[0]
-        # Drop the header line that introduces the history ("Conversation so far:").
+        # Drop the header line that introduces the history ("Current conversation:").
         lines = head.rstrip().splitlines()
         if len(lines) > 1 and lines[-1].rstrip().endswith((":", "：")):
             lines = lines[:-1]
