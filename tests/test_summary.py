@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import threading
 from datetime import timedelta
@@ -501,3 +502,16 @@ def test_the_readme_example(openai_server: FakeOpenAI, monkeypatch: pytest.Monke
         openai_server
     )
     assert request.body["model"] == "gpt-4o-mini"
+
+
+def test_the_summary_memory_takes_every_parameter_of_the_buffer_memory() -> None:
+    """The subclass repeats its base's parameters (typed, keyword-only): the
+    same names, kinds and defaults, so none is forgotten when the base grows."""
+    base = inspect.signature(ConversationTokenBufferMemory.__init__).parameters
+    summary = inspect.signature(ConversationSummaryBufferMemory.__init__).parameters
+    for name, parameter in base.items():
+        if name == "llm":  # required here: it writes the summaries
+            assert summary[name].default is inspect.Parameter.empty
+            continue
+        assert name in summary, name
+        assert (summary[name].kind, summary[name].default) == (parameter.kind, parameter.default)

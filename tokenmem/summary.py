@@ -191,6 +191,7 @@ class ConversationSummaryBufferMemory(ConversationTokenBufferMemory):
         encoding: str | None = None,
         system_message: str | None = None,
         start_on: StartOn = None,
+        include_open: bool = False,
         prompt: str | Templated | None = None,
         language: Literal["en", "zh"] = "en",
         summarize_on_save: bool = True,
@@ -221,6 +222,7 @@ class ConversationSummaryBufferMemory(ConversationTokenBufferMemory):
             encoding=encoding,
             system_message=system_message,
             start_on=start_on,
+            include_open=include_open,
         )
         self.llm: ChatModel = llm
         self.prompt = _template(_PROMPTS[language] if prompt is None else prompt)
