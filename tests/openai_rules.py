@@ -1,4 +1,6 @@
-"""OpenAI's Chat Completions rules for a request's ``messages``, in plain Python.
+"""OpenAI's rules for a request's conversation, in plain Python: Chat
+Completions ``messages`` (:func:`check_messages`) and the Responses API's
+``input`` items (:func:`check_input`, below).
 
 ``check_messages`` returns None for messages the real API accepts and raises
 :class:`MessageRuleError` for the first rule they break, with the API's error
@@ -10,7 +12,7 @@ text, the ``param`` it names and its ``code``; the fake server
     # MessageRuleError: Invalid parameter: messages with role 'tool' must be a
     # response to a preceeding message with 'tool_calls'.  (param messages.[0].role)
 
-The rules, checked message by message first (the shape of each), then in order
+The messages' rules, checked message by message first (the shape of each), then in order
 (the tool calls and their answers):
 
 1. ``messages`` is a non-empty list of objects, each with a ``role``: system,
@@ -42,7 +44,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CONTENT_PART_TYPES", "ROLES", "MessageRuleError", "check_messages"]
+__all__ = ["CONTENT_PART_TYPES", "ROLES", "MessageRuleError", "check_input", "check_messages"]
 
 # In the order the API's "Supported values" error lists them.
 ROLES = ("system", "assistant", "user", "function", "tool", "developer")
@@ -260,6 +262,67 @@ def _unanswered(caller: int | None, ids: list[str]) -> MessageRuleError:
         + ", ".join(ids),
         f"messages.[{caller}].role",
     )
+
+
+# -- the Responses API: a request's input items ------------------------------------------
+
+
+def check_input(items: Any) -> None:
+    """Return None when the Responses API would accept ``items``, a request's
+    ``input`` sent without ``previous_response_id`` (so the items are the
+    whole conversation).
+
+    The rules, checked item by item:
+
+    1. ``input`` is a string (one user message) or a list of objects;
+    2. a ``function_call`` and a ``function_call_output`` have a string
+       ``call_id``;
+    3. a ``function_call_output`` answers a ``function_call`` earlier in the
+       list (same ``call_id``);
+    4. every ``function_call`` has its ``function_call_output`` later in the
+       list.
+
+    Raises :class:`MessageRuleError` for the first rule broken (an output
+    without its call is reported as it is met, before any call left without
+    its output: which of the two the real API reports first when a request
+    breaks both is not known). The errors' ``param`` is ``input``, their
+    ``code`` null, as the real API's answers show. Other item types
+    (``custom_tool_call`` and its output, hosted tool calls, reasoning) are
+    not checked: no report showed their errors.
+    """
+    if isinstance(items, str):
+        return
+    if not isinstance(items, list):
+        # ours: the API's wording for a value of the wrong type, unconfirmed for 'input'
+        raise _wrong_type("input", "one of a string or array of objects", items)
+    called: set[str] = set()
+    unanswered: list[str] = []  # the calls waiting for an output, in order
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise _wrong_type(f"input[{i}]", "an object", item)
+        kind = item.get("type")
+        if kind not in ("function_call", "function_call_output"):
+            continue
+        call_id = item.get("call_id")
+        if call_id is None:
+            raise _missing(f"input[{i}].call_id")
+        if not isinstance(call_id, str):
+            raise _wrong_type(f"input[{i}].call_id", "a string", call_id)
+        if kind == "function_call":
+            called.add(call_id)
+            unanswered.append(call_id)
+        elif call_id not in called:
+            # The API's full answer: github.com/microsoft/vscode/issues/320060,
+            # continuedev/continue#10092 (param "input", code null).
+            raise MessageRuleError(
+                f"No tool call found for function call output with call_id {call_id}.", "input"
+            )
+        elif call_id in unanswered:
+            unanswered.remove(call_id)
+    if unanswered:
+        # The API's full answer: github.com/tjardoo/openai-client/pull/124
+        # (param "input", code null).
+        raise MessageRuleError(f"No tool output found for function call {unanswered[0]}.", "input")
 
 
 # -- the API's answers to a value of the wrong shape ------------------------------------
