@@ -42,6 +42,7 @@ the style its real counterpart does.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["CONTENT_PART_TYPES", "ROLES", "MessageRuleError", "check_input", "check_messages"]
@@ -267,10 +268,14 @@ def _unanswered(caller: int | None, ids: list[str]) -> MessageRuleError:
 # -- the Responses API: a request's input items ------------------------------------------
 
 
-def check_input(items: Any) -> None:
+def check_input(items: Any, reasoned: Mapping[str, str] | None = None) -> None:
     """Return None when the Responses API would accept ``items``, a request's
     ``input`` sent without ``previous_response_id`` (so the items are the
     whole conversation).
+
+    ``reasoned`` maps the id of each reasoning item the model made to the id
+    of the item it made right after it (the fake server keeps it for its own
+    replies): the API requires the two together, as it made them.
 
     The rules, checked item by item:
 
@@ -279,7 +284,9 @@ def check_input(items: Any) -> None:
        ``call_id``;
     3. a ``function_call_output`` answers a ``function_call`` earlier in the
        list (same ``call_id``);
-    4. every ``function_call`` has its ``function_call_output`` later in the
+    4. a reasoning item in ``reasoned`` comes right before the item made
+       after it, and that item right after it;
+    5. every ``function_call`` has its ``function_call_output`` later in the
        list.
 
     Raises :class:`MessageRuleError` for the first rule broken (an output
@@ -287,19 +294,22 @@ def check_input(items: Any) -> None:
     its output: which of the two the real API reports first when a request
     breaks both is not known). The errors' ``param`` is ``input``, their
     ``code`` null, as the real API's answers show. Other item types
-    (``custom_tool_call`` and its output, hosted tool calls, reasoning) are
-    not checked: no report showed their errors.
+    (``custom_tool_call`` and its output, hosted tool calls) are not
+    checked: no report showed their errors.
     """
     if isinstance(items, str):
         return
     if not isinstance(items, list):
         # ours: the API's wording for a value of the wrong type, unconfirmed for 'input'
         raise _wrong_type("input", "one of a string or array of objects", items)
+    reasoned = reasoned or {}
+    reasoning_of = {made: reasoning for reasoning, made in reasoned.items()}
     called: set[str] = set()
     unanswered: list[str] = []  # the calls waiting for an output, in order
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             raise _wrong_type(f"input[{i}]", "an object", item)
+        _check_reasoned(items, i, reasoned, reasoning_of)
         kind = item.get("type")
         if kind not in ("function_call", "function_call_output"):
             continue
@@ -323,6 +333,32 @@ def check_input(items: Any) -> None:
         # The API's full answer: github.com/tjardoo/openai-client/pull/124
         # (param "input", code null).
         raise MessageRuleError(f"No tool output found for function call {unanswered[0]}.", "input")
+
+
+def _check_reasoned(
+    items: list[Any], i: int, reasoned: Mapping[str, str], reasoning_of: Mapping[str, str]
+) -> None:
+    """Rule 4 at ``items[i]``: a reasoning item and the item made after it
+    come together, in that order (``reasoning_of`` is ``reasoned`` inverted)."""
+    item, after = items[i], items[i + 1] if i + 1 < len(items) else None
+    before = items[i - 1] if i > 0 else None
+    ident = item.get("id")
+    if not isinstance(ident, str):
+        return
+    made_after = reasoned.get(ident) if item.get("type") == "reasoning" else None
+    if made_after is not None and not (isinstance(after, dict) and after.get("id") == made_after):
+        # The API's full answer: github.com/continuedev/continue/issues/8933, #10428.
+        text = f"Item '{ident}' of type 'reasoning' was provided without its required following"
+        raise MessageRuleError(f"{text} item.", "input")
+    needs = reasoning_of.get(ident)
+    if needs is not None and not (isinstance(before, dict) and before.get("id") == needs):
+        # The API's full answer: github.com/continuedev/continue/issues/10018,
+        # VRSEN/agency-swarm#367 (a function_call; #12620 shows a message's).
+        raise MessageRuleError(
+            f"Item '{ident}' of type '{item.get('type', 'message')}' was provided without "
+            f"its required 'reasoning' item: '{needs}'.",
+            "input",
+        )
 
 
 # -- the API's answers to a value of the wrong shape ------------------------------------

@@ -18,7 +18,8 @@ one chunk per word; tool calls stream as OpenAI's do, a chunk naming each call
 by index, id and function name, then its arguments a word a chunk),
 ``POST /v1/responses`` (the Responses API, which the OpenAI Agents SDK's
 default model calls: a ``response`` object whose ``output`` is one assistant
-``message`` with an ``output_text`` part, or ``function_call`` items; with
+``message`` with an ``output_text`` part, or ``function_call`` items, after a
+``reasoning`` item when ``reply_reasoning`` asks for one; with
 ``"stream": true``, its named events — ``response.created``, each item's
 ``output_item.added``, a delta per word, ``.done`` events, then
 ``response.completed``), ``GET /v1/models``; anything else is a 404 with an
@@ -28,7 +29,8 @@ A chat request's ``messages`` must keep OpenAI's rules (``check_messages`` in
 ``tests/openai_rules.py``: roles, content and its parts, tool calls each
 answered by the tool messages right after them), and a Responses request's
 ``input`` its pairing rules (``check_input``: every ``function_call_output``
-after its ``function_call``, every ``function_call`` answered). The fake keeps
+after its ``function_call``, every ``function_call`` answered, each reasoning
+item the fake replied right before the item it made after it). The fake keeps
 no responses, so a ``previous_response_id`` is never found. A request that
 breaks a rule is a 400 with the real API's error text, ``param`` and ``code``,
 so the SDK raises ``openai.BadRequestError``; it is recorded and takes its
@@ -50,6 +52,7 @@ request gets, in this order:
    ``tool_call_ids`` as they are replied), else ``empty_reply`` (``""``),
    else the next ``reply`` text, else ``"echo: <last user message>"`` (chat,
    responses) or ``"echo: <last 40 chars of the prompt>"`` (completions);
+   and for responses, ``reply_reasoning`` puts a reasoning item first;
 4. ``break_stream``: a streaming response stops after that many content (or
    tool call) chunks — delta events, for responses — and hangs up without the
    end of its chunked body (no final chunk, no ``[DONE]`` or
@@ -63,7 +66,7 @@ text parts of content lists; a null content has none; responses: the
 ``instructions``, message contents and string outputs of function calls) or
 in the prompt (completions); ``completion_tokens`` (``output_tokens``) is the
 number of words in the reply (the refusal; the called functions' names and
-arguments).
+arguments; a reasoning summary, also counted as ``reasoning_tokens``).
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ class _Plan:
     text: str = ""
     refused: bool = False
     tool_calls: list[dict[str, Any]] | None = None  # the reply calls tools instead
+    reasoning: str | None = None  # responses: a reasoning item's summary, before the reply
     cut: int | None = None  # break the stream after this many content chunks
 
 
@@ -132,6 +136,9 @@ class FakeOpenAI:
         self._breaks: deque[int] = deque()
         self._refusals: deque[str] = deque()
         self._tool_calls: deque[list[dict[str, Any]]] = deque()
+        self._reasoning: deque[str] = deque()
+        # The id of each reasoning item replied -> the id of the item made after it.
+        self._reasoned: dict[str, str] = {}
         self._calls_made = 0  # numbers the tool call ids
         self._empty = 0
         self._server = _Server(self)
@@ -212,6 +219,14 @@ class FakeOpenAI:
             self._tool_calls.append(reply)
         return [call["id"] for call in reply]
 
+    def reply_reasoning(self, summary: str = "Thinking it over.") -> None:
+        """Make the next responses reply reason first: its ``output`` starts
+        with a ``reasoning`` item (id ``rs_<n>``, ``summary`` one
+        ``summary_text``). From then on a request's ``input`` must keep that
+        item and the one made after it together, as the API requires."""
+        with self._lock:
+            self._reasoning.append(summary)
+
     # -- lifecycle -----------------------------------------------------------
 
     def close(self) -> None:
@@ -267,7 +282,8 @@ class FakeOpenAI:
 
     def _take_reply(self, plan: _Plan, kind: str, *, default: str) -> None:
         """Set ``plan``'s reply from the scripts; the caller holds the lock.
-        Refusals and tool calls are for chat and responses requests only."""
+        Refusals and tool calls are for chat and responses requests only,
+        reasoning for responses requests."""
         chat = kind != "completion"
         if chat and self._refusals:
             plan.text, plan.refused = self._refusals.popleft(), True
@@ -280,6 +296,15 @@ class FakeOpenAI:
             plan.text = self._replies.popleft()
         else:
             plan.text = default
+        if kind == "responses" and self._reasoning:
+            plan.reasoning = self._reasoning.popleft()
+            first = _output_ids(plan)[0]
+            self._reasoned[f"rs_{plan.number}"] = first
+
+    def _reasoned_items(self) -> dict[str, str]:
+        """The reasoning items replied so far, each with the item made after it."""
+        with self._lock:
+            return dict(self._reasoned)
 
     def _count_prompt(self, body: dict[str, Any], default: int) -> int:
         return self.prompt_tokens(body) if self.prompt_tokens is not None else default
@@ -323,8 +348,9 @@ class _Rejection:
     code: str | None = None
 
 
-def _problem(kind: str | None, body: Any) -> _Rejection | None:
-    """Why a generation request's body is unusable (a 400), or None."""
+def _problem(kind: str | None, body: Any, reasoned: dict[str, str]) -> _Rejection | None:
+    """Why a generation request's body is unusable (a 400), or None;
+    ``reasoned`` as for :func:`check_input`."""
     if kind == "chat":
         if not (isinstance(body, dict) and "messages" in body):
             return _Rejection("'messages' is a required property")
@@ -333,13 +359,13 @@ def _problem(kind: str | None, body: Any) -> _Rejection | None:
         except MessageRuleError as broken:
             return _Rejection(broken.message, broken.param, broken.code)
     if kind == "responses":
-        return _responses_problem(body)
+        return _responses_problem(body, reasoned)
     if kind == "completion" and not (isinstance(body, dict) and "prompt" in body):
         return _Rejection("'prompt' is a required property")
     return None
 
 
-def _responses_problem(body: Any) -> _Rejection | None:
+def _responses_problem(body: Any, reasoned: dict[str, str]) -> _Rejection | None:
     """Why a Responses API request's body is unusable (a 400), or None."""
     if not (isinstance(body, dict) and "input" in body):
         # Ours: the real API also takes a stored prompt or a previous response
@@ -357,7 +383,7 @@ def _responses_problem(body: Any) -> _Rejection | None:
             "previous_response_not_found",
         )
     try:
-        check_input(body["input"])
+        check_input(body["input"], reasoned)
     except MessageRuleError as broken:
         return _Rejection(broken.message, broken.param, broken.code)
     return None
@@ -501,7 +527,7 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {k.lower(): v for k, v in self.headers.items()}
         route = (self.command, urlsplit(self.path).path.rstrip("/"))
         kind = _GENERATORS.get(route)
-        problem = _problem(kind, body)
+        problem = _problem(kind, body, fake._reasoned_items() if kind == "responses" else {})
         plan = fake._receive(
             Recorded(self.command, self.path, headers, body),
             kind=None if problem else kind,
@@ -604,12 +630,18 @@ class _Handler(BaseHTTPRequestHandler):
             output = [_function_call_item(call) for call in plan.tool_calls]
             said = " ".join(f"{d['name']} {d['arguments']}" for d in output)
             completion = _words(said)
+        reasoning = 0
+        if plan.reasoning is not None:
+            summary = [{"type": "summary_text", "text": plan.reasoning}]
+            output.insert(0, {"id": f"rs_{plan.number}", "type": "reasoning", "summary": summary})
+            reasoning = _words(plan.reasoning)
+            completion += reasoning
         p = fake._count_prompt(body, prompt)
         usage = {
             "input_tokens": p,
             "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": completion,
-            "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": reasoning},
             "total_tokens": p + completion,
         }
         done = _response(body, plan.number, fake.model, output=output, usage=usage)
@@ -793,6 +825,13 @@ def _output_message(plan: _Plan) -> dict[str, Any]:
     }
 
 
+def _output_ids(plan: _Plan) -> list[str]:
+    """The ids of the items a responses reply will make (reasoning aside)."""
+    if plan.tool_calls is None:
+        return [f"msg_{plan.number}"]
+    return [_function_call_item(call)["id"] for call in plan.tool_calls]
+
+
 def _function_call_item(call: dict[str, Any]) -> dict[str, Any]:
     """A scripted tool call as a Responses API ``function_call`` output item."""
     number = call["id"].removeprefix("call_")
@@ -810,9 +849,13 @@ def _item_events(index: int, item: dict[str, Any]) -> list[dict[str, Any]]:
     """The stream events of one output item, as the Responses API sends them:
     added, its content (a delta per word) and done."""
     at = {"output_index": index}
-    if item["type"] == "function_call":
-        arguments = item["arguments"]
+    if item["type"] == "reasoning":  # its summary comes whole, with its done event
         events: list[dict[str, Any]] = [
+            {"type": "response.output_item.added", **at, "item": {**item, "summary": []}}
+        ]
+    elif item["type"] == "function_call":
+        arguments = item["arguments"]
+        events = [
             {
                 "type": "response.output_item.added",
                 **at,

@@ -573,6 +573,38 @@ def test_a_rejected_request_takes_no_reply(
     assert len(openai_server.requests) == 2
 
 
+# A reasoning item the model made, and the call it made after it.
+REASONED = {"rs_1": "fc_1"}
+THOUGHT = {"type": "reasoning", "id": "rs_1", "summary": []}
+CALLED = {**fc("call_1"), "id": "fc_1", "status": "completed"}
+ALONE = "Item 'rs_1' of type 'reasoning' was provided without its required following item."
+LOST = (
+    "Item 'fc_1' of type 'function_call' was provided without its required 'reasoning' item: "
+    "'rs_1'."
+)
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        pytest.param([ASKED, THOUGHT], ALONE, id="reasoning last"),
+        pytest.param([ASKED, THOUGHT, ASKED, CALLED, fco("call_1")], ALONE, id="something between"),
+        pytest.param([ASKED, CALLED, fco("call_1")], LOST, id="the call without its reasoning"),
+        pytest.param([ASKED, CALLED, THOUGHT, fco("call_1")], LOST, id="the wrong order"),
+    ],
+)
+def test_broken_reasoning_rule(items: Any, message: str) -> None:
+    with pytest.raises(MessageRuleError) as caught:
+        check_input(items, REASONED)
+    assert (caught.value.message, caught.value.param, caught.value.code) == (message, "input", None)
+
+
+def test_valid_reasoning() -> None:
+    assert check_input([ASKED, THOUGHT, CALLED, fco("call_1"), SAID], REASONED) is None
+    assert check_input([ASKED, THOUGHT], {}) is None  # not one the model made: unchecked
+    assert check_input([ASKED, CALLED, fco("call_1")], {}) is None
+
+
 def test_a_rejected_response_request_takes_no_reply(
     openai_server: FakeOpenAI, client: openai.OpenAI
 ) -> None:

@@ -549,6 +549,43 @@ def test_responses_broken_stream(openai_server: FakeOpenAI, client: openai.OpenA
     assert client.responses.create(model="m", input=ASK).output_text == "echo: hello big world"
 
 
+def test_responses_reasoning(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    """A reply that reasons first; then the item it made after its reasoning
+    must come with it, as the API requires of a reasoning model's items."""
+    openai_server.reply_reasoning("Check the forecast.")
+    openai_server.reply_tool_calls(WEATHER)
+    asked = client.responses.create(model="m", input=ASK)
+    thought, call = asked.output
+    assert (thought.type, thought.id, call.type, call.id) == (
+        "reasoning",
+        "rs_1",
+        "function_call",
+        "fc_1",
+    )
+    assert [s.text for s in thought.summary] == ["Check the forecast."]  # type: ignore[union-attr]
+    assert asked.usage is not None and asked.usage.output_tokens_details.reasoning_tokens == 3
+    made = [d.model_dump(exclude_none=True) for d in asked.output]
+    answer = {"type": "function_call_output", "call_id": "call_1", "output": "18C"}
+    with pytest.raises(
+        openai.BadRequestError, match=r"'fc_1' .* required 'reasoning' item: 'rs_1'"
+    ):
+        client.responses.create(model="m", input=[*ASK, made[1], answer])
+    with pytest.raises(openai.BadRequestError, match=r"'rs_1' .* without its required following"):
+        client.responses.create(model="m", input=[*ASK, made[0]])
+    openai_server.reply_reasoning("Easy.")
+    done = client.responses.create(model="m", input=[*ASK, *made, answer])
+    assert [d.type for d in done.output] == ["reasoning", "message"]
+    assert done.output_text == "echo: hello big world"
+    with client.responses.stream(model="m", input=[*ASK, *made, answer]) as stream:
+        assert [d.type for d in stream.get_final_response().output] == ["message"]
+    openai_server.reply_reasoning("Streamed.")
+    with client.responses.stream(model="m", input=ASK) as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert kinds[2:4] == ["response.output_item.added", "response.output_item.done"]
+    assert [d.type for d in final.output] == ["reasoning", "message"]
+
+
 def test_responses_keep_no_previous_response(
     openai_server: FakeOpenAI, client: openai.OpenAI
 ) -> None:
