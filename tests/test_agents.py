@@ -687,10 +687,16 @@ def default_model_over(server: FakeOpenAI) -> tuple[Agent[Any], RunConfig, opena
 
 
 def run_turns(
-    server: FakeOpenAI, session: TokenmemSession, cities: list[str], *, parallel_at: int = -1
+    server: FakeOpenAI,
+    session: TokenmemSession,
+    cities: list[str],
+    *,
+    parallel_at: int = -1,
+    reasoning: bool = False,
 ) -> list[str]:
     """One turn per city: the model calls get_weather (twice in parallel at
-    turn ``parallel_at``), then answers; returns the final outputs."""
+    turn ``parallel_at``), then answers, reasoning before each with
+    ``reasoning``; returns the final outputs."""
     agent, config, client = default_model_over(server)
 
     async def turns() -> list[str]:
@@ -700,6 +706,9 @@ def run_turns(
                 calls = [("get_weather", json.dumps({"city": city}))]
                 if k == parallel_at:
                     calls.append(("get_weather", json.dumps({"city": "Bern"})))
+                if reasoning:
+                    server.reply_reasoning(f"Look up {city}.")
+                    server.reply_reasoning("Answer with the tool's figure.")
                 server.reply_tool_calls(*calls)
                 server.reply(f"It is 20C in {city}.")
                 question = f"Weather in {city}?"
@@ -765,13 +774,13 @@ def test_responses_runner_with_a_small_budget(openai_server: FakeOpenAI, any_sto
     cities = ["Paris", "Rome", "Oslo", "Lima", "Kyiv"]
     run_turns(openai_server, probe, cities[3:4])  # what the turn to Lima costs
     one_turn = 3 + sum(item_cost(counter, d) for items in probe.added for d in items)
-    openai_server.requests.clear()
+    start = len(openai_server.requests)
     session = Recording(
         uuid.uuid4().hex, store=any_store, max_token_limit=one_turn, encoding="o200k_base"
     )
     answers = run_turns(openai_server, session, cities, parallel_at=2)
     assert answers == [f"It is 20C in {c}." for c in cities]
-    requests = openai_server.requests
+    requests = openai_server.requests[start:]
     assert [r.path for r in requests] == ["/v1/responses"] * 10  # a 400 raises in the Runner
     added = [item for items in session.added for item in items]
     assert json.dumps(run(session.get_items(limit=100))) == json.dumps(added)
@@ -793,6 +802,53 @@ def test_responses_runner_with_a_small_budget(openai_server: FakeOpenAI, any_sto
     assert added[13]["content"][0]["text"] == "It is 20C in Oslo."
     # The budget is what the turn to Lima costs: the last turn gets it, whole.
     assert requests[8].body["input"][:-1] == added[-8:-4]
+    assert all("Paris" not in json.dumps(r.body["input"]) for r in requests[4:])
+
+
+def test_responses_runner_keeps_reasoning_with_what_it_led_to(
+    openai_server: FakeOpenAI, any_store: Any
+) -> None:
+    """A reasoning model: before each call and each answer it reasons, and
+    the API refuses a reasoning item without the item made after it, and
+    that item without it (the server checks both). With a budget of about
+    a turn, every request keeps each pair together and the server accepts
+    them all; the session gives back every item as it was added."""
+    counter = TokenCounter("o200k_base")
+    probe = Recording(uuid.uuid4().hex, store=any_store, encoding="o200k_base")
+    run_turns(openai_server, probe, ["Lima"], reasoning=True)
+    one_turn = 3 + sum(item_cost(counter, d) for items in probe.added for d in items)
+    start = len(openai_server.requests)
+    session = Recording(
+        uuid.uuid4().hex, store=any_store, max_token_limit=one_turn, encoding="o200k_base"
+    )
+    cities = ["Paris", "Rome", "Oslo", "Lima"]
+    answers = run_turns(openai_server, session, cities, parallel_at=1, reasoning=True)
+    assert answers == [f"It is 20C in {c}." for c in cities]
+    requests = openai_server.requests[start:]
+    assert len(requests) == 8  # none refused
+    added = [item for items in session.added for item in items]
+    assert json.dumps(run(session.get_items(limit=100))) == json.dumps(added)
+    kinds = [d.get("type", "message") for d in added[:6]]
+    assert kinds == [
+        "message",
+        "reasoning",
+        "function_call",
+        "function_call_output",
+        "reasoning",
+        "message",
+    ]
+    assert added[1]["summary"][0]["text"] == "Look up Paris."
+    for request in requests:
+        sent = request.body["input"]
+        check_items(sent[:-1] if sent[-1].get("role") == "user" else sent)
+    # At the turn to Oslo, the two parallel calls of the turn to Rome (with
+    # their reasoning and outputs) did not fit: the window is the answer and
+    # the reasoning that led to it.
+    oslo = requests[4].body["input"]
+    assert [d.get("type", "message") for d in oslo] == ["reasoning", "message", "message"]
+    assert oslo[:2] == added[12:14]  # the end of the turn to Rome
+    last = requests[-2].body["input"]
+    assert last[:-1] == added[-12:-6]  # the turn to Lima's budget: the turn to Oslo, whole
     assert all("Paris" not in json.dumps(r.body["input"]) for r in requests[4:])
 
 
