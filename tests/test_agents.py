@@ -763,6 +763,46 @@ def test_responses_runner_sends_the_session_back_as_it_was_added(
         check_input(answered["input"])
 
 
+def test_responses_runner_streamed(openai_server: FakeOpenAI, any_store: Any) -> None:
+    """Runner.run_streamed on the default model (Server-Sent Events from the
+    server): the session gets each turn's items (the question, the call,
+    its output, the answer), and the next turn sends them back."""
+    session = Recording(uuid.uuid4().hex, store=any_store)
+    agent, config, client = default_model_over(openai_server)
+
+    async def turns() -> list[str]:
+        texts = []
+        try:
+            for city in ("Paris", "Rome"):
+                openai_server.reply_tool_calls(("get_weather", json.dumps({"city": city})))
+                openai_server.reply(f"It is 20C in {city}.")
+                question = f"Weather in {city}?"
+                result = Runner.run_streamed(agent, question, session=session, run_config=config)
+                deltas = [
+                    e.data.delta
+                    async for e in result.stream_events()
+                    if e.type == "raw_response_event"
+                    and e.data.type == "response.output_text.delta"
+                ]
+                texts.append("".join(deltas))
+        finally:
+            await client.close()
+        return texts
+
+    assert run(turns()) == ["It is 20C in Paris.", "It is 20C in Rome."]
+    requests = openai_server.requests
+    assert [r.body.get("stream") for r in requests] == [True] * 4
+    added = [item for items in session.added for item in items]
+    assert [d.get("type", "message") for d in added[:4]] == [
+        "message",
+        "function_call",
+        "function_call_output",
+        "message",
+    ]
+    assert json.dumps(run(session.get_items())) == json.dumps(added)
+    assert requests[2].body["input"] == [*added[:4], added[4]]
+
+
 def test_responses_runner_with_a_small_budget(openai_server: FakeOpenAI, any_store: Any) -> None:
     """Five turns on the default model, each calling the tool (two calls in
     parallel at turn 3), with a budget of one turn: each request carries the
