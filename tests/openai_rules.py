@@ -1,4 +1,6 @@
-"""OpenAI's Chat Completions rules for a request's ``messages``, in plain Python.
+"""OpenAI's rules for a request's conversation, in plain Python: Chat
+Completions ``messages`` (:func:`check_messages`) and the Responses API's
+``input`` items (:func:`check_input`, below).
 
 ``check_messages`` returns None for messages the real API accepts and raises
 :class:`MessageRuleError` for the first rule they break, with the API's error
@@ -10,7 +12,7 @@ text, the ``param`` it names and its ``code``; the fake server
     # MessageRuleError: Invalid parameter: messages with role 'tool' must be a
     # response to a preceeding message with 'tool_calls'.  (param messages.[0].role)
 
-The rules, checked message by message first (the shape of each), then in order
+The messages' rules, checked message by message first (the shape of each), then in order
 (the tool calls and their answers):
 
 1. ``messages`` is a non-empty list of objects, each with a ``role``: system,
@@ -40,9 +42,10 @@ the style its real counterpart does.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["CONTENT_PART_TYPES", "ROLES", "MessageRuleError", "check_messages"]
+__all__ = ["CONTENT_PART_TYPES", "ROLES", "MessageRuleError", "check_input", "check_messages"]
 
 # In the order the API's "Supported values" error lists them.
 ROLES = ("system", "assistant", "user", "function", "tool", "developer")
@@ -260,6 +263,102 @@ def _unanswered(caller: int | None, ids: list[str]) -> MessageRuleError:
         + ", ".join(ids),
         f"messages.[{caller}].role",
     )
+
+
+# -- the Responses API: a request's input items ------------------------------------------
+
+
+def check_input(items: Any, reasoned: Mapping[str, str] | None = None) -> None:
+    """Return None when the Responses API would accept ``items``, a request's
+    ``input`` sent without ``previous_response_id`` (so the items are the
+    whole conversation).
+
+    ``reasoned`` maps the id of each reasoning item the model made to the id
+    of the item it made right after it (the fake server keeps it for its own
+    replies): the API requires the two together, as it made them.
+
+    The rules, checked item by item:
+
+    1. ``input`` is a string (one user message) or a list of objects;
+    2. a ``function_call`` and a ``function_call_output`` have a string
+       ``call_id``;
+    3. a ``function_call_output`` answers a ``function_call`` earlier in the
+       list (same ``call_id``);
+    4. a reasoning item in ``reasoned`` comes right before the item made
+       after it, and that item right after it;
+    5. every ``function_call`` has its ``function_call_output`` later in the
+       list.
+
+    Raises :class:`MessageRuleError` for the first rule broken (an output
+    without its call is reported as it is met, before any call left without
+    its output: which of the two the real API reports first when a request
+    breaks both is not known). The errors' ``param`` is ``input``, their
+    ``code`` null, as the real API's answers show. Other item types
+    (``custom_tool_call`` and its output, hosted tool calls) are not
+    checked: no report showed their errors.
+    """
+    if isinstance(items, str):
+        return
+    if not isinstance(items, list):
+        # ours: the API's wording for a value of the wrong type, unconfirmed for 'input'
+        raise _wrong_type("input", "one of a string or array of objects", items)
+    reasoned = reasoned or {}
+    reasoning_of = {made: reasoning for reasoning, made in reasoned.items()}
+    called: set[str] = set()
+    unanswered: list[str] = []  # the calls waiting for an output, in order
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise _wrong_type(f"input[{i}]", "an object", item)
+        _check_reasoned(items, i, reasoned, reasoning_of)
+        kind = item.get("type")
+        if kind not in ("function_call", "function_call_output"):
+            continue
+        call_id = item.get("call_id")
+        if call_id is None:
+            raise _missing(f"input[{i}].call_id")
+        if not isinstance(call_id, str):
+            raise _wrong_type(f"input[{i}].call_id", "a string", call_id)
+        if kind == "function_call":
+            called.add(call_id)
+            unanswered.append(call_id)
+        elif call_id not in called:
+            # The API's full answer: github.com/microsoft/vscode/issues/320060,
+            # continuedev/continue#10092 (param "input", code null).
+            raise MessageRuleError(
+                f"No tool call found for function call output with call_id {call_id}.", "input"
+            )
+        elif call_id in unanswered:
+            unanswered.remove(call_id)
+    if unanswered:
+        # The API's full answer: github.com/tjardoo/openai-client/pull/124
+        # (param "input", code null).
+        raise MessageRuleError(f"No tool output found for function call {unanswered[0]}.", "input")
+
+
+def _check_reasoned(
+    items: list[Any], i: int, reasoned: Mapping[str, str], reasoning_of: Mapping[str, str]
+) -> None:
+    """Rule 4 at ``items[i]``: a reasoning item and the item made after it
+    come together, in that order (``reasoning_of`` is ``reasoned`` inverted)."""
+    item, after = items[i], items[i + 1] if i + 1 < len(items) else None
+    before = items[i - 1] if i > 0 else None
+    ident = item.get("id")
+    if not isinstance(ident, str):
+        return
+    made_after = reasoned.get(ident) if item.get("type") == "reasoning" else None
+    if made_after is not None and not (isinstance(after, dict) and after.get("id") == made_after):
+        # The API's full answer: github.com/continuedev/continue/issues/8933, #10428.
+        text = f"Item '{ident}' of type 'reasoning' was provided without its required following"
+        raise MessageRuleError(f"{text} item.", "input")
+    needs = reasoning_of.get(ident)
+    if needs is not None and not (isinstance(before, dict) and before.get("id") == needs):
+        # The API's full answer: github.com/continuedev/continue/issues/10018,
+        # VRSEN/agency-swarm#367 (a function_call; #12620 shows a message's).
+        raise MessageRuleError(
+            f"Item '{ident}' of type '{item.get('type', 'message')}' was provided without "
+            f"its required 'reasoning' item: '{needs}'.",
+            "input",
+        )
 
 
 # -- the API's answers to a value of the wrong shape ------------------------------------

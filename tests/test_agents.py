@@ -11,7 +11,8 @@ against the Responses API's pairing rules, the limit, and the stored items
 byte for byte; and that popping items leaves the session exactly as never
 having added them. Then the SDK itself: ``Runner.run`` through the local
 OpenAI-compatible server, tool approvals, and a differential run beside the
-SDK's own ``SQLAlchemySession``.
+SDK's own ``SQLAlchemySession``. The Runner runs with the SDK's default
+model, the Responses API's, and with the Chat Completions model.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import pytest
 from agents import (
     Agent,
     OpenAIChatCompletionsModel,
+    OpenAIProvider,
+    RunConfig,
     Runner,
     function_tool,
     set_tracing_disabled,
@@ -45,7 +48,7 @@ from tokenmem.aio import AsyncStore
 from tokenmem.models import MESSAGES, SESSIONS
 
 from .conftest import async_twin
-from .openai_rules import check_messages
+from .openai_rules import check_input, check_messages
 from .openai_server import FakeOpenAI
 from .test_chat_items import item_cost
 
@@ -656,6 +659,237 @@ def test_runner_tool_approval_given_and_never_given(
     ]
     history = run(session.get_items(limit=100))
     assert any(d.get("arguments") == '{"city": "Rome"}' for d in history)  # ...but kept
+
+
+# --- the SDK's default model: the Responses API, over real HTTP -----------------------
+
+
+class Recording(TokenmemSession):
+    """A TokenmemSession that keeps a copy of the items of each add_items call."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.added: list[list[dict[str, Any]]] = []
+
+    async def add_items(self, items: Any) -> None:
+        self.added.append(json.loads(json.dumps(items)))
+        await super().add_items(items)
+
+
+def default_model_over(server: FakeOpenAI) -> tuple[Agent[Any], RunConfig, openai.AsyncOpenAI]:
+    """An agent with no model of its own: the Runner asks the SDK's default
+    provider, which answers with its default, the Responses API model, here
+    over a client of the local server. No trace leaves the machine."""
+    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="test", max_retries=0)
+    config = RunConfig(model_provider=OpenAIProvider(openai_client=client), tracing_disabled=True)
+    agent = Agent(name="weather", instructions="Answer briefly.", tools=[get_weather])
+    return agent, config, client
+
+
+def run_turns(
+    server: FakeOpenAI,
+    session: TokenmemSession,
+    cities: list[str],
+    *,
+    parallel_at: int = -1,
+    reasoning: bool = False,
+) -> list[str]:
+    """One turn per city: the model calls get_weather (twice in parallel at
+    turn ``parallel_at``), then answers, reasoning before each with
+    ``reasoning``; returns the final outputs."""
+    agent, config, client = default_model_over(server)
+
+    async def turns() -> list[str]:
+        answers = []
+        try:
+            for k, city in enumerate(cities):
+                calls = [("get_weather", json.dumps({"city": city}))]
+                if k == parallel_at:
+                    calls.append(("get_weather", json.dumps({"city": "Bern"})))
+                if reasoning:
+                    server.reply_reasoning(f"Look up {city}.")
+                    server.reply_reasoning("Answer with the tool's figure.")
+                server.reply_tool_calls(*calls)
+                server.reply(f"It is 20C in {city}.")
+                question = f"Weather in {city}?"
+                result = await Runner.run(agent, question, session=session, run_config=config)
+                answers.append(result.final_output)
+        finally:
+            await client.close()
+        return answers
+
+    return run(turns())
+
+
+def test_responses_runner_sends_the_session_back_as_it_was_added(
+    openai_server: FakeOpenAI, any_store: Any
+) -> None:
+    """Three turns of a real Agent on the SDK's default model, each calling
+    the tool: each turn's first request is the session's items (the user's
+    message, the call, its output, the reply: as the SDK added them, the ids
+    the server gave included) and the new question; get_items gives back
+    every item exactly as add_items got it."""
+    session = Recording(uuid.uuid4().hex, store=any_store, max_token_limit=10_000)
+    cities = ["Paris", "Rome", "Oslo"]
+    assert run_turns(openai_server, session, cities) == [f"It is 20C in {c}." for c in cities]
+    requests = openai_server.requests
+    assert [r.path for r in requests] == ["/v1/responses"] * 6  # two a turn, none refused
+    added = [item for items in session.added for item in items]
+    assert json.dumps(run(session.get_items(limit=100))) == json.dumps(added)
+    assert json.dumps(run(session.get_items())) == json.dumps(added)  # all fit
+    first_turn = added[:4]
+    assert [(d.get("type", "message"), d.get("role")) for d in first_turn] == [
+        ("message", "user"),
+        ("function_call", None),
+        ("function_call_output", None),
+        ("message", "assistant"),
+    ]
+    assert first_turn[0] == {"content": "Weather in Paris?", "role": "user"}
+    assert (first_turn[1]["id"], first_turn[1]["call_id"]) == ("fc_1", "call_1")
+    assert first_turn[2] == {
+        "call_id": "call_1",
+        "output": "Paris: 20C",
+        "type": "function_call_output",
+    }
+    assert first_turn[3]["id"] == "msg_2"
+    assert first_turn[3]["content"][0]["text"] == "It is 20C in Paris."
+    for turn in range(3):
+        asked, answered = (requests[2 * turn].body, requests[2 * turn + 1].body)
+        assert asked["instructions"] == "Answer briefly."
+        history = added[: 4 * turn]
+        question = {"content": f"Weather in {cities[turn]}?", "role": "user"}
+        assert asked["input"] == [*history, question]
+        assert answered["input"] == [*history, *added[4 * turn : 4 * turn + 3]]
+        check_input(answered["input"])
+
+
+def test_responses_runner_streamed(openai_server: FakeOpenAI, any_store: Any) -> None:
+    """Runner.run_streamed on the default model (Server-Sent Events from the
+    server): the session gets each turn's items (the question, the call,
+    its output, the answer), and the next turn sends them back."""
+    session = Recording(uuid.uuid4().hex, store=any_store)
+    agent, config, client = default_model_over(openai_server)
+
+    async def turns() -> list[str]:
+        texts = []
+        try:
+            for city in ("Paris", "Rome"):
+                openai_server.reply_tool_calls(("get_weather", json.dumps({"city": city})))
+                openai_server.reply(f"It is 20C in {city}.")
+                question = f"Weather in {city}?"
+                result = Runner.run_streamed(agent, question, session=session, run_config=config)
+                deltas = [
+                    e.data.delta
+                    async for e in result.stream_events()
+                    if e.type == "raw_response_event"
+                    and e.data.type == "response.output_text.delta"
+                ]
+                texts.append("".join(deltas))
+        finally:
+            await client.close()
+        return texts
+
+    assert run(turns()) == ["It is 20C in Paris.", "It is 20C in Rome."]
+    requests = openai_server.requests
+    assert [r.body.get("stream") for r in requests] == [True] * 4
+    added = [item for items in session.added for item in items]
+    assert [d.get("type", "message") for d in added[:4]] == [
+        "message",
+        "function_call",
+        "function_call_output",
+        "message",
+    ]
+    assert json.dumps(run(session.get_items())) == json.dumps(added)
+    assert requests[2].body["input"] == [*added[:4], added[4]]
+
+
+def test_responses_runner_with_a_small_budget(openai_server: FakeOpenAI, any_store: Any) -> None:
+    """Five turns on the default model, each calling the tool (two calls in
+    parallel at turn 3), with a budget of one turn: each request carries the
+    newest items that fit, whole units (a call never without its output),
+    older items drop out, the server accepts every request, and the
+    session keeps everything."""
+    counter = TokenCounter("o200k_base")
+    probe = Recording(uuid.uuid4().hex, store=any_store, encoding="o200k_base")
+    cities = ["Paris", "Rome", "Oslo", "Lima", "Kyiv"]
+    run_turns(openai_server, probe, cities[3:4])  # what the turn to Lima costs
+    one_turn = 3 + sum(item_cost(counter, d) for items in probe.added for d in items)
+    start = len(openai_server.requests)
+    session = Recording(
+        uuid.uuid4().hex, store=any_store, max_token_limit=one_turn, encoding="o200k_base"
+    )
+    answers = run_turns(openai_server, session, cities, parallel_at=2)
+    assert answers == [f"It is 20C in {c}." for c in cities]
+    requests = openai_server.requests[start:]
+    assert [r.path for r in requests] == ["/v1/responses"] * 10  # a 400 raises in the Runner
+    added = [item for items in session.added for item in items]
+    assert json.dumps(run(session.get_items(limit=100))) == json.dumps(added)
+    assert len(added) == 5 * 4 + 2  # the parallel turn has two calls and two outputs
+    stored = 0  # how many items the session held when each turn began
+    for turn in range(5):
+        sent = requests[2 * turn].body["input"]
+        history, question = sent[:-1], sent[-1]
+        assert question == {"content": f"Weather in {cities[turn]}?", "role": "user"}
+        assert history == added[stored - len(history) : stored]  # the newest items
+        check_items(history)  # whole units
+        if turn >= 2:
+            assert len(history) < stored  # the oldest items dropped out
+        assert 3 + sum(item_cost(counter, d) for d in history) <= one_turn
+        stored += 4 + 2 * (turn == 2)
+    # At the turn to Lima, the two parallel calls and their outputs did not
+    # fit: they dropped out together, and the reply after them came alone.
+    assert requests[6].body["input"][:-1] == added[13:14]
+    assert added[13]["content"][0]["text"] == "It is 20C in Oslo."
+    # The budget is what the turn to Lima costs: the last turn gets it, whole.
+    assert requests[8].body["input"][:-1] == added[-8:-4]
+    assert all("Paris" not in json.dumps(r.body["input"]) for r in requests[4:])
+
+
+def test_responses_runner_keeps_reasoning_with_what_it_led_to(
+    openai_server: FakeOpenAI, any_store: Any
+) -> None:
+    """A reasoning model: before each call and each answer it reasons, and
+    the API refuses a reasoning item without the item made after it, and
+    that item without it (the server checks both). With a budget of about
+    a turn, every request keeps each pair together and the server accepts
+    them all; the session gives back every item as it was added."""
+    counter = TokenCounter("o200k_base")
+    probe = Recording(uuid.uuid4().hex, store=any_store, encoding="o200k_base")
+    run_turns(openai_server, probe, ["Lima"], reasoning=True)
+    one_turn = 3 + sum(item_cost(counter, d) for items in probe.added for d in items)
+    start = len(openai_server.requests)
+    session = Recording(
+        uuid.uuid4().hex, store=any_store, max_token_limit=one_turn, encoding="o200k_base"
+    )
+    cities = ["Paris", "Rome", "Oslo", "Lima"]
+    answers = run_turns(openai_server, session, cities, parallel_at=1, reasoning=True)
+    assert answers == [f"It is 20C in {c}." for c in cities]
+    requests = openai_server.requests[start:]
+    assert len(requests) == 8  # none refused
+    added = [item for items in session.added for item in items]
+    assert json.dumps(run(session.get_items(limit=100))) == json.dumps(added)
+    kinds = [d.get("type", "message") for d in added[:6]]
+    assert kinds == [
+        "message",
+        "reasoning",
+        "function_call",
+        "function_call_output",
+        "reasoning",
+        "message",
+    ]
+    assert added[1]["summary"][0]["text"] == "Look up Paris."
+    for request in requests:
+        sent = request.body["input"]
+        check_items(sent[:-1] if sent[-1].get("role") == "user" else sent)
+    # At the turn to Oslo, the two parallel calls of the turn to Rome (with
+    # their reasoning and outputs) did not fit: the window is the answer and
+    # the reasoning that led to it.
+    oslo = requests[4].body["input"]
+    assert [d.get("type", "message") for d in oslo] == ["reasoning", "message", "message"]
+    assert oslo[:2] == added[12:14]  # the end of the turn to Rome
+    last = requests[-2].body["input"]
+    assert last[:-1] == added[-12:-6]  # the turn to Lima's budget: the turn to Oslo, whole
+    assert all("Paris" not in json.dumps(r.body["input"]) for r in requests[4:])
 
 
 # --- beside the SDK's own SQLAlchemySession -------------------------------------------

@@ -1,6 +1,6 @@
 """OpenAI's message rules (``tests/openai_rules.py``): each broken once, and valid
 sequences accepted, checked directly and through the ``openai`` client against
-the fake server.
+the fake server; then the Responses API's input rules, the same way.
 """
 
 # The fixture is imported, and pytest hands it back as a same-named parameter.
@@ -8,13 +8,13 @@ the fake server.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import openai
 import pytest
 
-from .openai_rules import MessageRuleError, check_messages
+from .openai_rules import MessageRuleError, check_input, check_messages
 from .openai_server import FakeOpenAI, openai_server  # noqa: F401
 
 HI = {"role": "user", "content": "hi"}
@@ -381,20 +381,130 @@ VALID: list[tuple[str, list[dict[str, Any]]]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("messages", "message", "param", "code"),
-    [pytest.param(*case[1:], id=case[0]) for case in BROKEN],
-)
-def test_broken_rule(messages: Any, message: str, param: str, code: str | None) -> None:
+# --- the Responses API's input items ---------------------------------------------------
+
+
+def fc(call_id: Any, name: str = "get_weather") -> dict[str, Any]:
+    return {"type": "function_call", "call_id": call_id, "name": name, "arguments": "{}"}
+
+
+def fco(call_id: Any, output: str = "18C") -> dict[str, Any]:
+    return {"type": "function_call_output", "call_id": call_id, "output": output}
+
+
+ASKED = {"role": "user", "content": "Weather in Paris?"}
+SAID = {
+    "type": "message",
+    "role": "assistant",
+    "content": [{"type": "output_text", "text": "18C.", "annotations": []}],
+}
+
+# (id, input, the API's message, param, code): each rule broken once.
+BROKEN_INPUT: list[tuple[str, Any, str, str, str | None]] = [
+    (
+        "input not a string or list",
+        {"role": "user", "content": "hi"},
+        "Invalid type for 'input': expected one of a string or array of objects, but got an "
+        "object instead.",
+        "input",
+        "invalid_type",
+    ),
+    (
+        "an item not an object",
+        [ASKED, "hi"],
+        "Invalid type for 'input[1]': expected an object, but got a string instead.",
+        "input[1]",
+        "invalid_type",
+    ),
+    (
+        "a call without call_id",
+        [ASKED, {"type": "function_call", "name": "f", "arguments": "{}"}],
+        "Missing required parameter: 'input[1].call_id'.",
+        "input[1].call_id",
+        "missing_required_parameter",
+    ),
+    (
+        "an output's call_id not a string",
+        [ASKED, fco(7)],
+        "Invalid type for 'input[1].call_id': expected a string, but got an integer instead.",
+        "input[1].call_id",
+        "invalid_type",
+    ),
+    (
+        "an output without its call",
+        [ASKED, fco("call_1"), SAID],
+        "No tool call found for function call output with call_id call_1.",
+        "input",
+        None,
+    ),
+    (
+        "an output before its call",
+        [ASKED, fco("call_1"), fc("call_1")],
+        "No tool call found for function call output with call_id call_1.",
+        "input",
+        None,
+    ),
+    (
+        "an output for another call",
+        [ASKED, fc("call_1"), fco("call_2")],
+        "No tool call found for function call output with call_id call_2.",
+        "input",
+        None,
+    ),
+    (
+        "a call without its output",
+        [ASKED, fc("call_1"), SAID, ASKED],
+        "No tool output found for function call call_1.",
+        "input",
+        None,
+    ),
+    (
+        "the first of two calls never answered",
+        [ASKED, fc("call_1"), fc("call_2"), fco("call_2")],
+        "No tool output found for function call call_1.",
+        "input",
+        None,
+    ),
+]
+
+VALID_INPUT: list[tuple[str, Any]] = [
+    ("a string", "hi"),
+    ("a message", [ASKED]),
+    ("a call and its output", [ASKED, fc("call_1"), fco("call_1"), SAID]),
+    (
+        "parallel calls answered in any order",
+        [ASKED, fc("call_1"), fc("call_2"), fco("call_2"), fco("call_1"), SAID],
+    ),
+    (
+        "the output after other items",
+        [ASKED, fc("call_1"), {"type": "reasoning", "id": "rs_1", "summary": []}, fco("call_1")],
+    ),
+    ("other items unchecked", [ASKED, {"type": "web_search_call", "id": "ws_1"}, SAID]),
+]
+
+
+# Each broken rule with the check that finds it: chat's, then the Responses API's.
+BROKEN_ALL = [pytest.param(check_messages, *case[1:], id=case[0]) for case in BROKEN] + [
+    pytest.param(check_input, *case[1:], id=f"input: {case[0]}") for case in BROKEN_INPUT
+]
+VALID_ALL = [pytest.param(check_messages, m, id=name) for name, m in VALID] + [
+    pytest.param(check_input, m, id=f"input: {name}") for name, m in VALID_INPUT
+]
+
+
+@pytest.mark.parametrize(("check", "value", "message", "param", "code"), BROKEN_ALL)
+def test_broken_rule(
+    check: Callable[[Any], None], value: Any, message: str, param: str, code: str | None
+) -> None:
     with pytest.raises(MessageRuleError) as caught:
-        check_messages(messages)
+        check(value)
     assert (caught.value.message, caught.value.param, caught.value.code) == (message, param, code)
     assert str(caught.value) == message
 
 
-@pytest.mark.parametrize("messages", [pytest.param(m, id=name) for name, m in VALID])
-def test_valid_messages(messages: list[dict[str, Any]]) -> None:
-    assert check_messages(messages) is None
+@pytest.mark.parametrize(("check", "value"), VALID_ALL)
+def test_valid(check: Callable[[Any], None], value: Any) -> None:
+    assert check(value) is None
 
 
 # Over HTTP: the fake server answers each broken rule as the real API does, and
@@ -407,20 +517,29 @@ def client(openai_server: FakeOpenAI) -> Iterator[openai.OpenAI]:
         yield c
 
 
-@pytest.mark.parametrize(
-    ("messages", "message", "param", "code"),
-    [pytest.param(*case[1:], id=case[0]) for case in BROKEN],
-)
+def send(client: openai.OpenAI, check: Callable[[Any], None], value: Any) -> str:
+    """Send ``value`` as what ``check`` checks: chat messages or a response's
+    input. Returns the request's key for it."""
+    if check is check_messages:
+        client.chat.completions.create(model="m", messages=value)
+        return "messages"
+    client.responses.create(model="m", input=value)
+    return "input"
+
+
+@pytest.mark.parametrize(("check", "value", "message", "param", "code"), BROKEN_ALL)
 def test_broken_rule_over_http(
     openai_server: FakeOpenAI,
     client: openai.OpenAI,
-    messages: Any,
+    check: Callable[[Any], None],
+    value: Any,
     message: str,
     param: str,
     code: str | None,
 ) -> None:
+    key = "input" if check is check_input else "messages"
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="m", messages=messages)
+        send(client, check, value)
     error = caught.value
     assert error.status_code == 400
     assert error.body == {
@@ -432,13 +551,15 @@ def test_broken_rule_over_http(
     assert (error.param, error.code) == (param, code)
     assert error.message == f"Error code: 400 - {message}"
     [request] = openai_server.requests
-    assert request.body["messages"] == messages
+    assert request.body[key] == value
 
 
-@pytest.mark.parametrize("messages", [pytest.param(m, id=name) for name, m in VALID])
-def test_valid_messages_over_http(client: openai.OpenAI, messages: list[dict[str, Any]]) -> None:
-    reply = client.chat.completions.create(model="m", messages=messages)
-    assert reply.choices[0].finish_reason == "stop"
+@pytest.mark.parametrize(("check", "value"), VALID_ALL)
+def test_valid_over_http(
+    openai_server: FakeOpenAI, client: openai.OpenAI, check: Callable[[Any], None], value: Any
+) -> None:
+    key = send(client, check, value)
+    assert openai_server.requests[0].body[key] == value
 
 
 def test_a_rejected_request_takes_no_reply(
@@ -450,3 +571,44 @@ def test_a_rejected_request_takes_no_reply(
     reply = client.chat.completions.create(model="m", messages=[HI])
     assert reply.choices[0].message.content == "kept"
     assert len(openai_server.requests) == 2
+
+
+# A reasoning item the model made, and the call it made after it.
+REASONED = {"rs_1": "fc_1"}
+THOUGHT = {"type": "reasoning", "id": "rs_1", "summary": []}
+CALLED = {**fc("call_1"), "id": "fc_1", "status": "completed"}
+ALONE = "Item 'rs_1' of type 'reasoning' was provided without its required following item."
+LOST = (
+    "Item 'fc_1' of type 'function_call' was provided without its required 'reasoning' item: "
+    "'rs_1'."
+)
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        pytest.param([ASKED, THOUGHT], ALONE, id="reasoning last"),
+        pytest.param([ASKED, THOUGHT, ASKED, CALLED, fco("call_1")], ALONE, id="something between"),
+        pytest.param([ASKED, CALLED, fco("call_1")], LOST, id="the call without its reasoning"),
+        pytest.param([ASKED, CALLED, THOUGHT, fco("call_1")], LOST, id="the wrong order"),
+    ],
+)
+def test_broken_reasoning_rule(items: Any, message: str) -> None:
+    with pytest.raises(MessageRuleError) as caught:
+        check_input(items, REASONED)
+    assert (caught.value.message, caught.value.param, caught.value.code) == (message, "input", None)
+
+
+def test_valid_reasoning() -> None:
+    assert check_input([ASKED, THOUGHT, CALLED, fco("call_1"), SAID], REASONED) is None
+    assert check_input([ASKED, THOUGHT], {}) is None  # not one the model made: unchecked
+    assert check_input([ASKED, CALLED, fco("call_1")], {}) is None
+
+
+def test_a_rejected_response_request_takes_no_reply(
+    openai_server: FakeOpenAI, client: openai.OpenAI
+) -> None:
+    openai_server.reply_tool_calls(("get_weather", "{}"))
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="m", input=[fco("call_0")])
+    assert client.responses.create(model="m", input="hi").output[0].type == "function_call"

@@ -421,3 +421,180 @@ def test_async_broken_stream(openai_server: FakeOpenAI) -> None:
         return got
 
     assert asyncio.run(run()) == ["echo: "]
+
+
+# --- the Responses API ---------------------------------------------------------------
+
+ASK: list[Any] = [{"role": "user", "content": "hello big world"}]
+
+
+def test_responses(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    openai_server.reply("Hello there, friend")
+    r = client.responses.create(model="gpt-test", input=ASK, instructions="Be brief.")
+    assert (r.id, r.object, r.model, r.status) == ("resp_1", "response", "gpt-test", "completed")
+    assert r.output_text == "Hello there, friend"
+    [message] = r.output
+    assert message.type == "message"
+    assert (message.id, message.role, message.status) == ("msg_1", "assistant", "completed")
+    assert [part.type for part in message.content] == ["output_text"]
+    assert (r.parallel_tool_calls, r.tool_choice, r.tools) == (True, "auto", [])
+    assert r.usage is not None
+    # The instructions' words and the input's.
+    assert (r.usage.input_tokens, r.usage.output_tokens, r.usage.total_tokens) == (5, 3, 8)
+    assert r.usage.input_tokens_details.cached_tokens == 0
+    assert r.usage.output_tokens_details.reasoning_tokens == 0
+    [req] = openai_server.requests
+    assert (req.method, req.path) == ("POST", "/v1/responses")
+    assert req.body["input"] == ASK and req.body["instructions"] == "Be brief."
+    # The default reply echoes the last user message, from a string input too.
+    assert client.responses.create(model="m", input="a string").output_text == "echo: a string"
+    openai_server.prompt_tokens = lambda body: 42
+    again = client.responses.create(model="m", input=ASK)
+    assert again.usage is not None and again.usage.input_tokens == 42
+
+
+def test_responses_tool_calls(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    """Scripted tool calls come as function_call items, numbered with the
+    chat ones; the app answers them with function_call_output items."""
+    tools: list[Any] = [
+        {
+            "type": "function",
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            "strict": False,
+        }
+    ]
+    ids = openai_server.reply_tool_calls(WEATHER, ("get_weather", '{"city": "Oslo"}'))
+    openai_server.reply("Paris is warmer.")
+    asked = client.responses.create(model="m", input=ASK, tools=tools)
+    assert [(d.type, d.id, d.call_id, d.arguments) for d in asked.output] == [  # type: ignore[union-attr]
+        ("function_call", "fc_1", "call_1", '{"city": "Paris"}'),
+        ("function_call", "fc_2", "call_2", '{"city": "Oslo"}'),
+    ]
+    assert ids == openai_server.tool_call_ids == ["call_1", "call_2"]
+    assert asked.tools[0].type == "function" and asked.tools[0].name == "get_weather"
+    assert asked.usage is not None and asked.usage.output_tokens == 6
+    items: list[Any] = [*ASK, *(d.model_dump(exclude_none=True) for d in asked.output)]
+    items += [{"type": "function_call_output", "call_id": i, "output": "18C"} for i in ids]
+    answered = client.responses.create(model="m", input=items, tools=tools)
+    assert answered.output_text == "Paris is warmer."
+    assert openai_server.requests[1].body["input"] == items
+    # Chat and responses share the numbering of call ids.
+    assert openai_server.reply_tool_calls(WEATHER) == ["call_3"]
+    r = client.chat.completions.create(model="m", messages=HI)
+    assert [c.id for c in r.choices[0].message.tool_calls or []] == ["call_3"]
+
+
+def test_responses_refusal_and_empty_reply(
+    openai_server: FakeOpenAI, client: openai.OpenAI
+) -> None:
+    openai_server.refuse("No.")
+    openai_server.empty_reply()
+    [message] = client.responses.create(model="m", input=ASK).output
+    assert message.type == "message"
+    assert [(p.type, getattr(p, "refusal", None)) for p in message.content] == [("refusal", "No.")]
+    assert client.responses.create(model="m", input=ASK).output_text == ""
+
+
+def test_responses_stream(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    openai_server.reply("one two three")
+    with client.responses.stream(model="m", input=ASK) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert deltas == ["one ", "two ", "three"]
+    assert final.output_text == "one two three" and final.id == "resp_1"
+    assert final.usage is not None and final.usage.output_tokens == 3
+    assert openai_server.requests[0].body["stream"] is True
+
+    openai_server.reply_tool_calls(WEATHER)
+    with client.responses.stream(model="m", input=ASK) as stream:
+        pieces = [e.delta for e in stream if e.type == "response.function_call_arguments.delta"]
+        [call] = stream.get_final_response().output
+    assert pieces == ['{"city": ', '"Paris"}']
+    assert call.type == "function_call" and call.arguments == '{"city": "Paris"}'
+
+    openai_server.refuse("No.")
+    with client.responses.stream(model="m", input=ASK) as stream:
+        refused = "".join(e.delta for e in stream if e.type == "response.refusal.delta")
+    assert refused == "No."
+
+
+def test_responses_broken_stream(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    openai_server.reply("a b c d e")
+    openai_server.break_stream(2)
+    got: list[str] = []
+    with (
+        pytest.raises(openai.APIConnectionError),
+        client.responses.stream(model="m", input=ASK) as stream,
+    ):
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                got.append(event.delta)
+    assert got == ["a ", "b "]
+    assert client.responses.create(model="m", input=ASK).output_text == "echo: hello big world"
+
+
+def test_responses_reasoning(openai_server: FakeOpenAI, client: openai.OpenAI) -> None:
+    """A reply that reasons first; then the item it made after its reasoning
+    must come with it, as the API requires of a reasoning model's items."""
+    openai_server.reply_reasoning("Check the forecast.")
+    openai_server.reply_tool_calls(WEATHER)
+    asked = client.responses.create(model="m", input=ASK)
+    thought, call = asked.output
+    assert (thought.type, thought.id, call.type, call.id) == (
+        "reasoning",
+        "rs_1",
+        "function_call",
+        "fc_1",
+    )
+    assert [s.text for s in thought.summary] == ["Check the forecast."]  # type: ignore[union-attr]
+    assert asked.usage is not None and asked.usage.output_tokens_details.reasoning_tokens == 3
+    made = [d.model_dump(exclude_none=True) for d in asked.output]
+    answer = {"type": "function_call_output", "call_id": "call_1", "output": "18C"}
+    with pytest.raises(
+        openai.BadRequestError, match=r"'fc_1' .* required 'reasoning' item: 'rs_1'"
+    ):
+        client.responses.create(model="m", input=[*ASK, made[1], answer])
+    with pytest.raises(openai.BadRequestError, match=r"'rs_1' .* without its required following"):
+        client.responses.create(model="m", input=[*ASK, made[0]])
+    openai_server.reply_reasoning("Easy.")
+    done = client.responses.create(model="m", input=[*ASK, *made, answer])
+    assert [d.type for d in done.output] == ["reasoning", "message"]
+    assert done.output_text == "echo: hello big world"
+    with client.responses.stream(model="m", input=[*ASK, *made, answer]) as stream:
+        assert [d.type for d in stream.get_final_response().output] == ["message"]
+    openai_server.reply_reasoning("Streamed.")
+    with client.responses.stream(model="m", input=ASK) as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert kinds[2:4] == ["response.output_item.added", "response.output_item.done"]
+    assert [d.type for d in final.output] == ["reasoning", "message"]
+
+
+def test_responses_keep_no_previous_response(
+    openai_server: FakeOpenAI, client: openai.OpenAI
+) -> None:
+    first = client.responses.create(model="m", input=ASK)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="m", input="and?", previous_response_id=first.id)
+    assert caught.value.body == {
+        "message": "Previous response with id 'resp_1' not found.",
+        "type": "invalid_request_error",
+        "param": "previous_response_id",
+        "code": "previous_response_not_found",
+    }

@@ -69,7 +69,7 @@ LANGCHAIN = "Inside LangChain: RunnableWithMessageHistory and LangChain's own ch
 
 @pytest.mark.parametrize(
     ("section", "checks"),
-    [("Example", 3), ("Tool calls", 4), ("OpenAI Agents SDK", 3), (LANGCHAIN, 5)],
+    [("Example", 3), ("Tool calls", 4), ("With the OpenAI Agents SDK", 3), (LANGCHAIN, 5)],
 )
 # LangChain deprecates the classes its example runs.
 @pytest.mark.filterwarnings("ignore:RunnableWithMessageHistory is deprecated")
