@@ -209,11 +209,11 @@ def _day(request: Request, name: str, *, end: bool = False) -> datetime | None:
 
 def link(path: str, **params: object) -> str:
     """``path`` with ``params`` as its query (None and "" left out, but an
-    ``owner`` of "", the default owner, kept)."""
+    owner of "", the default owner, kept)."""
     query = [
         (k, str(v))
         for k, v in params.items()
-        if v is not None and (v != "" or k == "owner") and v is not False
+        if v is not None and (v != "" or k in ("owner", "after_owner"))
     ]
     return path + ("?" + urlencode(query) if query else "")
 
@@ -482,7 +482,7 @@ def create_app(
     if allowed_hosts is None:
         allowed_hosts = ["*"] if token else [*LOOPBACK_NAMES, "[::1]"]
     handler: Callable[[Request, Exception], Any] = viewer.error
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/", viewer.sessions, methods=["GET"]),
             Route("/session", viewer.session, methods=["GET"]),
@@ -496,6 +496,8 @@ def create_app(
         ],
         exception_handlers={TokenmemError: handler, _BadRequest: handler},
     )
+    app.state.store = viewer.store  # what it reads (a host closes it with its engine)
+    return app
 
 
 @functools.cache
