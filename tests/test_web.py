@@ -295,6 +295,23 @@ def test_browsing_changes_nothing(openai_server: FakeOpenAI, store: Store, db: E
             viewer.append(sid, [Message("human", "x")], TokenCounter("o200k_base"))
 
 
+def test_a_broken_chain_shows_where(store: Store) -> None:
+    counter = TokenCounter("o200k_base")
+    for i in range(3):
+        store.append("s", [Message("human", f"hi {i}")], counter)
+    with client(create_app(store)) as http:
+        assert "badge ok" in http.get("/session", params={"id": "s"}).text
+        store.run(
+            lambda conn: conn.execute(
+                MESSAGES.update().where(MESSAGES.c.position == 1).values(content="HI")
+            )
+        )
+        page = http.get("/session", params={"id": "s"}).text
+        assert "BROKEN</span></a> at message position 1" in page
+        verdict = http.get("/verify", params={"id": "s"}).text
+        assert "BROKEN</span> at message position 1: its digest does not match" in verdict
+
+
 def test_bad_parameters_are_400_pages(store: Store) -> None:
     store.append("s", [Message("human", "hi")], TokenCounter("o200k_base"))
     with client(create_app(store)) as http:

@@ -86,6 +86,9 @@ __all__ = ["COOKIE", "LOOPBACK_NAMES", "create_app", "is_loopback"]
 COOKIE = "tokenmem_token"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 HISTORY_PAGE = 100  # messages per page
+# A session page verifies the chains itself up to this many positions; a
+# longer history links to /verify, which reads the whole chain.
+VERIFY_INLINE = 10_000
 LIST_PAGE = 50  # sessions or turns per page
 
 # Scripts, frames, forms elsewhere, plugins: none. Inline CSS only.
@@ -341,6 +344,9 @@ class _Viewer:
             running += w.tokens
             costs[w.position] = (w.tokens, running, w.pinned)
         used = running + (REPLY_PRIMING if mode == "messages" and window else 0)
+        verified = None
+        if info.next_position <= VERIFY_INLINE:
+            verified = self.store.verify(sid, owner=owner)
         after = _int(request, "after", -1, -1)
         got = self.store.history_page(sid, owner=owner, after=after, limit=HISTORY_PAGE + 1)
         rows = [(m, *_shown(m), costs.get(m.position)) for m in got[:HISTORY_PAGE]]
@@ -357,6 +363,7 @@ class _Viewer:
             encoding=counter.encoding_name,
             window=window,
             used=used,
+            verified=verified,
             rows=rows,
             window_link=link("/session", **here, **form, after=unpinned[0] - 1)
             if unpinned
