@@ -320,6 +320,8 @@ def test_bad_parameters_are_400_pages(store: Store) -> None:
             {"id": "s", "mode": "poetry"},
             {"id": "s", "encoding": "no_such_encoding"},
             {"id": "s", "after": "x"},
+            {"id": "s", "after": str(2**64)},  # not a BIGINT
+            {"id": "s", "model": "no-such-model"},
             {},
         ):
             answer = http.get("/session", params=params)

@@ -192,8 +192,8 @@ def _int(request: Request, name: str, default: int, least: int) -> int:
         value = int(raw)
     except ValueError:
         raise _BadRequest(f"{name} must be an integer, not {raw!r}") from None
-    if value < least:
-        raise _BadRequest(f"{name} must be at least {least}, not {value}")
+    if not least <= value < 2**62:  # a BIGINT holds it
+        raise _BadRequest(f"{name} must be at least {least} and below 2**62, not {value}")
     return value
 
 
