@@ -293,6 +293,14 @@ def test_browsing_changes_nothing(openai_server: FakeOpenAI, store: Store, db: E
     if db.dialect.name == "postgresql":  # the database itself refuses a write
         with pytest.raises(StoreError, match="read-only transaction"):
             viewer.append(sid, [Message("human", "x")], TokenCounter("o200k_base"))
+    else:  # and the store's own engine still writes
+        store.append(sid, [Message("human", "x")], TokenCounter("o200k_base"))
+        url = db.url.render_as_string(hide_password=False)
+        from_url: Store = create_app(url).state.store  # its own engine: query_only
+        assert from_url.verify(sid).ok
+        with pytest.raises(StoreError, match="readonly database"):
+            from_url.append(sid, [Message("human", "x")], TokenCounter("o200k_base"))
+        from_url.close()
 
 
 def test_a_broken_chain_shows_where(store: Store) -> None:

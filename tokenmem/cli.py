@@ -803,14 +803,20 @@ def cmd_serve(args: argparse.Namespace, store: Store, out: _Out) -> int:
         import uvicorn
     except ImportError as exc:
         raise ConfigurationError("tokenmem serve needs: pip install 'tokenmem[web]'") from exc
-    app = create_app(store.engine, owner=args.owner, token=token)
+    # The viewer reads through an engine of its own, made read-only.
+    app = create_app(
+        store.engine.url.render_as_string(hide_password=False), owner=args.owner, token=token
+    )
     where = f"http://{args.host}:{args.port}/"
     print(
         f"tokenmem: serving {where} (read-only{', token required' if token else ''})",
         file=sys.stderr,
     )
     # No access log: a first request's ?token= would be written to it.
-    uvicorn.run(app, host=args.host, port=args.port, access_log=False, server_header=False)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, access_log=False, server_header=False)
+    finally:
+        app.state.store.close()
     return 0
 
 

@@ -15,7 +15,8 @@ Safe by default:
 
 - **read-only**: only GET routes, and no write path of the store is ever
   called; an engine the app is given or makes is used read-only on
-  PostgreSQL (``postgresql_readonly``: the database refuses a write);
+  PostgreSQL (``postgresql_readonly``: the database refuses a write), and
+  on SQLite one it makes from a URL (``PRAGMA query_only``);
 - **a token** (when given) is checked on every request, with
   :func:`hmac.compare_digest`: ``Authorization: Bearer TOKEN``, or a
   ``?token=TOKEN`` link, which sets an HttpOnly, SameSite=Strict cookie and
@@ -46,7 +47,7 @@ from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 from urllib.parse import urlencode
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 
 from . import audit, reads
 from .engine import make_engine
@@ -451,19 +452,26 @@ class _Viewer:
         return self.page(request, "error.html", status, status=status, message=message)
 
 
-def _read_only(engine: Engine) -> Engine:
-    """``engine`` for reading only: on PostgreSQL every transaction is
-    READ ONLY (the database refuses writes); the host's engine is unchanged."""
-    if engine.dialect.name == "postgresql":
-        return engine.execution_options(postgresql_readonly=True)
-    return engine
+def _query_only(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA query_only = ON")
+    cursor.close()
 
 
 def _store(source: Store | Engine | str) -> Store:
+    """The store the viewer reads: a Store as it is; an engine or URL read
+    only. On PostgreSQL every transaction is READ ONLY (the database refuses
+    a write; a host's engine is left unchanged: the option is the copy's);
+    on SQLite an engine made from a URL has ``PRAGMA query_only`` on every
+    connection (an engine passed in is the host's: its pool is not touched)."""
     if isinstance(source, Store):
         return source
     engine = source if isinstance(source, Engine) else make_engine(source)
-    return Store(_read_only(engine), upgrade=False)
+    if isinstance(source, str) and engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _query_only)  # after tune's pragmas
+    if engine.dialect.name == "postgresql":
+        engine = engine.execution_options(postgresql_readonly=True)
+    return Store(engine, upgrade=False)
 
 
 def create_app(
