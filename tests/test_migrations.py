@@ -149,6 +149,9 @@ def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
         "tokenmem/langchain/__init__.py",
         "tokenmem/langchain/history.py",
         "tokenmem/langchain/memory.py",
+        "tokenmem/web.py",
+        "tokenmem/templates/base.html",
+        "tokenmem/templates/session.html",
     } <= names
 
 

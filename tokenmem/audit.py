@@ -174,13 +174,22 @@ def record_turn(
     return record, encoding
 
 
-def turns(conn: Connection, key: SessionKey, seq: int | None = None) -> list[TurnRecord]:
-    """The session's recorded calls (or the one numbered ``seq``), oldest first."""
+def turns(
+    conn: Connection,
+    key: SessionKey,
+    seq: int | None = None,
+    *,
+    after: int = -1,
+    limit: int | None = None,
+) -> list[TurnRecord]:
+    """The session's recorded calls (or the one numbered ``seq``), oldest
+    first; ``after``/``limit``: a page of them, those above seq ``after``
+    (keyset paging, as :func:`tokenmem.reads.history_page`)."""
     t = TURNS.c
-    query = select(*(t[name] for name in _FIELDS)).where(t.session_id == key.id)
+    query = select(*(t[name] for name in _FIELDS)).where(t.session_id == key.id, t.seq > after)
     if seq is not None:
         query = query.where(t.seq == seq)
-    rows = conn.execute(query.order_by(t.seq)).all()
+    rows = conn.execute(query.order_by(t.seq).limit(limit)).all()
     if not rows:
         found = conn.execute(select(SESSIONS.c.id).where(SESSIONS.c.id == key.id)).first()
         if found is None:

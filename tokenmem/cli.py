@@ -58,6 +58,7 @@ EXAMPLES = {
     "erase": "tokenmem erase chat-1 --yes      tokenmem erase --owner alice",
     "demo": "tokenmem demo --language zh",
     "verify": "tokenmem verify chat-1 --expect-head 3f2a...    tokenmem verify --all --json",
+    "serve": "tokenmem serve --db postgresql+psycopg://viewer@db/app --owner alice",
 }
 
 
@@ -787,6 +788,38 @@ def cmd_verify(args: argparse.Namespace, store: Store, out: _Out) -> int:
     return EXIT_BROKEN if broken else 0
 
 
+def cmd_serve(args: argparse.Namespace, store: Store, out: _Out) -> int:
+    from .web import create_app, is_loopback
+
+    token = args.token or os.environ.get("TOKENMEM_SERVE_TOKEN") or None
+    if token is None and not is_loopback(args.host):
+        raise ConfigurationError(
+            f"refusing to serve on {args.host} without a token: anyone who can reach it could "
+            "read every history; pass --token or set TOKENMEM_SERVE_TOKEN (or listen on "
+            "127.0.0.1)"
+        )
+    store.check()  # exit 4 before listening, on a database not at the head
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise ConfigurationError("tokenmem serve needs: pip install 'tokenmem[web]'") from exc
+    # The viewer reads through an engine of its own, made read-only.
+    app = create_app(
+        store.engine.url.render_as_string(hide_password=False), owner=args.owner, token=token
+    )
+    where = f"http://{args.host}:{args.port}/"
+    print(
+        f"tokenmem: serving {where} (read-only{', token required' if token else ''})",
+        file=sys.stderr,
+    )
+    # No access log: a first request's ?token= would be written to it.
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, access_log=False, server_header=False)
+    finally:
+        app.state.store.close()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, store: Store, out: _Out) -> int:
     from .demo import run
 
@@ -999,6 +1032,22 @@ def _parser() -> argparse.ArgumentParser:
         help="a head printed earlier: fail unless the history up to it is unchanged",
     )
 
+    serve = command(
+        "serve",
+        "the read-only audit viewer in the browser (pip install 'tokenmem[web]')",
+        cmd_serve,
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="interface (default 127.0.0.1; others need --token)"
+    )
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--owner", help="show only this owner's sessions")
+    serve.add_argument(
+        "--token",
+        help="required on every request (default: $TOKENMEM_SERVE_TOKEN): "
+        "Authorization: Bearer TOKEN, or open ?token=TOKEN once",
+    )
+
     demo = command("demo", "replay the reference notebook: window, chain, history", cmd_demo)
     demo.add_argument("--language", choices=["en", "zh"], default="en", help="en or zh")
     return parser
@@ -1006,7 +1055,17 @@ def _parser() -> argparse.ArgumentParser:
 
 # Commands that work on a database that exists: a typo'd SQLite path must not
 # create an empty file for them to find nothing in.
-_EXISTING = {"sessions", "history", "window", "turns", "export", "recount", "erase", "verify"}
+_EXISTING = {
+    "sessions",
+    "history",
+    "window",
+    "turns",
+    "export",
+    "recount",
+    "erase",
+    "verify",
+    "serve",
+}
 
 
 def _check_exists(args: argparse.Namespace) -> None:
@@ -1032,7 +1091,7 @@ def _check_exists(args: argparse.Namespace) -> None:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Usage errors argparse cannot see: options that would be ignored."""
-    if args.json and args.command in ("chat", "demo"):
+    if args.json and args.command in ("chat", "demo", "serve"):
         raise ConfigurationError(f"{args.command} has no JSON output: drop --json")
     if args.command == "db" and args.action in ("current", "check") and args.revision:
         raise ConfigurationError(f"db {args.action} takes no revision, not {args.revision!r}")
@@ -1074,8 +1133,10 @@ def main(argv: list[str] | None = None) -> int:
 
         _check_args(args)
         _check_exists(args)
-        # `db` commands report the schema as it is: they never migrate by themselves.
-        store = Store(args.db or None, upgrade=False if args.command == "db" else None)
+        # `db` commands report the schema as it is, and the viewer only reads:
+        # they never migrate by themselves.
+        upgrade = False if args.command in ("db", "serve") else None
+        store = Store(args.db or None, upgrade=upgrade)
         return int(args.handler(args, store, out))
     except KeyboardInterrupt:
         print("\ntokenmem: interrupted", file=sys.stderr)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, NamedTuple, cast
 
-from sqlalchemy import BigInteger, Connection, bindparam, case, func, select
+from sqlalchemy import BigInteger, Connection, bindparam, case, func, select, tuple_
 
 from . import direct
 from .errors import ConfigurationError, InvalidInputError, SessionNotFound
@@ -36,6 +36,7 @@ __all__ = [
     "history_page",
     "messages_between",
     "session",
+    "session_page",
     "session_stats",
     "sessions",
     "tail",
@@ -417,6 +418,52 @@ def session_stats(conn: Connection, owner: str | None) -> list[SessionStats]:
     if owner is not None:
         query = query.where(s.owner_id == owner)
     return [SessionStats(*r) for r in conn.execute(query).all()]
+
+
+def session_page(
+    conn: Connection,
+    owner: str | None,
+    after: tuple[str, str] | None = None,
+    limit: int = 50,
+    search: str = "",
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[SessionStats]:
+    """Up to ``limit`` sessions of ``owner`` (all owners if None) after the
+    ``(owner_id, session_id)`` ``after``, by owner and name (keyset paging:
+    no OFFSET), whose id contains ``search`` and whose last activity is in
+    ``[since, until)``, each with its message count and tokens — summed for
+    this page's sessions only, so a page costs what its sessions hold, not
+    what the database does."""
+    s, m = SESSIONS.c, MESSAGES.c
+    query = select(s.id, s.owner_id, s.name, s.encoding, s.created_at, s.updated_at)
+    if owner is not None:
+        query = query.where(s.owner_id == owner)
+    if after is not None:
+        query = query.where(tuple_(s.owner_id, s.name) > tuple_(*after))
+    if search:
+        query = query.where(s.name.contains(search, autoescape=True))
+    if since is not None:
+        query = query.where(s.updated_at >= since)
+    if until is not None:
+        query = query.where(s.updated_at < until)
+    found = conn.execute(query.order_by(s.owner_id, s.name).limit(limit)).all()
+    totals: dict[Any, tuple[int, int]] = {}
+    if found:
+        sums = select(m.session_id, func.count(), func.coalesce(func.sum(m.text_tokens), 0))
+        sums = sums.where(m.session_id.in_([row.id for row in found])).group_by(m.session_id)
+        totals = {sid: (int(n), int(tokens)) for sid, n, tokens in conn.execute(sums)}
+    return [
+        SessionStats(
+            row.owner_id,
+            row.name,
+            *totals.get(row.id, (0, 0)),
+            row.encoding,
+            row.created_at,
+            row.updated_at,
+        )
+        for row in found
+    ]
 
 
 def count(conn: Connection, owner: str | None = None) -> int:
