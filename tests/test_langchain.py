@@ -131,7 +131,7 @@ EVERY_KIND: list[BaseMessage] = [
 ]
 
 
-def test_importing_tokenmem_imports_no_langchain_and_the_extra_is_named() -> None:
+def test_the_core_works_without_the_extras_and_an_extra_s_error_names_it() -> None:
     def run(code: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=False
@@ -142,6 +142,21 @@ def test_importing_tokenmem_imports_no_langchain_and_the_extra_is_named() -> Non
         "print(sorted(m for m in sys.modules if m.startswith('langchain')))"
     )
     assert loaded.stdout.strip() == "[]", loaded.stderr
+    # Without the optional packages (an import of each fails, as when it is
+    # not installed), the core imports and works: a memory saves and loads.
+    works = run(
+        "import sys\n"
+        "for name in ('langchain_core', 'langchain_classic', 'langchain_openai', 'agents',"
+        " 'starlette', 'jinja2', 'uvicorn'):\n"
+        "    sys.modules[name] = None\n"
+        "import tokenmem, tokenmem.cli\n"
+        "from tokenmem import ConversationTokenBufferMemory, Store\n"
+        "store = Store('sqlite://', upgrade=True)\n"
+        "memory = ConversationTokenBufferMemory(store=store, max_token_limit=10)\n"
+        "memory.save_context({'input': 'hi'}, {'output': 'whats up'})\n"
+        "print(memory.load_memory_variables({}))\n"
+    )
+    assert works.stdout.strip() == "{'history': 'Human: hi\\nAI: whats up'}", works.stderr
     missing = run("import sys; sys.modules['langchain_core'] = None; import tokenmem.langchain")
     assert missing.returncode != 0
     assert "ImportError: tokenmem.langchain needs LangChain: pip install 'tokenmem[langchain]'" in (
