@@ -247,6 +247,7 @@ _HISTORY = (
     MESSAGES.c.chat_tokens,
     MESSAGES.c.newline_tokens,
     MESSAGES.c.message,
+    MESSAGES.c.digest,
 )
 
 
@@ -289,6 +290,7 @@ def history_page(
             chat_tokens=chat_tokens,
             newline_tokens=newline_tokens,
             openai=message,
+            digest=digest,
         )
         for (
             position,
@@ -303,6 +305,7 @@ def history_page(
             chat_tokens,
             newline_tokens,
             message,
+            digest,
         ) in rows
     ]
 

@@ -409,6 +409,7 @@ def append(conn: Connection, p: PreparedAppend) -> list[StoredMessage]:
             position=row["position"],
             turn=row["turn"],
             openai=row["message"],
+            digest=row["digest"],
         )
         for row in rows
     ]
