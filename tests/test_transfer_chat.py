@@ -6,6 +6,7 @@ PostgreSQL, into the same database and into a fresh one; a tampered
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import uuid
@@ -158,17 +159,21 @@ def test_an_exported_session_imports_with_the_same_windows(
     was = windows(store, session, encoding, limits)
     rows = stored(store, session)
     dump = export(store, session)
+    head = store.verify(session).head_digest
 
     # Into a fresh database on the other backend ...
     assert import_jsonl(copy, io.StringIO(dump)).imported == len(rows[0])
     assert windows(copy, session, encoding, limits) == was
     assert stored(copy, session) == rows
-    assert export(copy, session) == dump
+    assert export(copy, session) == dump  # the digests too
+    assert copy.verify(session) == dataclasses.replace(store.verify(session), turns=0)
     # ... and into this one, the session erased first.
     store.erase(session)
     assert import_jsonl(store, io.StringIO(dump)).imported == len(rows[0])
     assert windows(store, session, encoding, limits) == was
     assert stored(store, session) == rows
+    report = store.verify(session)
+    assert report.ok and report.head_digest == head
     # Idempotent: all there, the same messages.
     assert import_jsonl(copy, io.StringIO(dump)) == ImportResult(1, 0, len(rows[0]))
     # The pinned system_message is found where it was: loaded on either, it
