@@ -48,7 +48,7 @@ from tokenmem import Rule, TokenCounter
 from tokenmem.digest import message_digest
 from tokenmem.models import MESSAGES
 from tokenmem.window import Counts, row_cap, window_select
-from tokenmem.writes import SET_HEAD, bump_statement
+from tokenmem.writes import SET_HEAD, bump_statement, insert_params, insert_statement, sets_head
 
 PG_URL = os.environ.get(
     "TOKENMEM_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -213,7 +213,8 @@ def _insert_exchange() -> Any:
 
 
 class TurnSQL:
-    """A turn as tokenmem runs it — the upsert, the exchange's INSERT, the
+    """A turn as tokenmem runs it — the upsert, the exchange's INSERT (on
+    PostgreSQL with the head's UPDATE), SQLite's UPDATE of the head, the
     window SELECT (text mode) — as text and parameters for a bare driver.
     Token counts come precomputed; the rest is done per turn, as tokenmem does."""
 
@@ -224,7 +225,10 @@ class TurnSQL:
         statements = (_upsert(backend), _insert_exchange(), window, SET_HEAD)
         upsert, insert, window, head = (s.compile(dialect=dialect) for s in statements)
         self.upsert, self.insert, self.window = upsert.string, insert.string, window.string
-        self.head = head.string
+        # An exchange's rows as tokenmem sends them: on PostgreSQL with the
+        # session's new head in the same statement, on SQLite SET_HEAD after.
+        self.append = insert_statement(backend).compile(dialect=dialect).string
+        self.head: str | None = None if sets_head(backend) else head.string
         constants = rule.params(uuid.UUID(int=0), ENCODING, rule.prefix_tokens(counter))
         # what the dialect bound itself (SQLite's OFFSET 0), and the rule's constants
         self.window_params = {k: v for k, v in window.params.items() if v is not None}
@@ -290,6 +294,10 @@ class TurnSQL:
             cum += c.floor
         return rows
 
+    def append_params(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """:meth:`insert_params`' rows as :attr:`append` takes them."""
+        return insert_params(self.backend, rows)
+
     def head_params(
         self, upsert: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
     ) -> dict[str, Any]:
@@ -327,9 +335,10 @@ def _markers(sql: str) -> str:
 
 def same_sql(sent: Sequence[tuple[str, Any]], sql: TurnSQL, store: str) -> None:
     """Raise unless ``sent`` (what a tokenmem turn sent: save, then load) is
-    exactly the bare driver's four statements, up to how parameters are named."""
+    exactly the bare driver's statements (four on SQLite, three on
+    PostgreSQL), up to how parameters are named."""
     theirs = [_markers(s) for s, _ in sent]
-    ours = [_markers(s) for s in (sql.upsert, sql.insert, sql.head, sql.window)]
+    ours = [_markers(s) for s in (sql.upsert, sql.append, sql.head, sql.window) if s is not None]
     if theirs != ours:
         raise RuntimeError(
             f"a turn on {store} sends other SQL than the bare driver's (benchmarks/common.py):\n"

@@ -1,6 +1,9 @@
 """What the tamper-evident history costs ``save_context``: this checkout
 beside a baseline without digests (by default the commit before migration
-0006), single-threaded, on the same machine at the same time.
+0006; once other work on the append has been merged after it, name a
+commit with that work and without the digests: ``--baseline 19eb6c2``,
+main before they arrived), single-threaded, on the same machine at the
+same time.
 
 Each side is a worker process importing its own tokenmem (the baseline's
 ``tokenmem/`` and ``migrations/`` from ``git archive``) with a database of

@@ -134,8 +134,9 @@ class Bare:
             (row,) = self.conn.execute(self.sql.upsert, p).fetchall()
             rows = self.sql.insert_params(p, row, ex.texts, ex.counts)
             with contextlib.closing(self.conn.cursor()) as cursor:
-                cursor.executemany(self.sql.insert, rows)
-            self.conn.execute(self.sql.head, self.sql.head_params(p, rows))
+                cursor.executemany(self.sql.append, self.sql.append_params(rows))
+            if self.sql.head is not None:
+                self.conn.execute(self.sql.head, self.sql.head_params(p, rows))
             self.conn.commit()
         except BaseException:
             self.conn.rollback()
@@ -153,9 +154,10 @@ class Bare:
             rows = self.sql.insert_params(p, row, ex.texts, ex.counts)
             cursor = self.conn.cursor()  # aiosqlite's is awaited, psycopg's is not
             cursor = await cursor if inspect.isawaitable(cursor) else cursor
-            await cursor.executemany(self.sql.insert, rows)
+            await cursor.executemany(self.sql.append, self.sql.append_params(rows))
             await cursor.close()
-            await self.conn.execute(self.sql.head, self.sql.head_params(p, rows))
+            if self.sql.head is not None:
+                await self.conn.execute(self.sql.head, self.sql.head_params(p, rows))
             await self.conn.commit()
         except BaseException:
             await self.conn.rollback()

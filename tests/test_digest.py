@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -17,14 +20,26 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, delete, insert, inspect, select, text, update
 
 import tokenmem.audit
-from tokenmem import Message, Store, StoredMessage, TokenCounter, TurnRecord, Verified, writes
+from tokenmem import (
+    ConversationTokenBufferMemory,
+    InvalidInputError,
+    Message,
+    Store,
+    StoredMessage,
+    TokenCounter,
+    TurnRecord,
+    Verified,
+    writes,
+)
 from tokenmem.aio import AsyncStore
 from tokenmem.cli import main
 from tokenmem.digest import MESSAGE_FIELDS, backfill, chain, message_digest
 from tokenmem.models import MESSAGES, SESSIONS, TURNS, session_uuid, utcnow
+from tokenmem.transfer import export_jsonl, import_jsonl
 from tokenmem.validate import SessionKey
 
 from .conftest import async_twin
+from .test_transfer import other_db  # noqa: F401
 
 SID = session_uuid("", "s")
 
@@ -454,3 +469,223 @@ def test_pop_leaves_the_chain_as_before(store: Store, o200k: TokenCounter) -> No
     for _ in range(10):  # down to nothing: the head is the chain's start
         store.run(functools.partial(writes.pop, key=SessionKey.of("s")))
     assert store.verify("s").ok
+
+
+# --- export carries the chains, import checks them ---------------------------------
+
+
+@pytest.fixture
+def elsewhere(other_db: Engine) -> Store:  # noqa: F811
+    """A fresh database on the other backend."""
+    return Store(other_db, upgrade=True)
+
+
+def with_pruned(store: Store, o200k: TokenCounter) -> None:
+    """ "s" (nine messages: a pinned prompt, metadata, a tool call and its
+    answer, a turn's, a bulk append's), "p" (four, its first two pruned: its
+    chain starts at an anchor) and "gone" (its one message pruned)."""
+    store.append("s", [Message("system", "be brief"), Message("human", "hi")], o200k)
+    store.append(
+        "s", [Message("ai", "héllo 👋", metadata={"score": 2.0, "tags": ["a"], "n": 1e20})], o200k
+    )
+    ConversationTokenBufferMemory(store=store, session_id="s").save_messages(
+        [
+            {"role": "assistant", "content": None, "tool_calls": [CALL]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+        ]
+    )
+    store.record_turn(
+        "s", record("one", (0, 4)), [Message("human", "q"), Message("ai", "a")], o200k
+    )
+    store.append_many("s", [Message("human", "bulk 1"), Message("ai", "bulk 2", name="b")], o200k)
+    old = utcnow() - timedelta(days=40)
+    store.append("p", [StoredMessage("human", f"old {i}", created_at=old) for i in range(2)], o200k)
+    store.append("p", [Message("human", "new"), Message("ai", "reply")], o200k)
+    store.append("gone", [StoredMessage("human", "old", created_at=old)], o200k)
+    store.prune(timedelta(days=30), all_owners=True)
+
+
+def exported(store: Store) -> list[str]:
+    out = io.StringIO()
+    export_jsonl(store, out)
+    return out.getvalue().splitlines(keepends=True)
+
+
+def anchors(db: Engine) -> list[tuple[str, str | None, int | None, str | None]]:
+    s = SESSIONS.c
+    with db.connect() as conn:
+        rows = conn.execute(
+            select(s.name, s.anchor_digest, s.anchor_position, s.head_digest).order_by(s.name)
+        )
+        return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+def test_an_exported_session_verifies_elsewhere_with_its_head(
+    store: Store, elsewhere: Store, o200k: TokenCounter
+) -> None:
+    """SQLite to PostgreSQL and back: every message's digest, a pruned
+    session's anchor, and the heads arrive as they were."""
+    with_pruned(store, o200k)
+    lines = exported(store)
+    records = [json.loads(line) for line in lines]
+    assert all(len(r.get("digest", "")) == 64 for r in records if r.get("kind") != "session")
+    p = next(r for r in records if r.get("kind") == "session" and r["session_id"] == "p")
+    assert p["anchor_position"] == 1 and p["head_digest"] == store.verify("p").head_digest
+    assert import_jsonl(elsewhere, lines).imported == 11
+    for name in ("s", "p", "gone"):
+        was, now = store.verify(name), elsewhere.verify(name)
+        assert now.ok, now
+        assert (now.head_digest, now.messages) == (was.head_digest, was.messages)
+    assert anchors(elsewhere.engine) == anchors(store.engine)
+    chains = [
+        {k: v for k, v in json.loads(line).items() if k.endswith(("digest", "position"))}
+        for line in exported(elsewhere)
+    ]  # (not the same bytes: PostgreSQL's jsonb writes 1e20 as 100000000000000000000)
+    assert chains == [
+        {k: v for k, v in r.items() if k.endswith(("digest", "position"))} for r in records
+    ]
+    assert import_jsonl(elsewhere, lines).skipped == 11  # again: nothing to do
+    elsewhere.append("p", [Message("human", "goes on")], o200k)
+    assert elsewhere.verify("p").ok
+
+
+def test_a_file_without_digests_is_digested_afresh(
+    store: Store, elsewhere: Store, o200k: TokenCounter
+) -> None:
+    """Written before the digests (or by hand): imported as before, its rows
+    chained in the new database; a pruned session's chain then starts there."""
+    with_pruned(store, o200k)
+    lines = [
+        json.dumps({k: v for k, v in json.loads(line).items() if not k.endswith("digest")})
+        for line in exported(store)
+    ]
+    assert "digest" not in "".join(lines)
+    import_jsonl(elsewhere, lines)
+    for name in ("s", "p", "gone"):
+        assert elsewhere.verify(name).ok
+    # the same rows from the same start: the same chain; p's starts at "" now
+    assert elsewhere.verify("s").head_digest == store.verify("s").head_digest
+    assert elsewhere.verify("p").head_digest != store.verify("p").head_digest
+
+
+def _line(lines: list[str], session: str, position: int | None = None) -> int:
+    """The (1-based) line of a session's record at ``position``, or of its session line."""
+    for i, line in enumerate(lines):
+        r = json.loads(line)
+        same = r["session_id"] == session and r.get("position") == position
+        if same and (position is None) == (r.get("kind") == "session"):
+            return i + 1
+    raise LookupError(session, position)
+
+
+MISMATCH = "its digest does not match the record"
+
+
+@pytest.mark.parametrize(
+    ("how", "expected"),
+    [
+        ("content", (("s", 2), MISMATCH)),
+        ("metadata", (("s", 2), MISMATCH)),
+        ("tool answer", (("s", 4), MISMATCH)),
+        ("created_at", (("s", 5), MISMATCH)),
+        ("turn", (("s", 5), MISMATCH)),
+        ("first", (("s", 0), MISMATCH + r".*\(the first of its session")),
+        ("dropped", (("s", 3), MISMATCH)),  # where 3 was, 4 now is
+        ("dropped first", (("s", 0), MISMATCH + r".*\(the first of its session")),
+        ("dropped last", (("s", None), "head_digest is not the digest of the last record")),
+        ("dropped session line", (("s", 8), "carry digests, but no session line follows")),
+        ("swapped", (("s", 3), MISMATCH)),
+        ("digest", (("s", 5), MISMATCH)),
+        ("no digest", (("s", 5), "no digest, though the record before it")),
+        ("bad digest", (("s", 5), "digest must be a SHA-256 in lowercase hex")),
+        ("head", (("s", None), "head_digest is not the digest of the last record")),
+        ("added", (("s", None), "head_digest is not the digest of the last record")),
+        ("anchor", (("p", 2), MISMATCH + r".*\(the first of its session")),
+        ("no anchor", (("p", 2), MISMATCH + r".*\(the first of its session")),
+        ("gone head", (("gone", None), "head_digest is not the anchor_digest")),
+    ],
+)
+def test_a_tampered_export_is_refused_with_its_line(
+    store: Store, elsewhere: Store, o200k: TokenCounter, how: str, expected: tuple[Any, str]
+) -> None:
+    with_pruned(store, o200k)
+    lines = exported(store)
+    (session, position), error = expected
+    at = _line(lines, session, position)
+    records = [json.loads(line) for line in lines]
+
+    def of(session: str, position: int | None = None) -> dict[str, Any]:
+        return records[_line(lines, session, position) - 1]
+
+    if how == "content":
+        of("s", 2)["content"] += "!"
+    elif how == "metadata":
+        of("s", 2)["metadata"]["score"] = 3
+    elif how == "tool answer":
+        of("s", 4)["content"] = of("s", 4)["openai"]["content"] = "43"
+    elif how == "created_at":
+        of("s", 5)["created_at"] = "2020-01-01T00:00:00+00:00"
+    elif how == "turn":
+        of("s", 5)["turn"] += 1
+    elif how == "first":
+        of("s", 0)["content"] = "be verbose"
+    elif how == "dropped":
+        records.remove(of("s", 3))
+    elif how == "dropped first":
+        records.remove(of("s", 0))
+    elif how == "dropped last":
+        records.remove(of("s", 8))
+        at -= 1
+    elif how == "dropped session line":
+        records.remove(of("s"))
+    elif how == "swapped":
+        i = _line(lines, "s", 3) - 1
+        records[i], records[i + 1] = records[i + 1], records[i]
+    elif how == "digest":
+        of("s", 5)["digest"] = of("s", 4)["digest"]
+    elif how == "no digest":
+        del of("s", 5)["digest"]
+    elif how == "bad digest":
+        of("s", 5)["digest"] = of("s", 5)["digest"].upper()
+    elif how == "head":
+        of("s")["head_digest"] = of("s", 7)["digest"]
+    elif how == "added":  # chained to the last, as a forger can: the head still says where it ended
+        extra = {**of("s", 8), "position": 9, "content": "added"}
+        fields = {**extra, "message": None, "tool_calls": None, "tool_call_id": None}
+        fields["created_at"] = datetime.fromisoformat(extra["created_at"])
+        extra["digest"] = message_digest(fields, of("s", 8)["digest"])
+        records.insert(_line(lines, "s", 8), extra)
+        at += 1
+    elif how == "anchor":
+        of("p")["anchor_digest"] = of("s", 0)["digest"]
+    elif how == "no anchor":
+        del of("p")["anchor_digest"]
+    elif how == "gone head":
+        of("gone")["head_digest"] = of("s", 0)["digest"]
+    tampered = [json.dumps(r) + "\n" for r in records]
+    with pytest.raises(InvalidInputError, match=rf"^line {at}: .*{error}"):
+        import_jsonl(elsewhere, tampered)
+    assert elsewhere.count(all_owners=True) == 0 and elsewhere.session_stats() == []
+
+
+def test_cli_export_import_verify(
+    store: Store,
+    elsewhere: Store,
+    o200k: TokenCounter,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    with_pruned(store, o200k)
+    dump = tmp_path / "dump.jsonl"
+    assert run(capsys, "--db", url_of(store.engine), "export", "-o", str(dump))[0] == 0
+    target = url_of(elsewhere.engine)
+    code, out, err = run(capsys, "--db", target, "import", str(dump))
+    assert code == 0, err
+    code, out, _ = run(capsys, "--db", target, "verify", "p")
+    assert code == 0 and out.strip().endswith(f"head {store.verify('p').head_digest}"), out
+    records = dump.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert '"content": "new"' in records[1]  # p's first: the line after gone's session line
+    records[1] = records[1].replace('"content": "new"', '"content": "New"')
+    dump.write_text("".join(records), encoding="utf-8")
+    code, out, err = run(capsys, "--db", target, "import", str(dump))
+    assert code == 1 and err.startswith(f"tokenmem: line 2: {MISMATCH}"), err

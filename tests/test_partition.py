@@ -351,6 +351,7 @@ def test_the_window_of_one_session_reads_one_partition(pg: Engine, o200k: TokenC
 _PLACEHOLDER = r"(\?|%\((\w+)\)s)"
 _REF = re.compile(r"\b(?:FROM|JOIN|UPDATE|INTO)\s+(tokenmem_\w+)(?:\s+AS\s+(\w+))?")
 _INSERT = re.compile(r"^INSERT INTO (tokenmem_\w+) \(([^)]*)\) VALUES (.*)$", re.S)
+_WITH_INSERT = re.compile(r"^WITH \w+ AS\s*\((INSERT INTO .*)\)\s*(UPDATE .*)$", re.S)
 _KEY = {
     "tokenmem_messages": "session_id",
     "tokenmem_turns": "session_id",
@@ -401,6 +402,10 @@ def session_keys(statement: str, params: Any) -> list[tuple[str, uuid.UUID]]:
     no equality of its key to a bound parameter."""
     found: list[tuple[str, uuid.UUID]] = []
     rows = params if isinstance(params, list) else [params]
+    cte = _WITH_INSERT.match(statement)
+    if cte:  # PostgreSQL's append: its rows' INSERT inside the session's UPDATE
+        assert "?" not in statement  # named parameters: no offsets to keep
+        return session_keys(cte.group(1), params) + session_keys(cte.group(2), params)
     insert = _INSERT.match(statement)
     if insert:
         table, columns = insert.group(1), [c.strip() for c in insert.group(2).split(",")]
@@ -440,6 +445,14 @@ def test_the_checker_finds_what_it_is_for() -> None:
         )
         == [("tokenmem_turns", sid)] * 2
     )
+    appended = (
+        "WITH a AS (INSERT INTO tokenmem_messages (position, session_id) VALUES (%(p)s, %(s)s))"
+        " UPDATE tokenmem_sessions SET head_digest = %(d)s WHERE tokenmem_sessions.id = %(s)s"
+    )
+    assert session_keys(appended, [{"p": 0, "s": sid, "d": "x"}]) == [
+        ("tokenmem_messages", sid),
+        ("tokenmem_sessions", sid),
+    ]
     for fans_out in (
         "SELECT count(*) FROM tokenmem_messages",
         "DELETE FROM tokenmem_messages WHERE tokenmem_messages.session_id IN (SELECT 1)",
@@ -448,6 +461,8 @@ def test_the_checker_finds_what_it_is_for() -> None:
     ):
         with pytest.raises(AssertionError):
             session_keys(fans_out, ("x",))
+    with pytest.raises(AssertionError):  # every session's head
+        session_keys(appended.split(" WHERE ")[0], [{"p": 0, "s": sid, "d": "x"}])
 
 
 def test_every_hot_statement_names_one_session(

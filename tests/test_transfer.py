@@ -20,6 +20,7 @@ from tokenmem import (
     Store,
     StoreError,
     TokenCounter,
+    transfer,
 )
 from tokenmem.cli import main
 from tokenmem.models import MESSAGES, SESSIONS, utcnow
@@ -336,12 +337,11 @@ def test_a_failed_export_leaves_no_file(
     assert code == 3 and dump.read_text() == "precious\n"
     assert list(folder.iterdir()) == [dump]
 
-    def failing(*args: object, **kwargs: object) -> Iterator[object]:
-        yield from original(*args, **kwargs)  # type: ignore[arg-type]
+    def failing(*args: object, **kwargs: object) -> list[object]:
         raise StoreError("database error: the connection went away")
 
-    original = Store.history
-    monkeypatch.setattr(Store, "history", failing)
+    monkeypatch.setattr(transfer, "_PAGE", 1)  # the second page fails, after the first's lines
+    monkeypatch.setattr(Store, "history_page", failing)
     code, _, err = run(capsys, "--db", url, "export", "-o", str(dump))
     assert code == 1 and "went away" in err
     assert dump.read_text() == "precious\n" and list(folder.iterdir()) == [dump]

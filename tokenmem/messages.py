@@ -39,6 +39,8 @@ class StoredMessage(Message):
     text_tokens: int = 0
     chat_tokens: int = 0
     newline_tokens: int | None = None  # None: written before it was counted
+    # The SHA-256 chaining it to the session's previous message (tokenmem.digest).
+    digest: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -248,6 +248,7 @@ _HISTORY = (
     MESSAGES.c.chat_tokens,
     MESSAGES.c.newline_tokens,
     MESSAGES.c.message,
+    MESSAGES.c.digest,
 )
 
 
@@ -290,6 +291,7 @@ def history_page(
             chat_tokens=chat_tokens,
             newline_tokens=newline_tokens,
             openai=message,
+            digest=digest,
         )
         for (
             position,
@@ -304,6 +306,7 @@ def history_page(
             chat_tokens,
             newline_tokens,
             message,
+            digest,
         ) in rows
     ]
 

@@ -16,6 +16,22 @@ tool-call rules over each session's records), so tool calls and their
 answers are units again — one left open too — and the pinned prompt stays
 where it was.
 
+Exports carry the tamper-evident chain (:mod:`tokenmem.digest`): each
+record its message's ``digest``, each session line the session's
+``head_digest`` (its last record's) and, after a prune, the
+``anchor_digest`` and ``anchor_position`` its chain starts from. An import
+checks the chain while it checks the lines, so a break fails it before
+anything is written, naming the line: a record whose digest does not
+follow from its fields and the record before it of its session (the first
+one's: from the anchor its session line names, so that record is named when
+the session line is read), a session line whose head is not its last
+record's, digests on some of a session's records and not others, records
+with digests and no session line after them (a file cut short). A session
+with no chain yet in the database gets the records' chain as it is (with
+its anchor): the copy verifies with the source's head digest. A file without
+digests — written before them, by ``tokenmem history --format jsonl``, or by
+hand — imports as before, its rows digested afresh as they are written.
+
 Exports and recounts stream, page by page. An import reads its input twice
 (a stream is spooled to a temporary file): first to check every line, so a
 bad one fails it before anything is written, then to write, holding up to a
@@ -51,7 +67,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import IO, Any
@@ -70,7 +86,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
-from .chat import from_openai
+from . import reads
+from .chat import answered, from_openai
+from .digest import message_digest
 from .engine import source_engine
 from .errors import (
     ConfigurationError,
@@ -264,36 +282,83 @@ def export_jsonl(
     Raises :class:`SessionNotFound`, before writing anything, if a named
     session does not exist."""
     scope = _within(store, owner)
-    named: list[tuple[SessionKey, SessionInfo | None]] = []
+    named: list[SessionKey] = []
     for name in sessions:
         key = SessionKey.of(name, store.default_owner if scope is None else scope)
-        state = _state(store, key)
-        if state is None:
+        if _state(store, key) is None:
             raise SessionNotFound(key.name)
-        named.append((key, state))
+        named.append(key)
     if not sessions:
         stats = store.session_stats(owner=scope, all_owners=scope is None)
-        named = [(SessionKey(s.owner_id, s.session_id), None) for s in stats]
+        named = [SessionKey(s.owner_id, s.session_id) for s in stats]
     written = 0
-    for key, known in named:
-        state = known or _state(store, key)
-        if state is None:  # erased since it was listed
+    for key in named:
+        try:
+            state, anchor, page = _open(store, key)
+        except SessionNotFound:  # erased since it was listed
             continue
-        for m in store.history(key.name, owner=key.owner):
+        head = anchor.digest
+        for m in _pages(store, key, page):
             if m.position >= state.next_position:  # appended since: the next export's
                 break
-            out.write(to_json(to_record(key.owner, key.name, m)) + "\n")
-            written += 1
+            out.write(to_json({**to_record(key.owner, key.name, m), "digest": m.digest}) + "\n")
+            head, written = m.digest, written + 1
             if progress and written % _BATCH == 0:
                 progress(_BATCH)
-        out.write(to_json(_session_line(key, state)) + "\n")
+        out.write(to_json(_session_line(key, state, anchor, head)) + "\n")
     if progress:
         progress(written % _BATCH)
     return written
 
 
-def _session_line(key: SessionKey, state: SessionInfo) -> dict[str, Any]:
-    return {
+_PAGE = 500  # messages an export reads per statement
+
+
+@dataclasses.dataclass(frozen=True)
+class _Anchor:
+    """Where a session's message chain starts (tokenmem.digest): the digest
+    and position of the newest message a prune removed (None: none was)."""
+
+    digest: str | None
+    position: int | None
+
+
+def _opening(conn: Connection, key: SessionKey) -> tuple[SessionInfo, _Anchor, list[StoredMessage]]:
+    """A session's first page of messages, then its state and the anchor its
+    chain starts from (SessionNotFound if there is none)."""
+    page = reads.history_page(conn, key, -1, _PAGE)
+    state = reads.session(conn, key)
+    s = SESSIONS.c
+    digest, position = conn.execute(
+        select(s.anchor_digest, s.anchor_position).where(s.id == key.id)
+    ).one()
+    return state, _Anchor(digest, position), page
+
+
+def _open(store: Store, key: SessionKey) -> tuple[SessionInfo, _Anchor, list[StoredMessage]]:
+    """:func:`_opening`, again if a prune came between its statements (each
+    sees the database as it is then on PostgreSQL): the anchor it read is at
+    or past the first message the page holds."""
+    for _ in range(3):
+        state, anchor, page = store.run(functools.partial(_opening, key=key))
+        if not page or anchor.position is None or page[0].position > anchor.position:
+            break
+    return state, anchor, page  # else messages a prune left below its anchor: not its chain
+
+
+def _pages(store: Store, key: SessionKey, page: list[StoredMessage]) -> Iterator[StoredMessage]:
+    """The session's messages from ``page`` (its first) on, a page at a time."""
+    while True:
+        yield from page
+        if len(page) < _PAGE:
+            return
+        page = store.history_page(key.name, owner=key.owner, after=page[-1].position, limit=_PAGE)
+
+
+def _session_line(
+    key: SessionKey, state: SessionInfo, anchor: _Anchor, head: str | None
+) -> dict[str, Any]:
+    line = {
         "kind": "session",
         "owner": key.owner,
         "session_id": key.name,
@@ -302,6 +367,11 @@ def _session_line(key: SessionKey, state: SessionInfo) -> dict[str, Any]:
         "window_start": state.window_start,
         "metadata": _sorted(state.metadata),
     }
+    if anchor.digest is not None:  # a prune removed its oldest messages
+        line.update(anchor_digest=anchor.digest, anchor_position=anchor.position)
+    if head is not None:
+        line["head_digest"] = head
+    return line
 
 
 # --- reading JSONL --------------------------------------------------------------
@@ -319,6 +389,7 @@ class _Line:
     # The first message after tool calls left unanswered (which only clear()
     # forgets: the session line checks it came before the window's start).
     forgets: bool = False
+    number: int = 0  # its line (0: not a JSONL line)
 
 
 @dataclasses.dataclass
@@ -337,19 +408,35 @@ class _Seen:
     waiting: list[str] = dataclasses.field(default_factory=list)
     call: tuple[str, int] = ("", -1)
     left: list[tuple[str, int, list[str], str]] = dataclasses.field(default_factory=list)
+    # The digests of the export being read (tokenmem.digest): whether its
+    # records carry them (None: no record yet), the last one, its first
+    # record (checked when the session line names the anchor it chains to)
+    # and its last.
+    chained: bool | None = None
+    digest: str = ""
+    first: tuple[int, str, dict[str, Any]] | None = None
+    last: int = 0
 
 
 _REQUIRED = ("session_id", "role", "content")
 
 
 class _Reader:
-    """Parses and checks JSONL lines, giving each message its position."""
+    """Parses and checks JSONL lines, giving each message its position, and
+    checks the digests an export carries (``chains``): each record's chains
+    it to the one before it of its session, the first to the anchor its
+    session line names, whose ``head_digest`` is the last's."""
 
-    def __init__(self, owner: str | None, counter: TokenCounter | None) -> None:
+    def __init__(
+        self, owner: str | None, counter: TokenCounter | None, *, chains: bool = True
+    ) -> None:
         self.owner = owner
         self.counter = counter
+        self.chains = chains
         self.seen: dict[SessionKey, _Seen] = {}
         self.keys: dict[tuple[str, str], SessionKey] = {}  # checked once per session
+        # The anchors session lines name, by the line of their export's first record.
+        self.anchors: dict[int, _Anchor] = {}
 
     def read(self, lines: Iterable[str]) -> Iterator[_Line]:
         number, it = 0, iter(lines)
@@ -359,6 +446,12 @@ class _Reader:
             except StopIteration:
                 for seen in self.seen.values():
                     _forgotten(seen, None)
+                    if seen.chained:
+                        raise InvalidInputError(
+                            f"line {seen.last}: the records of its session carry digests, but "
+                            "no session line follows them: the file was cut short (an export "
+                            "ends each session with its session line)"
+                        ) from None
                 return
             except UnicodeDecodeError as exc:
                 raise InvalidInputError(
@@ -372,6 +465,8 @@ class _Reader:
                     line = self._line(number, text)
                 except InvalidInputError as exc:
                     raise InvalidInputError(f"line {number}: {exc}") from None
+                except _Broken as exc:  # at another line
+                    raise InvalidInputError(f"line {exc.args[0]}: {exc.args[1]}") from None
                 yield self._unit(line)
 
     def _unit(self, line: _Line) -> _Line:
@@ -432,8 +527,10 @@ class _Reader:
             for field in ("next_position", "next_turn", "window_start"):
                 _number(record.get(field), field)
             _metadata(record.get("metadata"), "metadata")
+            if self.chains:
+                self._close(seen, number, record)
             seen.ended = True
-            return _Line(f"line {number}", key, record, None)
+            return _Line(f"line {number}", key, record, None, number=number)
         message = _message(record)
         position = _number(record.get("position"), "position")
         if position is None:
@@ -458,8 +555,72 @@ class _Reader:
                 except TokenmemError as exc:
                     raise InvalidInputError(str(exc)) from None
                 seen.encoding = encoding
+        if self.chains:
+            self._chain(seen, number, record, message, position)
         seen.ended = False
-        return _Line(f"line {number}", key, record, message, position)
+        return _Line(f"line {number}", key, record, message, position, number=number)
+
+    def _chain(
+        self, seen: _Seen, number: int, record: dict[str, Any], message: StoredMessage, at: int
+    ) -> None:
+        """Check the record's digest against the one before it (the first's
+        waits for its session line), or that it has none, as the rest of
+        its export (the records up to its session's next session line)."""
+        claimed = record.get("digest")
+        if seen.chained is None:
+            seen.chained = claimed is not None
+        elif seen.chained != (claimed is not None):
+            this, that = ("no digest", "one") if seen.chained else ("a digest", "none")
+            raise InvalidInputError(
+                f"{this}, though the record before it of its session (line {seen.last}) has "
+                f"{that}: digests were removed or added"
+            )
+        seen.last = number
+        if claimed is None:
+            return
+        _digest(claimed, "digest")
+        turn = record.get("turn")
+        if turn is None or message.created_at is None:
+            raise InvalidInputError("a record with a digest needs its turn and created_at")
+        fields = _fields(at, turn, message)
+        if seen.first is None:
+            seen.first = (number, claimed, fields)
+        elif message_digest(fields, seen.digest) != claimed:
+            raise InvalidInputError(_BROKEN)
+        seen.digest = claimed
+
+    def _close(self, seen: _Seen, number: int, record: dict[str, Any]) -> None:
+        """A session line: check the first record's digest against the
+        anchor it names, and its head against the last record's; the next
+        record of the session starts another export."""
+        anchor = _Anchor(
+            _digest(record.get("anchor_digest"), "anchor_digest"),
+            _number(record.get("anchor_position"), "anchor_position"),
+        )
+        head = _digest(record.get("head_digest"), "head_digest")
+        if seen.chained is False:
+            if head is not None:
+                raise InvalidInputError(
+                    f"head_digest given, but the records of its session before it (line "
+                    f"{seen.last}) carry no digest: they were removed"
+                )
+        elif seen.first is not None:
+            at, claimed, fields = seen.first
+            if message_digest(fields, anchor.digest or "") != claimed:
+                raise _Broken(at, _BROKEN + _ANCHORED.format(number))
+            if head != seen.digest:
+                raise InvalidInputError(
+                    f"head_digest is not the digest of the last record of its session (line "
+                    f"{seen.last}): records after it were removed, or this line was changed"
+                )
+            if anchor.digest is not None:
+                self.anchors[at] = anchor
+        elif head != anchor.digest:  # no records: the chain is its anchor
+            raise InvalidInputError(
+                "head_digest is not the anchor_digest, yet no record of its session comes "
+                "before it: its records were removed, or this line was changed"
+            )
+        seen.chained, seen.digest, seen.first = None, "", None
 
     def _key(self, session_id: object, owner: str) -> SessionKey:
         if not isinstance(session_id, str):
@@ -478,6 +639,44 @@ class _Reader:
             f"the record belongs to {_owner_label(named)}, but the import is into "
             f"{_owner_label(self.owner)}: drop its owner field to import it there"
         )
+
+
+class _Broken(Exception):
+    """A line found broken while reading another: ``(number, message)``."""
+
+
+_BROKEN = (
+    "its digest does not match the record: the record was changed, or a record of its "
+    "session before it removed, added or moved"
+)
+_ANCHORED = " (the first of its session: chained to the anchor its session line, line {}, names)"
+_HEX = re.compile("[0-9a-f]{64}")
+
+
+def _digest(value: object, what: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _HEX.fullmatch(value):
+        raise InvalidInputError(f"{what} must be a SHA-256 in lowercase hex, not {value!r}")
+    return value
+
+
+def _fields(position: int, turn: int, m: StoredMessage) -> dict[str, Any]:
+    """What a record's digest covers (:data:`tokenmem.digest.MESSAGE_FIELDS`),
+    as the import writes it."""
+    openai = m.openai or {}
+    return {
+        "position": position,
+        "turn": turn,
+        "role": m.type,
+        "content": m.content,
+        "name": m.name,
+        "metadata": m.metadata,
+        "message": m.openai,
+        "tool_calls": openai.get("tool_calls"),
+        "tool_call_id": answered(openai),
+        "created_at": m.created_at,
+    }
 
 
 def _forgotten(seen: _Seen, start: int | None) -> None:
@@ -650,11 +849,11 @@ def _continues(last: _Last | None, line: _Line) -> bool:
     return last.role == "human" and line.record["role"] == "ai"
 
 
-def _lock(conn: Connection, key: SessionKey) -> tuple[int, int]:
+def _lock(conn: Connection, key: SessionKey) -> tuple[int, int, str | None]:
     """Create the session if need be and lock its row until the transaction
     ends (on SQLite, the database: the first statement writes, so the lock is
-    taken at once, never upgraded from a read); return its next position and
-    next turn."""
+    taken at once, never upgraded from a read); return its next position,
+    next turn and head digest (None: its chain is empty, and has no anchor)."""
     s, now = SESSIONS.c, utcnow()
     row = {"id": key.id, "owner_id": key.owner, "name": key.name}
     upsert = session_upsert(
@@ -662,8 +861,24 @@ def _lock(conn: Connection, key: SessionKey) -> tuple[int, int]:
         {**row, "created_at": now, "updated_at": now},
         {"next_position": s.next_position},  # changes nothing: only locks
     )
-    position, turn = conn.execute(upsert.returning(s.next_position, s.next_turn)).one()
-    return int(position), int(turn)
+    position, turn, head = conn.execute(
+        upsert.returning(s.next_position, s.next_turn, s.head_digest)
+    ).one()
+    return int(position), int(turn), head
+
+
+def _anchor(conn: Connection, key: SessionKey, anchor: _Anchor) -> None:
+    """Start the session's empty chain at ``anchor``, as a prune leaves it,
+    so the records chained to it in the file are chained to it here."""
+    conn.execute(
+        update(SESSIONS)
+        .where(SESSIONS.c.id == key.id)
+        .values(
+            anchor_digest=anchor.digest,
+            anchor_position=anchor.position,
+            head_digest=anchor.digest,
+        )
+    )
 
 
 _m = MESSAGES.c
@@ -698,6 +913,7 @@ def _put(
     prepared: PreparedAppend | None,
     counted: int,
     last: _Last | None,
+    anchors: Mapping[int, _Anchor],
 ) -> _Put:
     """Write a batch of one session's records (positions ascending) in the
     caller's transaction: those below the session's next position must be
@@ -706,8 +922,9 @@ def _put(
     counts ``lines[counted:]`` (those the session did not hold when last
     seen): :class:`_Stale` if the session now needs more. Turns: as
     :func:`_continues` groups them, a record's own ``turn`` kept unless the
-    session has passed it."""
-    have, turn = _lock(conn, key)
+    session has passed it. A session whose chain is empty starts it at the
+    anchor (``anchors``, by line) the first record's session line names."""
+    have, turn, head = _lock(conn, key)
     old = bisect.bisect_left([line.position for line in lines], have)
     if old < counted:
         raise _Stale
@@ -720,6 +937,9 @@ def _put(
             j += 1
         if lines[i].position > have:
             align(conn, key, lines[i].position, turn)
+        if head is None and lines[i].number in anchors:
+            _anchor(conn, key, anchors[lines[i].number])
+            head = anchors[lines[i].number].digest
         if lines[i].forgets:  # the calls left open before it: forgotten, as by clear()
             conn.execute(_forget_open(key, below=lines[i].position))
         base, turns = turn, []
@@ -776,11 +996,14 @@ def _compare(conn: Connection, key: SessionKey, old: Sequence[_Line]) -> _Last:
 
 def _end(conn: Connection, key: SessionKey, record: dict[str, Any]) -> None:
     """A session line: move the session's next position and turn forward to
-    its, then restore its window start and metadata."""
-    have, turn = _lock(conn, key)
+    its, then restore its window start and metadata; an empty chain starts
+    at the line's anchor (its session's messages all pruned)."""
+    have, turn, head = _lock(conn, key)
     position = record.get("next_position")
     if position is not None and have < position:
         align(conn, key, position, max(record.get("next_turn") or 0, turn))
+    if head is None and record.get("anchor_digest") is not None:
+        _anchor(conn, key, _Anchor(record["anchor_digest"], record.get("anchor_position")))
     start, metadata = record.get("window_start"), record.get("metadata")
     if start is not None or metadata is not None:
         _restore(conn, key, start, metadata)
@@ -797,8 +1020,10 @@ class _Importer:
         counter: TokenCounter | None,
         encoding_of: Callable[[SessionKey], str | None],
         progress: Progress | None,
+        anchors: Mapping[int, _Anchor] | None = None,
     ) -> None:
         self.store, self.counter = store, counter
+        self.anchors = anchors or {}
         self.encoding_of, self.progress = encoding_of, progress
         self.imported = self.skipped = 0
         self.batches: dict[SessionKey, list[_Line]] = {}
@@ -868,6 +1093,7 @@ class _Importer:
                 prepared=prepared,
                 counted=counted,
                 last=self.last.get(key),
+                anchors=self.anchors,
             )
             try:
                 done = self.store.run(work)  # run again, whole, if retried: no state here
@@ -932,8 +1158,10 @@ def import_jsonl(
     with _twice(lines) as (first, again):
         for _ in check.read(first):
             pass
-        importer = _Importer(store, counter, lambda key: check.seen[key].encoding, progress)
-        for line in _Reader(scope, counter).read(again()):
+        importer = _Importer(
+            store, counter, lambda key: check.seen[key].encoding, progress, check.anchors
+        )
+        for line in _Reader(scope, counter, chains=False).read(again()):
             importer.add(line)
         importer.finish()
     return ImportResult(len(check.seen), importer.imported, importer.skipped)

@@ -22,6 +22,7 @@ from sqlalchemy import (
     BigInteger,
     ColumnElement,
     Connection,
+    Executable,
     Insert,
     Table,
     bindparam,
@@ -60,11 +61,14 @@ __all__ = [
     "clear",
     "erase",
     "erase_owner",
+    "insert_params",
+    "insert_statement",
     "pop",
     "prune",
     "recount_batch",
     "recount_start",
     "session_upsert",
+    "sets_head",
 ]
 
 # Messages a recount counts per transaction (writes.recount_batch).
@@ -172,6 +176,52 @@ def bump_statement(dialect: str) -> Insert:
 
 
 _INSERT_MESSAGES = insert(MESSAGES)  # run as an executemany: compiled once, cached
+
+
+@functools.cache
+def insert_statement(dialect: str) -> Executable:
+    """The statement an append runs as one executemany of its rows
+    (:func:`insert_params`), built once per dialect. On PostgreSQL it also
+    sets the session's ``head_digest``, with no statement (no round trip) of
+    its own: each row is inserted by a data-modifying ``WITH`` of an
+    ``UPDATE`` of the session that takes the digest of the row the bump left
+    the session's ``next_position`` just after: the append's last. (An
+    ``UPDATE`` on top, not an ``INSERT``: no driver rewrites an executemany
+    of it into one multi-row statement; its parameters are prefixed, as
+    SQLAlchemy would take a key naming a session column for one to set.)
+    SQLite has no ``INSERT`` inside ``WITH``: :data:`SET_HEAD` follows there
+    (:func:`sets_head`)."""
+    if not sets_head(dialect):
+        return _INSERT_MESSAGES
+    m, s = MESSAGES.c, SESSIONS.c
+    param = {c.name: bindparam(_PREFIXED[c.name], type_=c.type) for c in m}
+    return (
+        update(SESSIONS)
+        .where(
+            s.id == param["session_id"],
+            s.next_position == param["position"] + literal_column("1"),
+        )
+        .values(head_digest=param["digest"])
+        .add_cte(insert(MESSAGES).values(param).cte("appended"))
+    )
+
+
+_PREFIXED = {c.name: f"m_{c.name}" for c in MESSAGES.c}
+
+
+def sets_head(dialect: str) -> bool:
+    """Whether :func:`insert_statement` sets the session's head digest too."""
+    return dialect == "postgresql"
+
+
+def insert_params(dialect: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` (each naming every column) as :func:`insert_statement` takes them."""
+    if not sets_head(dialect):
+        return rows
+    named = _PREFIXED
+    return [{named[k]: v for k, v in row.items()} for row in rows]
+
+
 BULK_BATCH = 2000  # rows a bulk append sends per statement (COPY or executemany)
 
 
@@ -341,8 +391,9 @@ def append(conn: Connection, p: PreparedAppend) -> list[StoredMessage]:
     now = utcnow()
     p, at = _reserve(conn, p, now)
     rows = _rows(p, 0, len(p.messages), at, at.cum, now, at.head)
-    direct.execute(conn, _INSERT_MESSAGES, rows)
-    if rows:
+    dialect = conn.dialect.name
+    direct.execute(conn, insert_statement(dialect), insert_params(dialect, rows))
+    if rows and not sets_head(dialect):
         direct.execute(conn, SET_HEAD, {"sid": p.key.id, "head": rows[-1]["digest"]})
     return [
         StoredMessage(
@@ -358,6 +409,7 @@ def append(conn: Connection, p: PreparedAppend) -> list[StoredMessage]:
             position=row["position"],
             turn=row["turn"],
             openai=row["message"],
+            digest=row["digest"],
         )
         for row in rows
     ]
