@@ -363,6 +363,23 @@ def test_serve_refuses_another_interface_without_a_token(
     assert TOKEN not in capsys.readouterr().err
 
 
+def test_serve_on_the_embedded_default_makes_it_as_every_command_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tokenmem serve`` with no --db on a new machine serves the embedded
+    default, made and migrated on first use as by every other command (a
+    database named by a URL is never migrated: the test above)."""
+    import uvicorn
+
+    runs: list[Any] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: runs.append(app))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert main(["serve"]) == 0, capsys.readouterr().err
+    (app,) = runs
+    assert app.state.store.sessions() == []
+    assert (tmp_path / "tokenmem" / "tokenmem.sqlite3").exists()
+
+
 def test_without_the_extra_the_error_names_it() -> None:
     code = "import sys; sys.modules['jinja2'] = None; import tokenmem.web"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -1133,9 +1133,10 @@ def main(argv: list[str] | None = None) -> int:
 
         _check_args(args)
         _check_exists(args)
-        # `db` commands report the schema as it is, and the viewer only reads:
-        # they never migrate by themselves.
-        upgrade = False if args.command in ("db", "serve") else None
+        # `db` commands report the schema as it is: they never migrate by
+        # themselves. The others make the embedded default on first use (a
+        # database named by a URL is never migrated but by `db upgrade`).
+        upgrade = False if args.command == "db" else None
         store = Store(args.db or None, upgrade=upgrade)
         return int(args.handler(args, store, out))
     except KeyboardInterrupt:
