@@ -14,7 +14,16 @@ A message ``save_messages`` saved carries its Chat Completions dict
 (``openai``), which an import checks as ``save_messages`` does (and the
 tool-call rules over each session's records), so tool calls and their
 answers are units again — one left open too — and the pinned prompt stays
-where it was.
+where it was. An Agents SDK session's records carry their Responses API
+items (:mod:`tokenmem.agents`): an import checks each as ``add_items``
+does (:func:`tokenmem.chat.from_items`) and writes the session's records by
+the items' rules (:func:`tokenmem.chat.place_items`, which never refuse an
+order: orphans are imported as orphans), forgetting at the window start the
+unit ``clear()`` forgot there, so the copy holds the same units (but for a
+unit an earlier ``clear()`` forgot, which the export does not name: it is
+orphaned by the item after it, before the window's start, where nothing
+reads it). A session both wrote (the store takes that) is checked as the
+store checked it: its chat messages by the chat rules, the rest by the items'.
 
 Exports carry the tamper-evident chain (:mod:`tokenmem.digest`): each
 record its message's ``digest``, each session line the session's
@@ -87,7 +96,15 @@ from sqlalchemy import (
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
 from . import reads
-from .chat import answered, from_openai
+from .chat import (
+    OpenUnit,
+    answered,
+    as_openai,
+    from_items,
+    from_openai,
+    item_type,
+    place_items,
+)
 from .digest import message_digest
 from .engine import source_engine
 from .errors import (
@@ -97,7 +114,7 @@ from .errors import (
     StoreError,
     TokenmemError,
 )
-from .messages import SessionInfo, StoredMessage
+from .messages import Message, SessionInfo, StoredMessage
 from .models import MESSAGES, ROLES, SESSIONS, utcnow
 from .store import Store
 from .tokens import TokenCounter
@@ -165,8 +182,9 @@ _UNSAFE = re.compile("[\x7f-\x9f]")  # json leaves DEL and C1 as they are
 def to_record(owner: str, session_id: str, m: StoredMessage) -> dict[str, Any]:
     """A stored message as one JSONL record (the export format; an import
     counts again, with the record's ``encoding``, and gets the same counts).
-    ``openai``: the Chat Completions dict ``save_messages`` kept for it, only
-    when it has one (:attr:`Message.openai`)."""
+    ``openai``: the Chat Completions dict ``save_messages`` kept for it (or
+    the Responses API item ``add_items`` did), only when it has one
+    (:attr:`Message.openai`)."""
     record = {
         "owner": owner,
         "session_id": session_id,
@@ -390,6 +408,10 @@ class _Line:
     # forgets: the session line checks it came before the window's start).
     forgets: bool = False
     number: int = 0  # its line (0: not a JSONL line)
+    items: bool = False  # its session's records are Responses API items (placed by their rules)
+    # "item": a Responses API item (tokenmem.chat.from_items) that is no Chat
+    # Completions message; "chat": one (which may be an item too: _also_item).
+    kind: str = "chat"
 
 
 @dataclasses.dataclass
@@ -403,11 +425,15 @@ class _Seen:
     before: int = -1  # the position of the record before the last
     encoding: str | None = None
     ended: bool = False
-    # Tool calls not answered yet: the ids, where and at which position the
-    # call is; the calls another message left unanswered, for the session line.
-    waiting: list[str] = dataclasses.field(default_factory=list)
+    # The unit left open (tokenmem.chat.place_items: calls not answered yet,
+    # or reasoning waiting for its item) and where it starts; the units a
+    # chat message came after, for the session line (``plain``: a message
+    # that may be an item too, which orphans them if its session holds items).
+    unit: OpenUnit | None = None
     call: tuple[str, int] = ("", -1)
-    left: list[tuple[str, int, list[str], str]] = dataclasses.field(default_factory=list)
+    left: list[_Left] = dataclasses.field(default_factory=list)
+    items: bool = False  # an item record came (since the last session line)
+    segments: int = 0  # session lines read: which of its exports this is
     # The digests of the export being read (tokenmem.digest): whether its
     # records carry them (None: no record yet), the last one, its first
     # record (checked when the session line names the anchor it chains to)
@@ -416,6 +442,27 @@ class _Seen:
     digest: str = ""
     first: tuple[int, str, dict[str, Any]] | None = None
     last: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Export:
+    """One export of a session in a file: whether its records hold an item,
+    and the window start its session line names (None: none)."""
+
+    items: bool
+    start: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Left:
+    """A unit left open before a chat message (``by``), which only
+    ``clear()`` forgets; ``plain``: the message may be an item too."""
+
+    where: str
+    position: int
+    calls: list[str]
+    by: str
+    plain: bool
 
 
 _REQUIRED = ("session_id", "role", "content")
@@ -428,7 +475,12 @@ class _Reader:
     session line names, whose ``head_digest`` is the last's."""
 
     def __init__(
-        self, owner: str | None, counter: TokenCounter | None, *, chains: bool = True
+        self,
+        owner: str | None,
+        counter: TokenCounter | None,
+        *,
+        chains: bool = True,
+        exports: Mapping[SessionKey, list[_Export]] | None = None,
     ) -> None:
         self.owner = owner
         self.counter = counter
@@ -437,6 +489,11 @@ class _Reader:
         self.keys: dict[tuple[str, str], SessionKey] = {}  # checked once per session
         # The anchors session lines name, by the line of their export's first record.
         self.anchors: dict[int, _Anchor] = {}
+        # Each session's exports in the file, as read; and as a reading
+        # before this one found them (the writing pass needs to know, at
+        # their first record, whether they hold items and where clear() was).
+        self.exports: dict[SessionKey, list[_Export]] = {}
+        self.known = exports or {}
 
     def read(self, lines: Iterable[str]) -> Iterator[_Line]:
         number, it = 0, iter(lines)
@@ -444,8 +501,9 @@ class _Reader:
             try:
                 text = next(it)
             except StopIteration:
-                for seen in self.seen.values():
-                    _forgotten(seen, None)
+                for key, seen in self.seen.items():
+                    if not seen.ended:
+                        self._ended(key, seen, None)
                     if seen.chained:
                         raise InvalidInputError(
                             f"line {seen.last}: the records of its session carry digests, but "
@@ -470,19 +528,25 @@ class _Reader:
                 yield self._unit(line)
 
     def _unit(self, line: _Line) -> _Line:
-        """Check the tool-call rules over the line's session (errors name
-        their lines): a tool message answers a call still open, at the next
-        position; calls another message leaves unanswered are before the
-        window's start, as only ``clear()`` forgets them."""
+        """Check the unit rules over the line's session (errors name their
+        lines), as its writes did: a chat tool message answers a call still
+        open, at the next position; a unit a chat message came after is
+        before the window's start, as only ``clear()`` forgets one; an item
+        may come after anything (it orphans the unit it cannot join). A
+        session's records are written by the items' rules if one of them is
+        an item, so a message that may be either is then an item."""
         seen, message = self.seen[line.key], line.message
         if message is None:  # another export of the session may follow: its own units
-            _forgotten(seen, line.record.get("window_start"))
-            seen.waiting, seen.left = [], []
+            self._ended(line.key, seen, line.record.get("window_start"))
             return line
-        d = message.openai or {}
-        if message.type == "tool":
-            call_id = d.get("tool_call_id")
-            if call_id not in seen.waiting:
+        exports = self.known.get(line.key, [])
+        known = exports[seen.segments] if seen.segments < len(exports) else None
+        seen.items |= line.kind == "item"
+        items = known.items if known else seen.items
+        open_, forgets = seen.unit, False
+        if line.kind != "item" and message.type == "tool":
+            call_id = answered(message.openai or {})
+            if open_ is None or call_id not in open_.calls:
                 raise InvalidInputError(
                     f"{line.where}: tool message answers {call_id!r}, which no open tool call "
                     "of its session made (or it was answered already): a tool message follows "
@@ -494,15 +558,31 @@ class _Reader:
                     f"{seen.before}: a tool message follows its call, or its call's "
                     "other answers"
                 )
-            seen.waiting.remove(call_id)
-            return line
-        forgets = bool(seen.waiting)
-        if forgets:
-            seen.left.append((*seen.call, seen.waiting, line.where))
-        calls = d.get("tool_calls") if message.type == "ai" else None
-        seen.waiting = [c["id"] for c in calls or ()]
-        seen.call = (line.where, line.position)
-        return dataclasses.replace(line, forgets=forgets)
+        elif line.kind != "item" and open_ is not None:
+            plain = _also_item(message)
+            seen.left.append(_Left(*seen.call, open_.calls, line.where, plain))
+            forgets = not (plain and items)  # else it orphans the unit, as an item does
+        if open_ is not None or message.openai is not None:  # (else it opens no unit)
+            placed = place_items([message], None if forgets else open_, line.position)
+            seen.unit = placed.after
+            if placed.after is not None and placed.after.position == line.position:
+                seen.call = (line.where, line.position)
+        if items and known and known.start is not None:
+            # Where clear() forgot the unit left open, which an item would
+            # otherwise orphan (the last clear: the one its session line
+            # names). Not for the checks above: the first reading cannot know.
+            forgets |= seen.before < known.start <= line.position
+        return dataclasses.replace(line, forgets=forgets, items=items)
+
+    def _ended(self, key: SessionKey, seen: _Seen, start: int | None) -> None:
+        """The end of one export of the session (its session line, or the
+        file's end): check the units its chat messages came after (a message
+        that may be an item orphans them, if the export holds items)."""
+        seen.left = [x for x in seen.left if not (x.plain and seen.items)]
+        _forgotten(seen, start)
+        self.exports.setdefault(key, []).append(_Export(seen.items, start))
+        seen.unit, seen.left, seen.items = None, [], False
+        seen.segments += 1
 
     def _line(self, number: int, text: str) -> _Line:
         try:
@@ -531,7 +611,7 @@ class _Reader:
                 self._close(seen, number, record)
             seen.ended = True
             return _Line(f"line {number}", key, record, None, number=number)
-        message = _message(record)
+        message, kind = _message(record)
         position = _number(record.get("position"), "position")
         if position is None:
             position = seen.position + 1
@@ -541,7 +621,8 @@ class _Reader:
                 f"{seen.position} (line {seen.line}): a session's records go in order"
             )
         _number(record.get("turn"), "turn")
-        seen.before, seen.position, seen.line = seen.position, position, number
+        before = -1 if seen.ended else seen.position  # another export: none before it
+        seen.before, seen.position, seen.line = before, position, number
         encoding = record.get("encoding")
         if encoding is not None and self.counter is None:
             if not isinstance(encoding, str):
@@ -558,7 +639,7 @@ class _Reader:
         if self.chains:
             self._chain(seen, number, record, message, position)
         seen.ended = False
-        return _Line(f"line {number}", key, record, message, position, number=number)
+        return _Line(f"line {number}", key, record, message, position, number=number, kind=kind)
 
     def _chain(
         self, seen: _Seen, number: int, record: dict[str, Any], message: StoredMessage, at: int
@@ -683,16 +764,21 @@ def _forgotten(seen: _Seen, start: int | None) -> None:
     """Check that the tool calls a message left unanswered in ``seen``'s
     session are before its window's ``start`` (the session line's; None:
     none came): only ``clear()`` forgets open calls."""
-    for where, position, calls, by in seen.left:
-        if start is None or position >= start:
+    for left in seen.left:
+        if start is None or left.position >= start:
             why = (
                 "and no session line says the window starts after them"
                 if start is None
                 else f"yet the session's window starts at {start}, not after them"
             )
+            what = (
+                f"tool_calls {left.calls} have no tool message answering them"
+                if left.calls
+                else "a reasoning item has no item the model made after it"
+            )
             raise InvalidInputError(
-                f"{where}: tool_calls {calls} have no tool message answering them before "
-                f"{by}, {why}: only clear() forgets unanswered calls (was a line lost?)"
+                f"{left.where}: {what} before {left.by}, {why}: only clear() forgets "
+                "unanswered calls (was a line lost?)"
             )
 
 
@@ -718,7 +804,8 @@ def _metadata(value: object, what: str) -> None:
         raise InvalidInputError(f"{what} must be an object or null, not a {_json_type(value)}")
 
 
-def _message(record: dict[str, Any]) -> StoredMessage:
+def _message(record: dict[str, Any]) -> tuple[StoredMessage, str]:
+    """The record's message, and which kind it is (:attr:`_Line.kind`)."""
     role = record["role"]
     if role not in ROLES:
         raise InvalidInputError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
@@ -735,41 +822,44 @@ def _message(record: dict[str, Any]) -> StoredMessage:
         raise InvalidInputError(f"bad created_at {created!r}: not an ISO 8601 time") from None
     if created_at is not None and created_at.tzinfo is None:
         raise InvalidInputError(f"created_at {created!r} needs a timezone")
-    return StoredMessage(
+    openai, kind = _openai(record)
+    message = StoredMessage(
         type=role,
         content=record["content"],
         name=name,
         metadata=record.get("metadata"),
         created_at=created_at,
-        openai=_openai(record),
+        openai=openai,
     )
+    return message, kind
 
 
-def _openai(record: dict[str, Any]) -> dict[str, Any] | None:
-    """The record's ``openai`` dict, checked as ``save_messages`` checks a
-    message and against the record's role, content and name (an export
-    writes them from it); None when there is none, or when role, content
-    and name rebuild it."""
+def _openai(record: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """The record's ``openai`` dict — a Chat Completions message checked as
+    ``save_messages`` checks it, or a Responses API item as ``add_items``
+    does (:func:`tokenmem.chat.from_items`: one with a ``type``, or that only
+    it takes) — checked against the record's role, content and name (an
+    export writes them from it); None when there is none, or when role,
+    content and name rebuild it. And the record's kind (:attr:`_Line.kind`)."""
     given = record.get("openai")
     if given is None:
         if record["role"] == "tool":
             raise InvalidInputError(
                 "a tool message needs its openai object (with its tool_call_id)"
             )
-        return None
+        return None, "chat"
     if not isinstance(given, dict):
         raise InvalidInputError(f"openai must be an object or null, not a {_json_type(given)}")
     check_metadata(given, "openai")
-    try:
-        # one message: a tool answer may continue, and tool calls may be left
-        # open for, other records (the reader checks the units)
-        (made,) = from_openai([given])
-    except InvalidInputError as exc:
-        raise InvalidInputError("openai" + str(exc).removeprefix("messages[0]")) from None
+    # One message or item: a tool answer may continue, and calls may be left
+    # open for, other records (the reader checks the units).
+    chat = None if "type" in given else _made(from_openai, given, "messages[0]")
+    made = chat if isinstance(chat, Message) else _made(from_items, given, "items[0]")
+    if isinstance(made, InvalidInputError):  # both refused it: the error of its kind
+        raise chat if isinstance(chat, InvalidInputError) else made
     if made.type != record["role"]:
-        raise InvalidInputError(
-            f"openai's role {given['role']!r} does not make a {record['role']!r} message"
-        )
+        what = f"role {given['role']!r}" if chat is made else f"{item_type(given)} item"
+        raise InvalidInputError(f"openai's {what} does not make a {record['role']!r} message")
     if made.content != record["content"]:
         raise InvalidInputError(
             "content is not the text of openai's message (tokenmem.chat.display_text): "
@@ -777,7 +867,29 @@ def _openai(record: dict[str, Any]) -> dict[str, Any] | None:
         )
     if made.name != record.get("name"):
         raise InvalidInputError(f"name {record.get('name')!r} is not openai's {made.name!r}")
-    return made.openai
+    return made.openai, "chat" if chat is made else "item"
+
+
+def _also_item(message: Message) -> bool:
+    """Whether a Chat Completions message is a Responses API item too (as a
+    user's message is): ``add_items`` may have saved it."""
+    try:
+        from_items([as_openai(message)])
+    except InvalidInputError:
+        return False
+    return True
+
+
+def _made(
+    check: Callable[[Sequence[Any]], list[Message]], given: dict[str, Any], prefix: str
+) -> Message | InvalidInputError:
+    """``given`` as ``check`` (from_openai, from_items) makes it, or its
+    error, worded for the record's ``openai``."""
+    try:
+        (made,) = check([given])
+    except InvalidInputError as exc:
+        return InvalidInputError("openai" + str(exc).removeprefix(prefix))
+    return made
 
 
 @contextmanager
@@ -963,6 +1075,7 @@ def _put(
             turns=turn - base,  # 0: the run only goes on with the last turn
             counter=prepared.counter,
             created_at=prepared.created_at[cut],
+            items=prepared.items,
         )
         stored = append_many(conn, run)
         if stored.start != lines[i].position:  # the lock rules this out
@@ -1081,9 +1194,9 @@ class _Importer:
         while True:
             messages = [[line.message] for line in lines[counted:] if line.message is not None]
             try:
-                prepared = (
-                    prepare_append(key, messages, self.counters[encoding]) if messages else None
-                )
+                # a batch is of one export of its session: all items, or none
+                counter, items = self.counters[encoding], lines[0].items
+                prepared = prepare_append(key, messages, counter, items=items) if messages else None
             except InvalidInputError as exc:
                 raise InvalidInputError(f"{lines[0].where} to {lines[-1].where}: {exc}") from None
             work = functools.partial(
@@ -1161,7 +1274,7 @@ def import_jsonl(
         importer = _Importer(
             store, counter, lambda key: check.seen[key].encoding, progress, check.anchors
         )
-        for line in _Reader(scope, counter, chains=False).read(again()):
+        for line in _Reader(scope, counter, chains=False, exports=check.exports).read(again()):
             importer.add(line)
         importer.finish()
     return ImportResult(len(check.seen), importer.imported, importer.skipped)
@@ -1245,7 +1358,7 @@ def _langchain_line(table: str, row_id: int, session_id: object, raw: object, ow
     }
     try:
         key = SessionKey.of(str(session_id), owner)
-        return _Line(where, key, record, _message(record))
+        return _Line(where, key, record, _message(record)[0])
     except TokenmemError as exc:
         raise InvalidInputError(f"{where}: {exc}") from None
 
