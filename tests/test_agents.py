@@ -994,3 +994,27 @@ def test_the_runner_beside_sqlalchemy_session(
     assert roles == ["system", "assistant", "user"]  # the output came alone, and was dropped
     assert [m["role"] for m in sent_ours] == ["system", "assistant", "tool", "assistant", "user"]
     assert sent_ours[1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'
+
+
+def test_history_and_viewer_show_an_item_s_call_and_output(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tokenmem history` and the audit viewer name the call a function_call
+    item makes and the one its output answers, as they do for chat tool calls
+    (they showed `← None` and no call id)."""
+    from tokenmem.cli import main
+    from tokenmem.web import create_app
+
+    from .test_web import client
+
+    session = TokenmemSession("items", store=store)
+    call = {"type": "function_call", "call_id": "c1", "name": "get_weather"}
+    run(session.add_items([{"role": "user", "content": "Weather in Paris?"}]))
+    run(session.add_items([{**call, "arguments": '{"city": "Paris"}'}]))
+    run(session.add_items([{"type": "function_call_output", "call_id": "c1", "output": "18C"}]))
+    url = store.engine.url.render_as_string(hide_password=False)
+    assert main(["--db", url, "history", "items"]) == 0
+    shown = capsys.readouterr().out
+    assert '→ c1 get_weather({"city": "Paris"})' in shown and "← c1 18C" in shown
+    page = client(create_app(store)).get("/session", params={"id": "items"}).text
+    assert "→ c1 get_weather({&#34;city&#34;: &#34;Paris&#34;})" in page and "← c1" in page

@@ -102,6 +102,7 @@ __all__ = [
     "Units",
     "answered",
     "as_openai",
+    "calls_shown",
     "content_tokens",
     "display_text",
     "from_items",
@@ -418,6 +419,23 @@ def _parts_tokens(counter: TokenCounter, parts: Sequence[Mapping[str, Any]]) -> 
         else:
             total += counter.count(json.dumps(part, ensure_ascii=False))
     return total
+
+
+def calls_shown(d: Mapping[str, Any]) -> tuple[list[tuple[str, str]], str | None]:
+    """How a history shows an OpenAI message or item's tool traffic: the
+    calls it makes, each ``(call id, "name(arguments)")`` (an assistant
+    message's ``tool_calls``, or a call item), and the id of the call it
+    answers (a tool message or an output item; else None)."""
+    call = _call_text(d)
+    if call is not None or item_type(d) in CALL_OUTPUTS:
+        text = f"{call[0]}({call[1]})" if call else f"[{item_type(d)}]"
+        return [(str(d.get("call_id", "")), text)], None
+    calls = [
+        (str(c.get("id", "")), f"{c['function']['name']}({c['function']['arguments']})")
+        for c in d.get("tool_calls") or ()
+        if isinstance(c, Mapping) and "function" in c
+    ]
+    return calls, answered(d)
 
 
 def _call_text(d: Mapping[str, Any]) -> tuple[str, str] | None:

@@ -310,18 +310,17 @@ def _content_lines(m: StoredMessage) -> list[str]:
     """A message's content in the history table: its text; a tool message's
     after the id of the call it answers (``← id``); an assistant's tool
     calls a line each (``→ id name(arguments)``) after its text."""
-    from .chat import display_text
+    from .chat import calls_shown, display_text
 
     d = m.openai or {}
-    if m.type == "tool":
-        return [f"← {d.get('tool_call_id')} {m.content}"]
-    calls = d.get("tool_calls") or []
+    calls, answers = calls_shown(d)
+    if answers is not None or m.type == "tool":
+        return [f"← {answers} {m.content}"]
     if not calls:
         return [m.content]
-    text = display_text({**d, "tool_calls": None})  # the content, without the calls
-    return [text] * bool(text) + [
-        f"→ {c['id']} {c['function']['name']}({c['function']['arguments']})" for c in calls
-    ]
+    # the content, without the calls (a call item has none)
+    text = display_text({**d, "tool_calls": None}) if "tool_calls" in d else ""
+    return [text] * bool(text) + [f"→ {call_id} {shown}" for call_id, shown in calls]
 
 
 def cmd_history(args: argparse.Namespace, store: Store, out: _Out) -> int:

@@ -41,7 +41,7 @@ import functools
 import hmac
 import ipaddress
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
@@ -225,24 +225,24 @@ def link(path: str, **params: object) -> str:
 @dataclass(frozen=True)
 class _Call:
     id: str
-    name: str
-    arguments: str
+    shown: str  # name(arguments)
 
 
 def _shown(m: StoredMessage) -> tuple[str, list[_Call], str | None]:
     """A message as the history page shows it: its text, the tool calls it
-    makes, and the id of the call it answers (a tool message)."""
-    from .chat import display_text
+    makes, and the id of the call it answers (a tool message or an output
+    item: :func:`tokenmem.chat.calls_shown`)."""
+    from .chat import calls_shown, display_text
 
     d = m.openai or {}
-    if m.type == "tool":
-        return m.content, [], str(d.get("tool_call_id", ""))
-    calls = [
-        _Call(str(c.get("id", "")), str(c["function"]["name"]), str(c["function"]["arguments"]))
-        for c in d.get("tool_calls") or ()
-        if isinstance(c, Mapping) and "function" in c
-    ]
-    text = display_text({**d, "tool_calls": None}) if calls else m.content
+    found, answers = calls_shown(d)
+    calls = [_Call(call_id, shown) for call_id, shown in found]
+    if answers is not None or m.type == "tool":
+        return m.content, [], answers or ""
+    if not calls:
+        return m.content, [], None
+    # the content, without the calls (a call item has none)
+    text = display_text({**d, "tool_calls": None}) if "tool_calls" in d else ""
     return text, calls, None
 
 
