@@ -344,23 +344,52 @@ def test_serve_refuses_another_interface_without_a_token(
     import uvicorn
 
     url = store.engine.url.render_as_string(hide_password=False)
-    runs: list[dict[str, Any]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: runs.append(options))
+    runs: list[tuple[Any, tuple[str, int]]] = []
+
+    def run(server: uvicorn.Server, sockets: list[socket.socket]) -> None:
+        (sock,) = sockets  # bound by tokenmem: a port in use is its error, not uvicorn's
+        runs.append((server.config, sock.getsockname()[:2]))
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     monkeypatch.delenv("TOKENMEM_SERVE_TOKEN", raising=False)
     for host in ("0.0.0.0", "192.168.1.2", "::"):
         assert main(["--db", url, "serve", "--host", host]) == 2
         assert "refusing to serve on" in capsys.readouterr().err and not runs
-    assert main(["--db", url, "serve", "--host", "0.0.0.0", "--token", TOKEN]) == 0
+    free = [free_port() for _ in range(3)]
+    assert (
+        main(["--db", url, "serve", "--host", "0.0.0.0", "--token", TOKEN, "--port", f"{free[0]}"])
+        == 0
+    )
     monkeypatch.setenv("TOKENMEM_SERVE_TOKEN", TOKEN)
-    assert main(["--db", url, "serve", "--host", "0.0.0.0", "--port", "9000"]) == 0
-    assert main(["--db", url, "serve"]) == 0
-    assert [(r["host"], r["port"]) for r in runs] == [
-        ("0.0.0.0", 8000),
-        ("0.0.0.0", 9000),
-        ("127.0.0.1", 8000),
+    assert main(["--db", url, "serve", "--host", "0.0.0.0", "--port", f"{free[1]}"]) == 0
+    assert main(["--db", url, "serve", "--port", f"{free[2]}"]) == 0
+    assert [bound for _, bound in runs] == [
+        ("0.0.0.0", free[0]),
+        ("0.0.0.0", free[1]),
+        ("127.0.0.1", free[2]),
     ]
-    assert all(r["access_log"] is False for r in runs)  # a ?token= is never logged
+    assert all(config.access_log is False for config, _ in runs)  # a ?token= is never logged
     assert TOKEN not in capsys.readouterr().err
+    # A port in use, or none at all: a clear error, before "serving" is said.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["--db", url, "serve", "--port", f"{port}"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1 port {port}" in err and "serving" not in err
+    for bad in ("99999", "0", "http"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--db", url, "serve", "--port", bad])
+        assert exit_.value.code == 2
+        assert "PORT must be a number from 1 to 65535" in capsys.readouterr().err
+    assert len(runs) == 3
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def test_serve_on_the_embedded_default_makes_it_as_every_command_does(
@@ -372,10 +401,11 @@ def test_serve_on_the_embedded_default_makes_it_as_every_command_does(
     import uvicorn
 
     runs: list[Any] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: runs.append(app))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets: runs.append(server))
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
-    assert main(["serve"]) == 0, capsys.readouterr().err
-    (app,) = runs
+    assert main(["serve", "--port", f"{free_port()}"]) == 0, capsys.readouterr().err
+    (server,) = runs
+    app = server.config.app
     assert app.state.store.sessions() == []
     assert (tmp_path / "tokenmem" / "tokenmem.sqlite3").exists()
 

@@ -18,6 +18,7 @@ import io
 import itertools
 import os
 import re
+import socket
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -147,6 +148,12 @@ def _when(text: str) -> datetime:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"PORT must be a number from 1 to 65535, not {text!r}")
+    return int(text)
 
 
 def _seq(text: str) -> int:
@@ -806,17 +813,42 @@ def cmd_serve(args: argparse.Namespace, store: Store, out: _Out) -> int:
     app = create_app(
         store.engine.url.render_as_string(hide_password=False), owner=args.owner, token=token
     )
-    where = f"http://{args.host}:{args.port}/"
+    # Bound here, so a port in use is our error, before "serving" is said.
+    sock = _listening(args.host, args.port)
+    host = f"[{args.host}]" if ":" in args.host else args.host
     print(
-        f"tokenmem: serving {where} (read-only{', token required' if token else ''})",
+        f"tokenmem: serving http://{host}:{args.port}/ "
+        f"(read-only{', token required' if token else ''})",
         file=sys.stderr,
     )
     # No access log: a first request's ?token= would be written to it.
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, access_log=False, server_header=False
+    )
     try:
-        uvicorn.run(app, host=args.host, port=args.port, access_log=False, server_header=False)
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
+        sock.close()
         app.state.store.close()
     return 0
+
+
+def _listening(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port`` (ConfigurationError if it cannot be)."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot listen on {host} port {port}: {exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        why = exc.strerror or str(exc)
+        raise ConfigurationError(f"cannot listen on {host} port {port}: {why}") from None
+    return sock
 
 
 def cmd_demo(args: argparse.Namespace, store: Store, out: _Out) -> int:
@@ -1039,7 +1071,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--host", default="127.0.0.1", help="interface (default 127.0.0.1; others need --token)"
     )
-    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
     serve.add_argument("--owner", help="show only this owner's sessions")
     serve.add_argument(
         "--token",
