@@ -1,5 +1,6 @@
-"""JSONL export and import, LangChain import and recount (tokenmem/transfer.py), in
-the library and through the `tokenmem` command, on SQLite and PostgreSQL."""
+"""JSONL export and import, LangChain import and recount (tokenmem/transfer.py
+and its reader, tokenmem/jsonl.py), in the library and through the `tokenmem`
+command, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
