@@ -27,7 +27,6 @@ from tokenmem import (
     Store,
     StoredMessage,
     TokenCounter,
-    TurnRecord,
     Verified,
     writes,
 )
@@ -39,6 +38,7 @@ from tokenmem.transfer import export_jsonl, import_jsonl
 from tokenmem.validate import SessionKey
 
 from .conftest import async_twin
+from .test_owners import record
 from .test_transfer import other_db  # noqa: F401
 
 SID = session_uuid("", "s")
@@ -52,24 +52,6 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def record(input: str, window: tuple[int, int] | None = None) -> TurnRecord:
-    return TurnRecord(
-        model="m",
-        api="chat",
-        system="s",
-        template="{history}{input}",
-        human_prefix="Human",
-        ai_prefix="AI",
-        input=input,
-        window_first=window and window[0],
-        window_last=window and window[1],
-        token_budget=10,
-        prompt_tokens=5,
-        latency_ms=12.5,
-        outcome="ok",
-    )
 
 
 CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}

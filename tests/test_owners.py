@@ -21,7 +21,8 @@ from tokenmem import (
 from tokenmem.models import MESSAGES, SUMMARIES, TURNS, session_uuid, utcnow
 
 
-def record(input: str) -> TurnRecord:
+def record(input: str, window: tuple[int, int] | None = None) -> TurnRecord:
+    """A successful call's turn record, its window the positions ``window``."""
     return TurnRecord(
         model="m",
         api="chat",
@@ -30,8 +31,8 @@ def record(input: str) -> TurnRecord:
         human_prefix="Human",
         ai_prefix="AI",
         input=input,
-        window_first=None,
-        window_last=None,
+        window_first=window and window[0],
+        window_last=window and window[1],
         token_budget=10,
         prompt_tokens=5,
         latency_ms=1.0,
