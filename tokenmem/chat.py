@@ -86,7 +86,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import InvalidInputError
 from .messages import Message
@@ -99,10 +99,10 @@ __all__ = [
     "TO_OPENAI",
     "OpenUnit",
     "Placement",
+    "Traffic",
     "Units",
     "answered",
     "as_openai",
-    "calls_shown",
     "content_tokens",
     "display_text",
     "from_items",
@@ -112,6 +112,7 @@ __all__ = [
     "reopen",
     "resume",
     "role_of",
+    "traffic",
     "units",
 ]
 
@@ -421,21 +422,36 @@ def _parts_tokens(counter: TokenCounter, parts: Sequence[Mapping[str, Any]]) -> 
     return total
 
 
-def calls_shown(d: Mapping[str, Any]) -> tuple[list[tuple[str, str]], str | None]:
-    """How a history shows an OpenAI message or item's tool traffic: the
+class Traffic(NamedTuple):
+    """How a history shows a message: its text without its tool calls, the
     calls it makes, each ``(call id, "name(arguments)")`` (an assistant
     message's ``tool_calls``, or a call item), and the id of the call it
     answers (a tool message or an output item; else None)."""
+
+    text: str
+    calls: list[tuple[str, str]]
+    answers: str | None
+
+
+def traffic(role: str, content: str, d: Mapping[str, Any] | None) -> Traffic:
+    """:class:`Traffic` of a stored message (``role``, ``content``, the
+    OpenAI dict or item ``d`` kept for it), for ``tokenmem history`` and the
+    audit viewer."""
+    d = d or {}
     call = _call_text(d)
     if call is not None or item_type(d) in CALL_OUTPUTS:
-        text = f"{call[0]}({call[1]})" if call else f"[{item_type(d)}]"
-        return [(str(d.get("call_id", "")), text)], None
+        shown = f"{call[0]}({call[1]})" if call else f"[{item_type(d)}]"
+        return Traffic("", [(str(d.get("call_id", "")), shown)], None)
+    answers = answered(d)
+    if answers is not None or role == "tool":
+        return Traffic(content, [], answers or "")
     calls = [
         (str(c.get("id", "")), f"{c['function']['name']}({c['function']['arguments']})")
         for c in d.get("tool_calls") or ()
         if isinstance(c, Mapping) and "function" in c
     ]
-    return calls, answered(d)
+    text = display_text({**d, "tool_calls": None}) if calls else content
+    return Traffic(text, calls, None)
 
 
 def _call_text(d: Mapping[str, Any]) -> tuple[str, str] | None:

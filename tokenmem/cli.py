@@ -317,17 +317,12 @@ def _content_lines(m: StoredMessage) -> list[str]:
     """A message's content in the history table: its text; a tool message's
     after the id of the call it answers (``← id``); an assistant's tool
     calls a line each (``→ id name(arguments)``) after its text."""
-    from .chat import calls_shown, display_text
+    from .chat import traffic
 
-    d = m.openai or {}
-    calls, answers = calls_shown(d)
-    if answers is not None or m.type == "tool":
-        return [f"← {answers} {m.content}"]
-    if not calls:
-        return [m.content]
-    # the content, without the calls (a call item has none)
-    text = display_text({**d, "tool_calls": None}) if "tool_calls" in d else ""
-    return [text] * bool(text) + [f"→ {call_id} {shown}" for call_id, shown in calls]
+    text, calls, answers = traffic(m.type, m.content, m.openai)
+    if answers is not None:
+        return [f"← {answers} {text}"]
+    return [text] * bool(text or not calls) + [f"→ {call_id} {shown}" for call_id, shown in calls]
 
 
 def cmd_history(args: argparse.Namespace, store: Store, out: _Out) -> int:

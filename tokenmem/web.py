@@ -42,7 +42,6 @@ import hmac
 import ipaddress
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 from urllib.parse import urlencode
@@ -50,6 +49,7 @@ from urllib.parse import urlencode
 from sqlalchemy import Engine, event
 
 from . import audit, reads
+from .chat import traffic
 from .engine import make_engine
 from .errors import (
     ConfigurationError,
@@ -59,7 +59,6 @@ from .errors import (
     StoreError,
     TokenmemError,
 )
-from .messages import StoredMessage
 from .store import Store
 from .tokens import TokenCounter
 from .urls import shown
@@ -222,30 +221,6 @@ def link(path: str, **params: object) -> str:
     return path + ("?" + urlencode(query) if query else "")
 
 
-@dataclass(frozen=True)
-class _Call:
-    id: str
-    shown: str  # name(arguments)
-
-
-def _shown(m: StoredMessage) -> tuple[str, list[_Call], str | None]:
-    """A message as the history page shows it: its text, the tool calls it
-    makes, and the id of the call it answers (a tool message or an output
-    item: :func:`tokenmem.chat.calls_shown`)."""
-    from .chat import calls_shown, display_text
-
-    d = m.openai or {}
-    found, answers = calls_shown(d)
-    calls = [_Call(call_id, shown) for call_id, shown in found]
-    if answers is not None or m.type == "tool":
-        return m.content, [], answers or ""
-    if not calls:
-        return m.content, [], None
-    # the content, without the calls (a call item has none)
-    text = display_text({**d, "tool_calls": None}) if "tool_calls" in d else ""
-    return text, calls, None
-
-
 class _Viewer:
     """The pages: each a sync endpoint (Starlette runs it in a thread), one
     store call or a few per request."""
@@ -350,7 +325,10 @@ class _Viewer:
             verified = self.store.verify(sid, owner=owner)
         after = _int(request, "after", -1, -1)
         got = self.store.history_page(sid, owner=owner, after=after, limit=HISTORY_PAGE + 1)
-        rows = [(m, *_shown(m), costs.get(m.position)) for m in got[:HISTORY_PAGE]]
+        rows = [
+            (m, *traffic(m.type, m.content, m.openai), costs.get(m.position))
+            for m in got[:HISTORY_PAGE]
+        ]
         here = {"id": sid, "owner": owner}
         form = {"limit": limit, "mode": mode, "model": model, "encoding": encoding}
         unpinned = [w.position for w in window if not w.pinned]
